@@ -1,0 +1,39 @@
+"""pluginhost: a database-driven runtime plugin/capability registry for Celery."""
+
+from .capability import CapabilityContext
+from .errors import (
+    CapabilityDisabled,
+    CapabilityNotFound,
+    ConcurrentUpdate,
+    InvalidConfig,
+    InvalidInput,
+    InvalidPlugin,
+    PluginHostError,
+    PluginNotFound,
+    StoreUnavailable,
+)
+from .host import PluginHost
+from .model import AuditEntry, Kind, Plugin
+from .store import MemoryStore, SQLAlchemyStore, Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PluginHost",
+    "Plugin",
+    "Kind",
+    "AuditEntry",
+    "CapabilityContext",
+    "Store",
+    "SQLAlchemyStore",
+    "MemoryStore",
+    "PluginHostError",
+    "PluginNotFound",
+    "CapabilityNotFound",
+    "CapabilityDisabled",
+    "InvalidPlugin",
+    "InvalidConfig",
+    "InvalidInput",
+    "ConcurrentUpdate",
+    "StoreUnavailable",
+]

@@ -1,0 +1,199 @@
+"""Capabilities are Celery tasks: declaration, the dispatch check and the execute check."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+from pydantic import BaseModel, ValidationError
+
+from .errors import CapabilityDisabled, InvalidInput, InvalidPlugin
+from .model import Plugin, check_json_object, check_slug, describe_validation_error
+
+if TYPE_CHECKING:
+    from celery.result import AsyncResult
+
+    from .host import PluginHost
+
+log = logging.getLogger("pluginhost.capability")
+
+TASK_PREFIX = "pluginhost.capability."
+POLICIES = ("fail", "skip", "defer")
+
+# At-least-once by default: a run whose worker dies is redelivered, not dropped.
+DEFAULT_TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True}
+
+
+@dataclass
+class CapabilityContext:
+    """What a capability function gets as its optional second argument."""
+
+    config: Any
+    plugin: Plugin
+    task: Any
+    host: PluginHost = field(repr=False)
+
+
+@dataclass
+class Capability:
+    """A declared capability: its function, checks and Celery task."""
+
+    slug: str
+    plugin: str
+    fn: Callable[..., Any]
+    input_model: type[BaseModel] | None
+    on_disabled: str
+    record: Plugin
+    wants_ctx: bool
+    task: Any = None
+
+    @property
+    def task_name(self) -> str:
+        return TASK_PREFIX + self.slug
+
+
+class CapabilityTask(Task):
+    """Base class of every capability task (so they can be told apart, e.g. in signals)."""
+
+    pluginhost_capability: str = ""
+
+
+def declare(
+    host: PluginHost,
+    slug: str,
+    fn: Callable[..., Any],
+    *,
+    plugin: str,
+    input_model: type[BaseModel] | None,
+    on_disabled: str,
+    record: Plugin,
+    task_options: dict[str, Any],
+) -> Capability:
+    """Check a declaration and create its Celery task on ``host.app``."""
+    check_slug(slug, "capability slug")
+    check_slug(plugin, "plugin slug")
+    if on_disabled not in POLICIES:
+        raise InvalidPlugin(f"capability '{slug}': on_disabled must be one of {', '.join(POLICIES)}, got {on_disabled!r}")
+    if input_model is not None and not (isinstance(input_model, type) and issubclass(input_model, BaseModel)):
+        raise InvalidPlugin(f"capability '{slug}': input_model must be a pydantic model class, got {input_model!r}")
+    cap = Capability(
+        slug=slug,
+        plugin=plugin,
+        fn=fn,
+        input_model=input_model,
+        on_disabled=on_disabled,
+        record=record,
+        wants_ctx=_wants_ctx(slug, fn),
+    )
+
+    def run(self: CapabilityTask, payload: Any = None) -> Any:
+        return _execute_in_worker(host, cap, self, payload)
+
+    run.__name__ = getattr(fn, "__name__", slug)
+    run.__doc__ = getattr(fn, "__doc__", None)
+    run.__module__ = getattr(fn, "__module__", __name__)
+    options = {**DEFAULT_TASK_OPTIONS, **task_options}
+    cap.task = host.app.task(
+        name=cap.task_name, bind=True, base=CapabilityTask, shared=False, lazy=False,
+        pluginhost_capability=slug, **options,
+    )(run)
+    return cap
+
+
+def dispatch(host: PluginHost, cap: Capability, input: Any, options: dict[str, Any]) -> AsyncResult:
+    """The producer side: validate, check the store, then enqueue (G1, G5)."""
+    payload = check_input(cap, input)
+    host.fresh_from_store()
+    _refuse_if_disabled(host, cap)
+    return cap.task.apply_async(args=(payload,), **options)
+
+
+def execute_inline(host: PluginHost, cap: Capability, input: Any) -> Any:
+    """``call_capability``: the same checks, the function run in this process."""
+    payload = check_input(cap, input)
+    host.fresh_from_store()
+    plugin = host.plugin_for(cap)
+    if plugin is None or not plugin.enabled:
+        if cap.on_disabled == "skip":
+            log.info("capability '%s' skipped: plugin '%s' is disabled", cap.slug, cap.plugin)
+            return None
+        _refuse_if_disabled(host, cap)
+    assert plugin is not None
+    return _call(host, cap, plugin, payload, cap.task)
+
+
+def check_input(cap: Capability, input: Any) -> dict[str, Any]:
+    """The input as a JSON object, validated against the input model (``InvalidInput``)."""
+    if input is None:
+        input = {}
+    owner = f"capability '{cap.slug}' input"
+    if isinstance(input, BaseModel):
+        input = input.model_dump(mode="json")
+    check_json_object(input, owner=owner, error=InvalidInput)
+    if cap.input_model is not None:
+        try:
+            cap.input_model.model_validate(input)
+        except ValidationError as exc:
+            raise InvalidInput(describe_validation_error(exc, owner=owner)) from None
+    return input
+
+
+def _execute_in_worker(host: PluginHost, cap: Capability, task: CapabilityTask, payload: Any) -> Any:
+    """The worker side: re-check enablement just before running (G2)."""
+    host._fresh()
+    plugin = host.plugin_for(cap)
+    if plugin is None or not plugin.enabled:
+        return _on_disabled(host, cap, task)
+    payload = check_input(cap, payload)
+    return _call(host, cap, plugin, payload, task)
+
+
+def _on_disabled(host: PluginHost, cap: Capability, task: CapabilityTask) -> Any:
+    if cap.on_disabled == "skip":
+        log.info("capability '%s' skipped (task %s): plugin '%s' is disabled", cap.slug, task.request.id, cap.plugin)
+        task.send_event("task-skipped", reason=f"plugin '{cap.plugin}' is disabled")
+        return None
+    if cap.on_disabled == "defer":
+        countdown = float(host.app.conf.get("pluginhost_defer_interval", 2.0))
+        log.info("capability '%s' deferred %.1fs: plugin '%s' is disabled", cap.slug, countdown, cap.plugin)
+        raise task.retry(countdown=countdown, max_retries=None)
+    _refuse_if_disabled(host, cap)
+
+
+def _refuse_if_disabled(host: PluginHost, cap: Capability) -> None:
+    plugin = host.plugin_for(cap)
+    if plugin is None:
+        raise CapabilityDisabled(f"capability '{cap.slug}' is disabled: plugin '{cap.plugin}' is not in the store")
+    if not plugin.enabled:
+        raise CapabilityDisabled(f"capability '{cap.slug}' is disabled: plugin '{cap.plugin}' is disabled")
+
+
+def _call(host: PluginHost, cap: Capability, plugin: Plugin, payload: dict[str, Any], task: Any) -> Any:
+    arg: Any = cap.input_model.model_validate(payload) if cap.input_model is not None else payload
+    if cap.wants_ctx:
+        return cap.fn(arg, host.context_for(cap, plugin, task))
+    return cap.fn(arg)
+
+
+def _wants_ctx(slug: str, fn: Callable[..., Any]) -> bool:
+    if not callable(fn):
+        raise InvalidPlugin(f"capability '{slug}': expected a function, got {type(fn).__name__}")
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return True
+    if len(positional) not in (1, 2):
+        shown = ", ".join(p.name for p in params)
+        raise InvalidPlugin(
+            f"capability '{slug}': the function must take (payload) or (payload, ctx), got ({shown})"
+        )
+    return len(positional) == 2

@@ -1,0 +1,217 @@
+"""Live toggles on every worker process.
+
+How a change reaches a task that is about to run:
+
+1. An admin call commits to the store (the revision moves in the same
+   transaction) and broadcasts ``pluginhost_refresh``, which carries only the
+   new revision number.
+2. The worker's main process handles the broadcast: it re-reads the revision
+   *from the store* (so a forged number changes nothing) and publishes it in a
+   shared-memory integer created before the pool forked.
+3. Every pool process (prefork children, threads, solo) compares that integer
+   with the revision of its own view before each task, and reloads on change:
+   no query per task, no restart.
+4. A consumer timer polls the store revision every ``pluginhost_poll_interval``
+   seconds, for workers that missed a broadcast or changes made by direct SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from celery import bootsteps, signals
+from celery.worker.control import control_command, inspect_command
+
+from .errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .host import PluginHost
+
+log = logging.getLogger("pluginhost.control")
+
+REFRESH_COMMAND = "pluginhost_refresh"
+REVISION_COMMAND = "pluginhost_revision"
+REFRESH_TASK = "pluginhost.refresh"
+
+#: The host attached to each app (``PluginHost.from_app``).
+HOSTS: weakref.WeakKeyDictionary[Celery, PluginHost] = weakref.WeakKeyDictionary()
+
+
+class WorkerLink:
+    """A host's tie to the worker it runs in (inactive outside workers)."""
+
+    def __init__(self, host: PluginHost) -> None:
+        self.host = host
+        self.shared: Any = None  # the published revision, shared with forked children
+        self.main_pid: int | None = None
+        self._outage = False
+
+    @property
+    def active(self) -> bool:
+        return self.shared is not None
+
+    def start(self) -> None:
+        """In the worker's main process, before the pool starts."""
+        self.shared = multiprocessing.RawValue("q", -1)
+        self.main_pid = os.getpid()
+        try:
+            self.host._ready_or_raise()
+            self.host._reload()
+            self.shared.value = self.host._revision
+            log.info("pluginhost: loaded %d plugins at revision %d", len(self.host._plugins), self.host._revision)
+        except StoreUnavailable as exc:
+            # Fail closed: with no view every capability counts as disabled
+            # until the store answers (the poll keeps trying).
+            self._report(exc)
+
+    def follow(self) -> None:
+        """Before a task: reload if the main process published a newer revision."""
+        published = self.shared.value
+        host = self.host
+        if published == host._revision or published < 0:
+            return
+        try:
+            if not host._ready:
+                host._ready_or_raise()
+            host._reload()
+            self._recovered()
+        except StoreUnavailable as exc:
+            self._report(exc)  # keep executing with the last known view
+
+    def sync(self) -> int:
+        """In the main process: read the store revision and publish it."""
+        try:
+            revision = self.host.store.revision()
+        except StoreUnavailable as exc:
+            self._report(exc)
+            return int(self.shared.value)
+        self._recovered()
+        if revision != self.shared.value:
+            self.shared.value = revision
+        return revision
+
+    def _report(self, exc: Exception) -> None:
+        if not self._outage:
+            self._outage = True
+            log.warning("pluginhost: store unavailable, running on the last known state: %s", exc)
+
+    def _recovered(self) -> None:
+        if self._outage:
+            self._outage = False
+            log.warning("pluginhost: store reachable again")
+
+
+def install(host: PluginHost) -> None:
+    """Wire a host into its app's workers: signals, the poll step, the admin task."""
+    app = host.app
+    HOSTS[app] = host
+
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            host.worker.start()
+
+    def on_child_init(**_: Any) -> None:
+        if host.worker.active:
+            after_fork = getattr(host.store, "after_fork", None)
+            if after_fork is not None:
+                after_fork()
+            host._feed = None  # the parent's LISTEN socket is not ours
+
+    signals.worker_init.connect(on_worker_init, weak=False)
+    signals.worker_process_init.connect(on_child_init, weak=False)
+    app.steps["consumer"].add(PollStep)
+
+    @app.task(name=REFRESH_TASK, shared=False, lazy=False)
+    def refresh(revision: int | None = None) -> int:
+        """Admin task: tell every worker to re-read the store."""
+        current = host.store.revision()
+        broadcast_refresh(app, current)
+        return current
+
+
+class PollStep(bootsteps.StartStopStep):
+    """Consumer step: poll the store revision on the worker's timer."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+
+    def start(self, parent: Any) -> None:
+        host = _host_of(parent.app)
+        if host is None or not host.worker.active:
+            return
+        interval = float(parent.app.conf.get("pluginhost_poll_interval", 2.0))
+        self.tref = parent.timer.call_repeatedly(interval, host.worker.sync, priority=10)
+
+    def stop(self, parent: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+
+@control_command(args=[("revision", int)], signature="[revision]")
+def pluginhost_refresh(state: Any, revision: int | None = None, **_: Any) -> dict[str, Any]:
+    """Re-read the store revision and publish it to the pool. The number in the
+    message is only a hint; the store is the authority."""
+    host = _host_of(state.consumer.app)
+    if host is None or not host.worker.active:
+        return {"error": "no pluginhost on this worker"}
+    return {"revision": host.worker.sync()}
+
+
+@inspect_command()
+def pluginhost_revision(state: Any, **_: Any) -> dict[str, Any]:
+    """The store revision this worker has published to its pool."""
+    host = _host_of(state.consumer.app)
+    if host is None or not host.worker.active:
+        return {"error": "no pluginhost on this worker"}
+    pool = state.consumer.pool
+    return {
+        "revision": int(host.worker.shared.value),
+        "pool": type(pool).__name__ if pool is not None else None,
+        "processes": list(getattr(pool, "info", {}).get("processes", []) or []),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+
+
+def broadcast_refresh(app: Celery, revision: int, *, wait: bool = False, timeout: float = 1.0) -> list[str]:
+    """Broadcast ``pluginhost_refresh``; with ``wait``, the hostnames that applied ``revision``.
+
+    A failed broadcast is logged, not raised: the store already holds the
+    change, and workers converge by polling.
+    """
+    try:
+        replies = app.control.broadcast(
+            REFRESH_COMMAND, arguments={"revision": revision}, reply=wait, timeout=timeout
+        )
+    except Exception as exc:  # broker down: the change is committed, polling delivers it
+        log.warning("pluginhost: refresh broadcast failed (%s); workers will converge by polling", exc)
+        return []
+    if not wait:
+        return []
+    return sorted(
+        name
+        for reply in replies or []
+        for name, body in reply.items()
+        if isinstance(body, dict) and int(body.get("revision", -1)) >= revision
+    )
+
+
+def worker_revisions(app: Celery, *, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+    """``{hostname: {"revision": ..., "pool": ..., ...}}`` for every live worker."""
+    replies = app.control.broadcast(REVISION_COMMAND, reply=True, timeout=timeout)
+    return {name: body for reply in replies or [] for name, body in reply.items()}
+
+
+def _host_of(app: Celery) -> PluginHost | None:
+    return HOSTS.get(app)

@@ -1,0 +1,406 @@
+"""PluginHost: the registry service that a Celery app carries."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+
+from celery import Celery
+from pydantic import BaseModel, ValidationError
+
+from . import control
+from .capability import Capability, CapabilityContext, declare, dispatch, execute_inline
+from .errors import CapabilityNotFound, InvalidConfig, InvalidPlugin, PluginNotFound, StoreUnavailable
+from .model import AuditEntry, Kind, Plugin, check_json_object, check_slug, describe_validation_error
+from .store import SQLAlchemyStore, Store, open_store
+
+if TYPE_CHECKING:
+    from celery.result import AsyncResult
+
+log = logging.getLogger("pluginhost")
+F = TypeVar("F", bound=Callable[..., Any])
+OnDisabled = Literal["fail", "skip", "defer"]
+
+
+class PluginHost:
+    """Plugins from a store, capabilities as Celery tasks, admin operations that
+    reach every worker.
+
+    ``store`` is a Store or a URL; without one, ``app.conf.pluginhost_store`` is
+    used, else a SQLite file ``pluginhost.db`` in the working directory. Nothing
+    touches the store until it is first used.
+    """
+
+    def __init__(self, app: Celery, store: str | Store | None = None) -> None:
+        self.app = app
+        spec = store or app.conf.get("pluginhost_store") or f"sqlite:///{Path.cwd() / 'pluginhost.db'}"
+        self._store: Store = open_store(spec)
+        self._caps: dict[str, Capability] = {}
+        self._config_models: dict[str, type[BaseModel]] = {}
+        self._plugins: dict[str, Plugin] = {}
+        self._revision = -1
+        self._ready = False
+        self._lock = threading.RLock()
+        self._feed: Any = None
+        self.worker = control.WorkerLink(self)
+        control.install(self)
+
+    # -- construction ----------------------------------------------------------
+
+    @classmethod
+    def from_app(cls, app: Celery) -> PluginHost:
+        """The host attached to ``app`` (created from ``app.conf`` if there is none)."""
+        host = control.HOSTS.get(app)
+        return host if host is not None else cls(app)
+
+    def with_store(self, store: str | Store) -> PluginHost:
+        """Swap the store (a Store or URL); the cache is reloaded on next use."""
+        with self._lock:
+            self._close_feed()
+            self._store = open_store(store)
+            self._ready = False
+            self._revision = -1
+        return self
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    # -- capabilities ----------------------------------------------------------
+
+    def capability(
+        self,
+        slug: str,
+        *,
+        plugin: str | None = None,
+        config_model: type[BaseModel] | None = None,
+        input_model: type[BaseModel] | None = None,
+        on_disabled: OnDisabled = "fail",
+        kind: Kind | str = Kind.capability,
+        label_en: str = "",
+        label_ar: str = "",
+        sort: int = 0,
+        **task_options: Any,
+    ) -> Callable[[F], F]:
+        """Decorator form of ``register_capability``; returns the function unchanged
+        (the Celery task is ``host.task(slug)``)."""
+
+        def wrap(fn: F) -> F:
+            self.register_capability(
+                slug,
+                fn,
+                plugin=plugin,
+                config_model=config_model,
+                input_model=input_model,
+                on_disabled=on_disabled,
+                kind=kind,
+                label_en=label_en,
+                label_ar=label_ar,
+                sort=sort,
+                **task_options,
+            )
+            return fn
+
+        return wrap
+
+    def register_capability(
+        self,
+        slug: str,
+        fn: Callable[..., Any],
+        *,
+        plugin: str | None = None,
+        config_model: type[BaseModel] | None = None,
+        input_model: type[BaseModel] | None = None,
+        on_disabled: OnDisabled = "fail",
+        kind: Kind | str = Kind.capability,
+        label_en: str = "",
+        label_ar: str = "",
+        sort: int = 0,
+        **task_options: Any,
+    ) -> Capability:
+        """Declare ``fn`` as capability ``slug``: an ordinary Celery task on this app.
+
+        Declaring touches neither the store nor the broker; the plugin row is
+        created (if missing) on first store use or ``sync()``.
+        """
+        plugin_slug = plugin or slug
+        if slug in self._caps:
+            raise InvalidPlugin(f"capability '{slug}' is already declared on this host")
+        if config_model is not None:
+            known = self._config_models.get(plugin_slug)
+            if known is not None and known is not config_model:
+                raise InvalidPlugin(f"plugin '{plugin_slug}' already has config model {known.__name__}")
+        cap = declare(
+            self,
+            slug,
+            fn,
+            plugin=plugin_slug,
+            input_model=input_model,
+            on_disabled=on_disabled,
+            record=_seed_record(plugin_slug, kind, label_en, label_ar, sort, config_model),
+            task_options=task_options,
+        )
+        self._caps[slug] = cap
+        if config_model is not None:
+            self._config_models[plugin_slug] = config_model
+        if self._ready:
+            self._store.ensure([cap.record], actor="declare")
+        return cap
+
+    def capabilities(self) -> list[str]:
+        """Declared capability slugs, sorted."""
+        return sorted(self._caps)
+
+    def task(self, slug: str) -> Any:
+        """The Celery task behind capability ``slug``."""
+        return self._capability(slug).task
+
+    def run_capability(self, slug: str, input: dict[str, Any] | None = None, **apply_async_options: Any) -> AsyncResult:
+        """Enqueue a run. Raises (and enqueues nothing) if the slug is unknown, the
+        input is invalid or the plugin is disabled in the store."""
+        return dispatch(self, self._capability(slug), input, apply_async_options)
+
+    def call_capability(self, slug: str, input: dict[str, Any] | None = None) -> Any:
+        """Run a capability in this process with the same checks; returns its result."""
+        return execute_inline(self, self._capability(slug), input)
+
+    # -- reads -----------------------------------------------------------------
+
+    def get(self, slug: str) -> Plugin | None:
+        """The plugin ``slug``, or None."""
+        self._fresh()
+        found = self._plugins.get(slug)
+        return found.model_copy() if found else None
+
+    def list(self) -> list[Plugin]:
+        """Every plugin, ordered by (sort, slug)."""
+        self._fresh()
+        return [p.model_copy() for p in sorted(self._plugins.values(), key=_order)]
+
+    def nav(self, kind: Kind | str | None = None) -> list[Plugin]:
+        """Enabled plugins (of ``kind`` if given), ordered by (sort, slug)."""
+        want = Kind(kind) if kind is not None else None
+        return [p for p in self.list() if p.enabled and (want is None or p.kind == want)]
+
+    def is_enabled(self, slug: str) -> bool:
+        """Whether plugin ``slug`` is enabled; an unknown slug is not."""
+        self._fresh()
+        found = self._plugins.get(slug)
+        return bool(found and found.enabled)
+
+    def config_value(self, slug: str, key: str, default: Any = None) -> Any:
+        """One value of a plugin's config (``default`` if the plugin or key is missing)."""
+        self._fresh()
+        found = self._plugins.get(slug)
+        return found.config.get(key, default) if found else default
+
+    def audit(self, slug: str | None = None, *, actor: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        """Admin changes, newest first."""
+        self._ready_or_raise()
+        return self._store.audit(slug, actor=actor, limit=limit)
+
+    @property
+    def revision(self) -> int:
+        """The store revision this process's view was read at."""
+        self._fresh()
+        return self._revision
+
+    # -- admin -----------------------------------------------------------------
+
+    @overload
+    def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = ..., wait: Literal[False] = ..., timeout: float = ..., expected_version: int | None = ...) -> Plugin: ...
+    @overload
+    def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = ..., wait: Literal[True], timeout: float = ..., expected_version: int | None = ...) -> list[str]: ...
+    def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Plugin | list[str]:
+        """Insert or update a plugin record, then refresh everywhere."""
+        record = Plugin.parse(plugin)
+        record = record.model_copy(update={"config": self._validated_config(record.slug, record.config)})
+        return self._admin(lambda: self._store.upsert(record, actor=actor, expected_version=expected_version), wait, timeout)
+
+    @overload
+    def enable(self, slug: str, *, actor: str | None = ..., wait: Literal[False] = ..., timeout: float = ..., expected_version: int | None = ...) -> Plugin: ...
+    @overload
+    def enable(self, slug: str, *, actor: str | None = ..., wait: Literal[True], timeout: float = ..., expected_version: int | None = ...) -> list[str]: ...
+    def enable(self, slug: str, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Plugin | list[str]:
+        """Enable a plugin: persisted, audited, applied here and broadcast to workers."""
+        return self._update(slug, {"enabled": True}, "enable", actor, wait, timeout, expected_version)
+
+    @overload
+    def disable(self, slug: str, *, actor: str | None = ..., wait: Literal[False] = ..., timeout: float = ..., expected_version: int | None = ...) -> Plugin: ...
+    @overload
+    def disable(self, slug: str, *, actor: str | None = ..., wait: Literal[True], timeout: float = ..., expected_version: int | None = ...) -> list[str]: ...
+    def disable(self, slug: str, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Plugin | list[str]:
+        """Disable a plugin: persisted, audited, applied here and broadcast to workers."""
+        return self._update(slug, {"enabled": False}, "disable", actor, wait, timeout, expected_version)
+
+    def configure(self, slug: str, config: dict[str, Any], *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Any:
+        """Replace a plugin's config after validating it (against its config model if declared)."""
+        check_slug(slug)
+        return self._update(slug, {"config": self._validated_config(slug, config)}, "configure", actor, wait, timeout, expected_version)
+
+    def set_sort(self, slug: str, sort: int, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Any:
+        """Move a plugin in the navigation order."""
+        if isinstance(sort, bool) or not isinstance(sort, int):
+            raise InvalidPlugin(f"plugin '{slug}': sort must be an integer, got {sort!r}")
+        return self._update(slug, {"sort": sort}, "sort", actor, wait, timeout, expected_version)
+
+    def refresh(self, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0) -> list[str] | None:
+        """Re-read the store here and tell every worker to do the same."""
+        self._ready_or_raise()
+        self._reload()
+        acks = control.broadcast_refresh(self.app, self._revision, wait=wait, timeout=timeout)
+        return acks if wait else None
+
+    def sync(self) -> list[Plugin]:
+        """Migrate the schema if allowed and create missing rows for declared capabilities."""
+        with self._lock:
+            self._ready = False
+            return self._ready_or_raise()
+
+    def workers(self, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+        """Live workers and the store revision each has applied."""
+        return control.worker_revisions(self.app, timeout=timeout)
+
+    # -- internals -------------------------------------------------------------
+
+    def _capability(self, slug: str) -> Capability:
+        cap = self._caps.get(slug) if isinstance(slug, str) else None
+        if cap is None:
+            known = ", ".join(self.capabilities()) or "none"
+            raise CapabilityNotFound(f"capability {slug!r} is not declared on this host (declared: {known})")
+        return cap
+
+    def _update(self, slug: str, changes: dict[str, Any], action: str, actor: str | None, wait: bool, timeout: float, expected_version: int | None) -> Any:
+        check_slug(slug)
+        return self._admin(
+            lambda: self._store.update(slug, changes, action=action, actor=actor, expected_version=expected_version),
+            wait,
+            timeout,
+        )
+
+    def _admin(self, write: Callable[[], tuple[Plugin, int]], wait: bool, timeout: float) -> Plugin | list[str]:
+        self._ready_or_raise()
+        plugin, revision = write()
+        with self._lock:
+            if revision == self._revision + 1:
+                self._plugins = {**self._plugins, plugin.slug: plugin}
+                self._revision = revision
+            elif revision != self._revision:
+                self._reload()
+        acks = control.broadcast_refresh(self.app, revision, wait=wait, timeout=timeout)
+        return acks if wait else plugin
+
+    def _validated_config(self, slug: str, config: Any) -> dict[str, Any]:
+        check_json_object(config, owner=f"plugin '{slug}'")
+        model = self._config_models.get(slug)
+        if model is None:
+            return dict(config)
+        try:
+            return model.model_validate(config).model_dump(mode="json")
+        except ValidationError as exc:
+            raise InvalidConfig(describe_validation_error(exc, owner=f"plugin '{slug}'")) from None
+
+    def config_for(self, plugin: Plugin) -> Any:
+        """A plugin's live config as its config model (or the dict if none was declared)."""
+        model = self._config_models.get(plugin.slug)
+        if model is None:
+            return dict(plugin.config)
+        try:
+            return model.model_validate(plugin.config)
+        except ValidationError as exc:
+            raise InvalidConfig(describe_validation_error(exc, owner=f"plugin '{plugin.slug}'")) from None
+
+    def _ready_or_raise(self) -> list[Plugin]:
+        if self._ready:
+            return []
+        with self._lock:
+            if self._ready:
+                return []
+            if isinstance(self._store, SQLAlchemyStore) and self.app.conf.get("pluginhost_auto_migrate", True):
+                self._store.migrate()
+            created = self._store.ensure([c.record for c in self._caps.values()], actor="sync")
+            self._reload()
+            self._ready = True
+            return created
+
+    def _reload(self) -> None:
+        with self._lock:
+            revision, plugins = self._store.load()
+            self._plugins = {p.slug: p for p in plugins}
+            self._revision = revision
+
+    def _fresh(self) -> None:
+        """Bring this process's view up to date before a read.
+
+        In a worker the view follows the revision the main process publishes
+        (broadcast + poll), so a task costs no query. Elsewhere it follows the
+        store itself: PostgreSQL pushes changes by NOTIFY, other stores are
+        asked for their revision.
+        """
+        if self.worker.active:
+            self.worker.follow()
+        else:
+            self.fresh_from_store()
+
+    def fresh_from_store(self) -> None:
+        """The strict check used before dispatch: the view equals the store's."""
+        self._ready_or_raise()
+        store = self._store
+        if isinstance(store, SQLAlchemyStore) and store.dialect == "postgresql":
+            with self._lock:
+                if self._feed is None:
+                    self._feed = store.change_feed()
+                    self._reload()  # changes before LISTEN are not in the feed
+                    return
+                try:
+                    changed = self._feed.changed()
+                except StoreUnavailable:
+                    self._feed = None
+                    raise
+            if changed:
+                self._reload()
+            return
+        if store.revision() != self._revision:
+            self._reload()
+
+    def _close_feed(self) -> None:
+        if self._feed is not None:
+            self._feed.close()
+            self._feed = None
+
+    def plugin_for(self, cap: Capability) -> Plugin | None:
+        return self._plugins.get(cap.plugin)
+
+    def context_for(self, cap: Capability, plugin: Plugin, task: Any) -> CapabilityContext:
+        return CapabilityContext(config=self.config_for(plugin), plugin=plugin.model_copy(), task=task, host=self)
+
+
+def _order(plugin: Plugin) -> tuple[int, str]:
+    return (plugin.sort, plugin.slug)
+
+
+def _seed_record(
+    slug: str,
+    kind: Kind | str,
+    label_en: str,
+    label_ar: str,
+    sort: int,
+    config_model: type[BaseModel] | None,
+) -> Plugin:
+    config: dict[str, Any] = {}
+    if config_model is not None:
+        try:
+            config = config_model().model_dump(mode="json")
+        except ValidationError:
+            config = {}  # the model has required fields: the admin configures it
+    try:
+        return Plugin(slug=slug, kind=Kind(kind), label_en=label_en, label_ar=label_ar, sort=sort, config=config)
+    except (ValidationError, ValueError) as exc:
+        msg = describe_validation_error(exc, owner=f"plugin '{slug}'") if isinstance(exc, ValidationError) else str(exc)
+        raise InvalidPlugin(msg) from None
+
+
+__all__ = ["PluginHost", "PluginNotFound"]

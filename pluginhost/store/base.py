@@ -1,0 +1,64 @@
+"""The Store protocol: what PluginHost needs from a place that keeps plugin records."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from ..model import AuditEntry, Plugin
+
+#: Fields an admin may change with ``update``; the store bumps ``version`` itself.
+MUTABLE_FIELDS = frozenset({"kind", "enabled", "config", "sort", "label_en", "label_ar"})
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Plugin records, their audit log and one revision counter.
+
+    Every write bumps the revision in the same transaction, and every write that
+    changes a record appends one audit row. Implementations raise
+    ``StoreUnavailable`` when they cannot be reached and ``ConcurrentUpdate`` when
+    ``expected_version`` does not match.
+    """
+
+    def revision(self) -> int:
+        """The current store revision (cheap: one indexed read)."""
+
+    def load(self) -> tuple[int, list[Plugin]]:
+        """Every plugin, ordered by (sort, slug), and the revision they were read at."""
+
+    def get(self, slug: str) -> Plugin | None:
+        """One plugin, or None."""
+
+    def upsert(
+        self, plugin: Plugin, *, actor: str | None = None, expected_version: int | None = None
+    ) -> tuple[Plugin, int]:
+        """Insert or replace a record's admin fields; returns it and the new revision."""
+
+    def update(
+        self,
+        slug: str,
+        changes: dict[str, Any],
+        *,
+        action: str,
+        actor: str | None = None,
+        expected_version: int | None = None,
+    ) -> tuple[Plugin, int]:
+        """Apply ``changes`` to one record (``PluginNotFound`` if missing).
+        A change that alters nothing writes nothing and returns the current revision."""
+
+    def ensure(self, plugins: Iterable[Plugin], *, actor: str | None = None) -> list[Plugin]:
+        """Insert the records that are missing, never touching existing ones; returns those created."""
+
+    def audit(
+        self, slug: str | None = None, *, actor: str | None = None, limit: int = 100
+    ) -> list[AuditEntry]:
+        """Admin changes, newest first."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def snapshot(plugin: Plugin) -> dict[str, Any]:
+    """The audited view of a record."""
+    return plugin.model_dump(mode="json", exclude={"updated_at"})

@@ -1,0 +1,64 @@
+"""Run a package's Alembic migrations programmatically, safely when processes race."""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+
+def migrate(engine: Engine, script_location: Path, version_table: str) -> None:
+    """Upgrade ``engine`` to the newest revision under ``script_location``.
+
+    Cheap when already current (one read). Concurrent callers (several workers
+    starting at once) serialise on a PostgreSQL advisory lock or a lock file.
+    """
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_location))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    if _current(engine, version_table) == head:
+        return
+    with _lock(engine, version_table):
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+
+def _current(engine: Engine, version_table: str) -> str | None:
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"version_table": version_table})
+        return ctx.get_current_revision()
+
+
+class _lock:
+    def __init__(self, engine: Engine, name: str) -> None:
+        self.engine = engine
+        self.name = name
+        self.conn = None
+        self.fh = None
+
+    def __enter__(self) -> None:
+        if self.engine.dialect.name == "postgresql":
+            self.conn = self.engine.connect()
+            self.conn.execute(text("SELECT pg_advisory_lock(hashtext(:n))"), {"n": self.name})
+            self.conn.commit()
+        else:
+            db = make_url(str(self.engine.url)).database or ""
+            if db and db != ":memory:":
+                self.fh = open(db + ".migrate.lock", "w")
+                fcntl.flock(self.fh, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.conn is not None:
+            self.conn.execute(text("SELECT pg_advisory_unlock(hashtext(:n))"), {"n": self.name})
+            self.conn.commit()
+            self.conn.close()
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()

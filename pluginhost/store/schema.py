@@ -1,0 +1,54 @@
+"""Table definitions shared by the SQLAlchemy store and its migrations."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+plugins = Table(
+    "pluginhost_plugins",
+    metadata,
+    Column("slug", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("config", JSON, nullable=False),
+    Column("sort", Integer, nullable=False),
+    Column("label_en", Text, nullable=False),
+    Column("label_ar", Text, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+audit = Table(
+    "pluginhost_audit",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("actor", Text, nullable=True),
+    Column("slug", String(64), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("before", JSON, nullable=True),
+    Column("after", JSON, nullable=True),
+    Index("ix_pluginhost_audit_slug_id", "slug", "id"),
+    Index("ix_pluginhost_audit_actor_id", "actor", "id"),
+)
+
+revision = Table(
+    "pluginhost_revision",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("revision", BigInteger, nullable=False),
+)
