@@ -25,7 +25,12 @@ TASK_PREFIX = "pluginhost.capability."
 POLICIES = ("fail", "skip", "defer")
 
 # At-least-once by default: a run whose worker dies is redelivered, not dropped.
-DEFAULT_TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True}
+DEFAULT_TASK_OPTIONS: dict[str, Any] = {
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    # Refusals are expected outcomes: logged as such, without a traceback.
+    "throws": (CapabilityDisabled, InvalidInput),
+}
 
 
 @dataclass

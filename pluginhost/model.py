@@ -148,6 +148,52 @@ class AuditEntry(BaseModel):
     before: dict[str, Any] | None
     after: dict[str, Any] | None
 
+    def masked(self) -> AuditEntry:
+        """A copy with secret-looking config values masked in before/after."""
+        def mask(record: dict[str, Any] | None) -> dict[str, Any] | None:
+            if record is None or not isinstance(record.get("config"), dict):
+                return record
+            return {**record, "config": mask_secrets(record["config"])}
+
+        return self.model_copy(update={"before": mask(self.before), "after": mask(self.after)})
+
+    def changes(self) -> dict[str, tuple[Any, Any]]:
+        """Field -> (before, after) for every field this change altered."""
+        before, after = self.before or {}, self.after or {}
+        return {
+            k: (before.get(k), after.get(k))
+            for k in sorted(set(before) | set(after))
+            if k not in ("version",) and before.get(k) != after.get(k)
+        }
+
+    def summary(self) -> str:
+        """One line: ``enabled: True -> False; sort: 0 -> 5``."""
+        if self.before is None:
+            return "created"
+        return "; ".join(
+            f"{k}: {json.dumps(b, ensure_ascii=False)} -> {json.dumps(a, ensure_ascii=False)}"
+            for k, (b, a) in self.changes().items()
+        ) or "no change"
+
+
+SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "apikey", "private_key", "credential")
+MASK = "********"
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config key looks like it holds a secret."""
+    lowered = key.lower().replace("-", "_")
+    return any(word in lowered for word in SECRET_WORDS)
+
+
+def mask_secrets(config: Any) -> Any:
+    """A copy of ``config`` with the values of secret-looking keys replaced, at any depth."""
+    if isinstance(config, dict):
+        return {k: MASK if isinstance(k, str) and is_secret_key(k) else mask_secrets(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [mask_secrets(v) for v in config]
+    return config
+
 
 def describe_validation_error(exc: ValidationError, *, owner: str) -> str:
     """One line naming the first failing field, its value and what was expected."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
-from ..model import AuditEntry, Plugin
+from ..model import AuditEntry, Plugin, mask_secrets
 
 #: Fields an admin may change with ``update``; the store bumps ``version`` itself.
 MUTABLE_FIELDS = frozenset({"kind", "enabled", "config", "sort", "label_en", "label_ar"})
@@ -61,4 +61,7 @@ class Store(Protocol):
 
 def snapshot(plugin: Plugin) -> dict[str, Any]:
     """The audited view of a record."""
-    return plugin.model_dump(mode="json", exclude={"updated_at"})
+    record = plugin.model_dump(mode="json", exclude={"updated_at"})
+    # Secrets never reach the audit log: the key is kept, the value masked.
+    record["config"] = mask_secrets(record["config"])
+    return record

@@ -1,0 +1,393 @@
+"""The ``pluginhost`` command (also ``celery -A proj pluginhost ...``).
+
+Every command is a thin call into PluginHost; bad input prints one line on
+stderr and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any, NoReturn
+
+import click
+from celery import Celery
+from rich.console import Console
+from rich.table import Table
+
+from .errors import PluginHostError
+from .host import PluginHost
+from .model import mask_secrets
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CLIError(click.ClickException):
+    """A one-line error for the user."""
+
+
+def load_host(spec: str | None) -> PluginHost:
+    """The host for ``module:attr`` (a Celery app or a PluginHost; ``module`` alone
+    looks for ``app``, ``celery`` or ``host``)."""
+    if not spec:
+        raise CLIError("no app given: pass --app module:app or set PLUGINHOST_APP")
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CLIError(f"cannot import app module {module_name!r}: {exc}") from None
+    names = [attr] if attr else ["host", "app", "celery"]
+    for name in names:
+        obj = getattr(module, name, None)
+        if isinstance(obj, PluginHost):
+            return obj
+        if isinstance(obj, Celery):
+            return PluginHost.from_app(obj)
+    raise CLIError(f"{spec!r} is not a Celery app or PluginHost (looked for {', '.join(names)})")
+
+
+class HostGroup(click.Group):
+    """A group that turns PluginHostError and usage errors into one stderr line."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            _fail("aborted", EXIT_ERROR)
+        except click.UsageError as exc:
+            _fail(exc.format_message().splitlines()[0], EXIT_USAGE)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), EXIT_ERROR)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PluginHostError as exc:
+            raise CLIError(f"{type(exc).__name__}: {exc}") from None
+        except click.ClickException:
+            raise
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:  # a broker or driver error: one line, not a traceback
+            if os.environ.get("PLUGINHOST_DEBUG"):
+                raise
+            raise CLIError(f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _host(ctx: click.Context) -> PluginHost:
+    resolve: Callable[[], PluginHost] = ctx.find_object(dict)["resolve"]  # type: ignore[index]
+    return resolve()
+
+
+def _console() -> Console:
+    return Console(soft_wrap=True, width=200 if not sys.stdout.isatty() else None)
+
+
+def _plugins_table(plugins: list[Any], title: str | None = None) -> None:
+    table = Table(title=title)
+    for col in ("slug", "kind", "enabled", "sort", "label_en", "label_ar", "version", "config"):
+        table.add_column(col)
+    for p in plugins:
+        table.add_row(
+            p.slug, str(p.kind), "yes" if p.enabled else "no", str(p.sort), p.label_en, p.label_ar,
+            str(p.version), json.dumps(mask_secrets(p.config), ensure_ascii=False),
+        )
+    _console().print(table)
+
+
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+
+
+def _wait_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--actor", default=None, help="Recorded in the audit log (default: $USER).")(fn)
+    fn = click.option("--wait", is_flag=True, help="Wait for worker acknowledgements and list them.")(fn)
+    fn = click.option("--timeout", default=1.0, show_default=True, type=float, help="Seconds to wait.")(fn)
+    return fn
+
+
+def _actor(actor: str | None) -> str:
+    return actor or os.environ.get("USER") or "cli"
+
+
+def _admin_result(result: Any, wait: bool) -> None:
+    if wait:
+        click.echo(f"acknowledged by {len(result)} worker(s): {', '.join(result) or '-'}")
+    elif result is not None:
+        click.echo(f"{result.slug}: enabled={'yes' if result.enabled else 'no'} version={result.version}")
+
+
+def _commands(group: click.Group) -> None:
+    @group.command("list")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    @click.pass_context
+    def list_(ctx: click.Context, as_json: bool) -> None:
+        """Every plugin, ordered by (sort, slug)."""
+        plugins = _host(ctx).list()
+        if as_json:
+            rows = [{**p.to_json(), "config": mask_secrets(p.config)} for p in plugins]
+            click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        else:
+            _plugins_table(plugins)
+
+    @group.command()
+    @click.argument("slug")
+    @click.pass_context
+    def show(ctx: click.Context, slug: str) -> None:
+        """One plugin as JSON."""
+        from .errors import PluginNotFound
+        from .model import check_slug
+
+        plugin = _host(ctx).get(check_slug(slug))
+        if plugin is None:
+            raise PluginNotFound(f"plugin '{slug}' not found")
+        click.echo(json.dumps({**plugin.to_json(), "config": mask_secrets(plugin.config)}, ensure_ascii=False, indent=2))
+
+    @group.command()
+    @click.argument("slug")
+    @_wait_opts
+    @click.pass_context
+    def enable(ctx: click.Context, slug: str, actor: str | None, wait: bool, timeout: float) -> None:
+        """Enable a plugin everywhere."""
+        _admin_result(_host(ctx).enable(slug, actor=_actor(actor), wait=wait, timeout=timeout), wait)
+
+    @group.command()
+    @click.argument("slug")
+    @_wait_opts
+    @click.pass_context
+    def disable(ctx: click.Context, slug: str, actor: str | None, wait: bool, timeout: float) -> None:
+        """Disable a plugin everywhere."""
+        _admin_result(_host(ctx).disable(slug, actor=_actor(actor), wait=wait, timeout=timeout), wait)
+
+    @group.command()
+    @click.argument("slug")
+    @click.argument("pairs", nargs=-1)
+    @click.option("--json", "json_text", default=None, help="Replace the whole config with this JSON object.")
+    @_wait_opts
+    @click.pass_context
+    def configure(ctx: click.Context, slug: str, pairs: tuple[str, ...], json_text: str | None, actor: str | None, wait: bool, timeout: float) -> None:
+        """Set config: KEY=VALUE pairs (merged; VALUE parsed as JSON if it parses) or --json (replaced)."""
+        host = _host(ctx)
+        if json_text is not None and pairs:
+            raise click.UsageError("give KEY=VALUE pairs or --json, not both")
+        if json_text is not None:
+            config = _json_arg(json_text, "--json")
+        elif pairs:
+            current = host.get(slug)
+            if current is None:
+                from .errors import PluginNotFound
+
+                raise PluginNotFound(f"plugin '{slug}' not found")
+            config = dict(current.config)
+            for pair in pairs:
+                key, sep, value = pair.partition("=")
+                if not sep or not key:
+                    raise click.UsageError(f"expected KEY=VALUE, got {pair!r}")
+                try:
+                    config[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    config[key] = value
+        else:
+            raise click.UsageError("give KEY=VALUE pairs or --json '{...}'")
+        result = host.configure(slug, config, actor=_actor(actor), wait=wait, timeout=timeout)
+        if wait:
+            _admin_result(result, wait)
+        else:
+            click.echo(json.dumps(mask_secrets(result.config), ensure_ascii=False))
+
+    @group.command("sort")
+    @click.argument("slug")
+    @click.argument("position", type=int)
+    @_wait_opts
+    @click.pass_context
+    def sort_(ctx: click.Context, slug: str, position: int, actor: str | None, wait: bool, timeout: float) -> None:
+        """Set a plugin's sort weight (navigation order)."""
+        _admin_result(_host(ctx).set_sort(slug, position, actor=_actor(actor), wait=wait, timeout=timeout), wait)
+
+    @group.command()
+    @click.argument("slug")
+    @click.argument("key")
+    @click.pass_context
+    def config(ctx: click.Context, slug: str, key: str) -> None:
+        """One config value as JSON."""
+        from .errors import PluginNotFound
+
+        host = _host(ctx)
+        plugin = host.get(slug)
+        if plugin is None:
+            raise PluginNotFound(f"plugin '{slug}' not found")
+        if key not in plugin.config:
+            raise CLIError(f"plugin '{slug}' has no config key {key!r}")
+        click.echo(json.dumps(mask_secrets({key: plugin.config[key]})[key], ensure_ascii=False))
+
+    @group.command()
+    @click.option("--kind", default=None, help="Only plugins of this kind.")
+    @click.option("--lang", type=click.Choice(["en", "ar"]), default="en", show_default=True)
+    @click.pass_context
+    def nav(ctx: click.Context, kind: str | None, lang: str) -> None:
+        """Enabled plugins in navigation order."""
+        from .errors import InvalidPlugin
+        from .model import Kind
+
+        if kind is not None and kind not in {k.value for k in Kind}:
+            raise InvalidPlugin(f"unknown kind {kind!r}: expected one of {', '.join(k.value for k in Kind)}")
+        for p in _host(ctx).nav(kind):
+            label = (p.label_ar if lang == "ar" else p.label_en) or p.slug
+            click.echo(f"{p.sort:>5}  {p.slug}  {label}")
+
+    @group.command()
+    @click.pass_context
+    def capabilities(ctx: click.Context) -> None:
+        """Declared capabilities with their plugin and state."""
+        host = _host(ctx)
+        table = Table()
+        for col in ("capability", "task", "plugin", "enabled", "on_disabled"):
+            table.add_column(col)
+        for slug in host.capabilities():
+            cap = host._capability(slug)
+            table.add_row(slug, cap.task_name, cap.plugin, "yes" if host.is_enabled(cap.plugin) else "no", cap.on_disabled)
+        _console().print(table)
+
+    @group.command()
+    @click.argument("slug")
+    @click.option("--input", "input_text", default="{}", help="The input as a JSON object.")
+    @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
+    @click.option("--timeout", default=30.0, show_default=True, type=float)
+    @click.pass_context
+    def run(ctx: click.Context, slug: str, input_text: str, wait: bool, timeout: float) -> None:
+        """Enqueue a capability run (prints the task id, or the result with --wait)."""
+        payload = _json_arg(input_text, "--input")
+        result = _host(ctx).run_capability(slug, payload)
+        if not wait:
+            click.echo(result.id)
+            return
+        value = result.get(timeout=timeout)
+        click.echo(json.dumps(value, ensure_ascii=False, default=str))
+
+    @group.command()
+    @_wait_opts
+    @click.pass_context
+    def refresh(ctx: click.Context, actor: str | None, wait: bool, timeout: float) -> None:
+        """Re-read the store here and on every worker."""
+        host = _host(ctx)
+        acks = host.refresh(actor=_actor(actor), wait=wait, timeout=timeout)
+        click.echo(f"revision {host.revision}")
+        if wait:
+            _admin_result(acks, wait)
+
+    @group.command()
+    @click.option("--timeout", default=1.0, show_default=True, type=float)
+    @click.pass_context
+    def workers(ctx: click.Context, timeout: float) -> None:
+        """Live workers and the store revision each has applied."""
+        host = _host(ctx)
+        current = host.revision
+        table = Table()
+        for col in ("worker", "revision", "current", "pool", "processes"):
+            table.add_column(col)
+        found = host.workers(timeout=timeout)
+        for name, info in sorted(found.items()):
+            rev = info.get("revision")
+            table.add_row(name, str(rev), "yes" if rev == current else "NO", str(info.get("pool")), str(len(info.get("processes") or []) or 1))
+        _console().print(table)
+        click.echo(f"{len(found)} worker(s); store revision {current}")
+
+    @group.command()
+    @click.argument("slug", required=False)
+    @click.option("--actor", default=None)
+    @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10000))
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def audit(ctx: click.Context, slug: str | None, actor: str | None, limit: int, as_json: bool) -> None:
+        """Admin changes, newest first (secret-looking config values masked)."""
+        entries = _host(ctx).audit(slug, actor=actor, limit=limit)
+        rows = [e.masked() for e in entries]
+        if as_json:
+            click.echo(json.dumps([r.model_dump(mode="json") for r in rows], ensure_ascii=False, indent=2))
+            return
+        table = Table()
+        for col in ("at", "actor", "slug", "action", "change"):
+            table.add_column(col)
+        for e in rows:
+            table.add_row(e.at.strftime("%Y-%m-%d %H:%M:%S"), e.actor or "-", e.slug, e.action, e.summary())
+        _console().print(table)
+
+    @group.command()
+    @click.pass_context
+    def sync(ctx: click.Context) -> None:
+        """Migrate the schema and create rows for declared capabilities."""
+        created = _host(ctx).sync()
+        click.echo(f"created {len(created)} plugin(s){': ' if created else ''}{', '.join(p.slug for p in created)}")
+
+    @group.group()
+    def db() -> None:
+        """Database schema."""
+
+    @db.command()
+    @click.pass_context
+    def upgrade(ctx: click.Context) -> None:
+        """Apply the schema migrations (pluginhost's and installed extensions')."""
+        host = _host(ctx)
+        migrate = getattr(host.store, "migrate", None)
+        if migrate is None:
+            raise CLIError(f"{type(host.store).__name__} has no schema to migrate")
+        migrate()
+        for hook in _extensions("pluginhost.migrations"):
+            hook(host)
+        click.echo("schema is up to date")
+
+    for command in _extensions("pluginhost.commands"):
+        group.add_command(command)
+
+
+def _extensions(group: str) -> list[Any]:
+    return [ep.load() for ep in entry_points(group=group)]
+
+
+@click.group(cls=HostGroup)
+@click.option("--app", "-A", "app_spec", envvar="PLUGINHOST_APP", default=None, help="module:app (or $PLUGINHOST_APP).")
+@click.version_option(package_name="pluginhost")
+@click.pass_context
+def main(ctx: click.Context, app_spec: str | None) -> None:
+    """Manage pluginhost plugins, capabilities and workers."""
+    cache: dict[str, PluginHost] = {}
+
+    def resolve() -> PluginHost:
+        if "host" not in cache:
+            cache["host"] = load_host(app_spec)
+        return cache["host"]
+
+    ctx.obj = {"resolve": resolve}
+
+
+@click.group("pluginhost", cls=HostGroup)
+@click.pass_context
+def celery_command(ctx: click.Context) -> None:
+    """pluginhost commands for this app (celery -A proj pluginhost ...)."""
+    celery_ctx = ctx.obj
+    app = getattr(celery_ctx, "app", None)
+    if app is None:
+        raise CLIError("no app: run as celery -A module pluginhost ...")
+    ctx.obj = {"resolve": lambda: PluginHost.from_app(app)}
+
+
+_commands(main)
+celery_command.commands = main.commands
