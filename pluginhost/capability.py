@@ -118,9 +118,10 @@ def dispatch(host: PluginHost, cap: Capability, input: Any, options: dict[str, A
 
 
 def execute_inline(host: PluginHost, cap: Capability, input: Any) -> Any:
-    """``call_capability``: the same checks, the function run in this process."""
+    """``call_capability``: the same checks, the function run in this process
+    (inside a worker, against the worker's live view, as a task would be)."""
     payload = check_input(cap, input)
-    host.fresh_from_store()
+    host._fresh()
     plugin = host.plugin_for(cap)
     if plugin is None or not plugin.enabled:
         if cap.on_disabled == "skip":

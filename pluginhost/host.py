@@ -154,6 +154,10 @@ class PluginHost:
         """Declared capability slugs, sorted."""
         return sorted(self._caps)
 
+    def plugin_of(self, slug: str) -> str:
+        """The plugin slug that capability ``slug`` belongs to."""
+        return self._capability(slug).plugin
+
     def task(self, slug: str) -> Any:
         """The Celery task behind capability ``slug``."""
         return self._capability(slug).task

@@ -1,0 +1,21 @@
+"""workflows: multi-step workflows composed of pluginhost capabilities."""
+
+from .capability import WorkflowCapability
+from .definition import Parallel, Step, Workflow
+from .errors import InvalidRunState, InvalidWorkflow, WorkflowNotFound
+from .service import PlannedStep, Workflows
+from .store import StepRun, WorkflowRun
+
+__all__ = [
+    "Workflow",
+    "Step",
+    "Parallel",
+    "Workflows",
+    "WorkflowCapability",
+    "WorkflowRun",
+    "StepRun",
+    "PlannedStep",
+    "InvalidWorkflow",
+    "WorkflowNotFound",
+    "InvalidRunState",
+]

@@ -1,0 +1,77 @@
+"""A workflow definition becomes a Celery canvas.
+
+Sequential steps are links of a ``chain``; a ``Parallel`` is a ``chord`` whose
+callback merges the branch outputs in declaration order; a final task records
+the run's outcome and returns the context. The chain's last task id is the
+run id, so the caller's AsyncResult resolves to the final context.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from celery import chain, chord
+from celery.canvas import Signature
+
+from .definition import Parallel, Step, Workflow
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+
+def layout(workflow: Workflow) -> list[tuple[int, int, str]]:
+    """(position, stage, slug) of every step."""
+    rows = []
+    position = 0
+    for stage, steps in enumerate(workflow.stages()):
+        for step in steps:
+            rows.append((position, stage, step.slug))
+            position += 1
+    return rows
+
+
+def build(
+    rt: Runtime,
+    workflow: Workflow,
+    run_id: str,
+    context: dict[str, Any],
+    *,
+    from_stage: int = 0,
+    done: frozenset[int] = frozenset(),
+) -> chain:
+    """The canvas for ``workflow`` from ``from_stage`` on, skipping positions in ``done``."""
+    links: list[Signature] = []
+    position = 0
+
+    def step_sig(pos: int, step: Step, parallel: bool) -> Signature:
+        args: tuple[Any, ...] = (run_id, pos) if links else (context, run_id, pos)
+        options: dict[str, Any] = {}
+        if step.timeout is not None:
+            options["soft_time_limit"] = step.timeout
+        kwargs = {
+            "slug": step.slug,
+            "on_disabled": step.on_disabled,
+            "retries": step.retries,
+            "retry_backoff": step.retry_backoff,
+            "parallel": parallel,
+        }
+        return rt.step_task.signature(args, kwargs, **options)
+
+    for stage_index, (stage_def, steps) in enumerate(zip(workflow.steps, workflow.stages())):
+        positions = list(range(position, position + len(steps)))
+        position += len(steps)
+        if stage_index < from_stage:
+            continue
+        todo = [(p, s) for p, s in zip(positions, steps) if p not in done]
+        if isinstance(stage_def, Parallel):
+            merge_args: tuple[Any, ...] = (run_id, stage_index) if links else (context, run_id, stage_index)
+            merge = rt.merge_task.signature(merge_args if not todo else (run_id, stage_index))
+            if todo:
+                links.append(chord([step_sig(p, s, True) for p, s in todo], merge))
+            else:
+                links.append(merge)
+        elif todo:
+            links.append(step_sig(todo[0][0], todo[0][1], False))
+    finish_args: tuple[Any, ...] = (run_id,) if links else (context, run_id)
+    links.append(rt.finish_task.signature(finish_args))
+    return chain(*links)

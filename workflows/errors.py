@@ -1,0 +1,18 @@
+"""Errors of the workflows package (all PluginHostError subclasses)."""
+
+from pluginhost import PluginHostError
+
+
+class InvalidWorkflow(PluginHostError):
+    """A workflow definition is malformed or names an unknown capability."""
+
+
+class WorkflowNotFound(PluginHostError):
+    """No workflow (or run) with that name or id."""
+
+
+class InvalidRunState(PluginHostError):
+    """The run is not in a state that allows the operation (e.g. resume of a running run)."""
+
+
+__all__ = ["InvalidWorkflow", "WorkflowNotFound", "InvalidRunState"]

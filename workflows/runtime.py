@@ -1,0 +1,123 @@
+"""The step task: live enablement check, skip/fail policy, retries and history."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Ignore, Retry
+
+from pluginhost import CapabilityDisabled, InvalidInput, PluginHost
+
+from .store import DONE, WorkflowStore
+
+log = logging.getLogger("workflows")
+
+STEP_TASK = "workflows.step"
+MERGE_TASK = "workflows.merge"
+FINISH_TASK = "workflows.finish"
+
+# Steps are at-least-once: a step whose worker dies is redelivered, and the
+# step row (not the message) decides whether it still has to run.
+TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True, "shared": False, "lazy": False}
+
+_RUNTIMES: weakref.WeakKeyDictionary[Celery, Runtime] = weakref.WeakKeyDictionary()
+
+
+class Runtime:
+    """The workflow tasks of one app, and the store they record into."""
+
+    def __init__(self, host: PluginHost, store: WorkflowStore) -> None:
+        self.host = host
+        self.store = store
+        app = host.app
+
+        @app.task(name=STEP_TASK, bind=True, **TASK_OPTIONS)
+        def step(task: Task, context: dict[str, Any], run_id: str, position: int, **policy: Any) -> dict[str, Any]:
+            """Run one workflow step (history recorded in the workflow store)."""
+            return self.run_step(task, context, run_id, position, **policy)
+
+        @app.task(name=MERGE_TASK, **TASK_OPTIONS)
+        def merge(_results: Any, run_id: str, stage: int) -> dict[str, Any]:
+            """Merge a parallel stage's outputs in declaration order."""
+            return self.store.merge_stage(run_id, stage)
+
+        @app.task(name=FINISH_TASK, **TASK_OPTIONS)
+        def finish(context: dict[str, Any], run_id: str) -> dict[str, Any]:
+            """Record a run as succeeded; its result is the final context."""
+            self.store.finish_run(run_id, context)
+            return context
+
+        self.step_task, self.merge_task, self.finish_task = step, merge, finish
+
+    @classmethod
+    def for_host(cls, host: PluginHost, store: WorkflowStore) -> Runtime:
+        rt = _RUNTIMES.get(host.app)
+        if rt is None:
+            rt = _RUNTIMES[host.app] = cls(host, store)
+        return rt
+
+    # -- tasks -----------------------------------------------------------------
+
+    def run_step(
+        self,
+        task: Task,
+        context: dict[str, Any],
+        run_id: str,
+        position: int,
+        *,
+        slug: str,
+        on_disabled: str = "skip",
+        retries: int = 0,
+        retry_backoff: float = 1.0,
+        parallel: bool = False,
+    ) -> dict[str, Any]:
+        row = self.store.begin_step(run_id, position, worker=task.request.hostname)
+        if row.status in DONE:
+            # A redelivered step that already finished: reuse what it recorded.
+            return {**context, **(row.output or {})}
+        if row.status != "running":
+            raise Ignore()  # the run failed or was cancelled meanwhile
+        host = self.host
+        plugin = host.plugin_of(slug)
+        if not host.is_enabled(plugin):
+            return self._disabled(run_id, position, slug, plugin, on_disabled, context, parallel)
+        found = host.get(plugin)
+        version = found.version if found else None
+        try:
+            result = host.call_capability(slug, context)
+        except CapabilityDisabled:
+            return self._disabled(run_id, position, slug, plugin, on_disabled, context, parallel)
+        except (Retry, Ignore):
+            raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if row.attempts <= retries and not isinstance(exc, InvalidInput):
+                countdown = min(60.0, retry_backoff * 2 ** (row.attempts - 1))
+                self.store.retry_step(run_id, position, error)
+                log.info("step %s of run %s failed (attempt %d), retrying in %.1fs: %s", slug, run_id, row.attempts, countdown, error)
+                raise task.retry(exc=exc, countdown=countdown, max_retries=None) from None
+            self.store.fail_run(run_id, position, error, plugin_version=version)
+            raise
+        output = result if isinstance(result, dict) else ({} if result is None else {slug: result})
+        merged = {**context, **output}
+        self.store.finish_step(
+            run_id, position, "succeeded", output=output, plugin_version=version,
+            context=None if parallel else merged,
+        )
+        return merged
+
+    def _disabled(
+        self, run_id: str, position: int, slug: str, plugin: str, policy: str, context: dict[str, Any], parallel: bool
+    ) -> dict[str, Any]:
+        reason = f"plugin '{plugin}' is disabled"
+        if policy == "skip":
+            self.store.finish_step(
+                run_id, position, "skipped", error=reason, context=None if parallel else context
+            )
+            return context
+        error = CapabilityDisabled(f"step '{slug}' of run {run_id} failed: {reason}")
+        self.store.fail_run(run_id, position, f"CapabilityDisabled: {error}")
+        raise error

@@ -1,0 +1,165 @@
+"""Workflows: define, start, inspect and resume multi-step workflows."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from celery.result import AsyncResult
+from pydantic import BaseModel
+
+from pluginhost import InvalidInput, PluginHost, SQLAlchemyStore
+from pluginhost.model import check_json_object
+
+from .compile import build, layout
+from .definition import Workflow
+from .errors import InvalidRunState, InvalidWorkflow, WorkflowNotFound
+from .runtime import Runtime
+from .store import RUN_STATES, WorkflowRun, WorkflowStore
+
+
+class PlannedStep(BaseModel):
+    """What a step would do if it ran now (``Workflows.plan``)."""
+
+    position: int
+    stage: int
+    slug: str
+    plugin: str
+    enabled: bool
+    outcome: str  # "run", "skip" or "fail"
+
+
+class Workflows:
+    """The workflow service of a PluginHost; create it in the app module so
+    workers register the workflow tasks."""
+
+    def __init__(self, host: PluginHost) -> None:
+        if not isinstance(host.store, SQLAlchemyStore):
+            raise InvalidWorkflow(
+                f"workflows need a SQL store (SQLite or PostgreSQL), not {type(host.store).__name__}"
+            )
+        self.host = host
+        self.store = WorkflowStore(host.store.engine)
+        self.runtime = Runtime.for_host(host, self.store)
+        self._migrated = False
+
+    # -- definitions -----------------------------------------------------------
+
+    def define(self, workflow: Workflow | dict[str, Any] | str, *, actor: str | None = None) -> int:
+        """Validate and store a definition; returns its version (a new one if it changed)."""
+        wf = Workflow.parse(workflow)
+        known = set(self.host.capabilities())
+        for step in wf.flat():
+            if step.slug not in known:
+                raise InvalidWorkflow(
+                    f"workflow '{wf.name}': step '{step.slug}' is not a declared capability"
+                    f" (declared: {', '.join(sorted(known)) or 'none'})"
+                )
+        self._ready()
+        return self.store.define(wf.name, wf.model_dump(mode="json"), actor)
+
+    def get(self, name: str, version: int | None = None) -> Workflow | None:
+        """The newest (or a given) version of a definition, or None."""
+        self._ready()
+        found = self.store.definition(name, version)
+        return Workflow.model_validate(found[1]) if found else None
+
+    def version(self, name: str) -> int | None:
+        """The newest version number of a definition, or None."""
+        self._ready()
+        found = self.store.definition(name)
+        return found[0] if found else None
+
+    def list(self) -> list[Workflow]:
+        """The newest version of every definition, by name."""
+        self._ready()
+        return [Workflow.model_validate(d) for _, d in self.store.latest_definitions()]
+
+    def plan(self, name: str) -> list[PlannedStep]:
+        """A dry run: what each step would do under the current toggles."""
+        wf = self._definition(name)[1]
+        planned = []
+        flat = wf.flat()
+        for position, stage, slug in layout(wf):
+            plugin = self.host.plugin_of(slug) if slug in self.host.capabilities() else slug
+            enabled = self.host.is_enabled(plugin)
+            policy = flat[position].on_disabled
+            outcome = "run" if enabled else policy
+            planned.append(PlannedStep(position=position, stage=stage, slug=slug, plugin=plugin, enabled=enabled, outcome=outcome))
+        return planned
+
+    # -- runs ------------------------------------------------------------------
+
+    def start(self, name: str, input: dict[str, Any] | None = None, **apply_async_options: Any) -> AsyncResult:
+        """Start a run of the newest version; the AsyncResult's id is the run id and
+        it resolves to the final context."""
+        run_id, canvas = self.prepare(name, input, run_id=apply_async_options.pop("task_id", None))
+        return canvas.apply_async(task_id=run_id, **apply_async_options)
+
+    def prepare(self, name: str, input: dict[str, Any] | None, *, run_id: str | None = None) -> tuple[str, Any]:
+        """Record a new run (idempotent for a given ``run_id``) and build its canvas."""
+        payload = check_json_object({} if input is None else input, owner=f"workflow '{name}' input", error=InvalidInput)
+        version, wf = self._definition(name)
+        run_id = run_id or str(uuid.uuid4())
+        self.store.create_run(run_id, wf.name, version, payload, layout(wf))
+        return run_id, build(self.runtime, wf, run_id, payload)
+
+    def run(self, run_id: str) -> WorkflowRun | None:
+        """A run with its steps, or None."""
+        self._ready()
+        return self.store.get_run(run_id)
+
+    def runs(self, name: str | None = None, status: str | None = None, limit: int = 50) -> list[WorkflowRun]:
+        """Runs, newest first (without their steps)."""
+        if status is not None and status not in RUN_STATES:
+            raise InvalidInput(f"unknown run status {status!r}: expected one of {', '.join(RUN_STATES)}")
+        if not 1 <= limit <= 10_000:
+            raise InvalidInput(f"limit must be between 1 and 10000, got {limit}")
+        self._ready()
+        return self.store.list_runs(name, status, limit)
+
+    def resume(self, run_id: str) -> AsyncResult:
+        """Continue a failed run from its failed stage, with the context saved before it."""
+        run = self.run(run_id)
+        if run is None:
+            raise WorkflowNotFound(f"no workflow run {run_id!r}")
+        if run.status != "failed":
+            raise InvalidRunState(f"run {run_id} is {run.status}; only failed runs can be resumed")
+        found = self.store.definition(run.name, run.version)
+        if found is None:
+            raise WorkflowNotFound(f"workflow '{run.name}' version {run.version} is gone")
+        wf = Workflow.model_validate(found[1])
+        done = frozenset(s.position for s in run.steps if s.status in ("succeeded", "skipped"))
+        from_stage, context = self.store.reset_for_resume(run_id)
+        canvas = build(self.runtime, wf, run_id, context, from_stage=from_stage, done=done)
+        return canvas.apply_async()
+
+    def sweep(self, older_than_s: float = 3600.0) -> list[str]:
+        """Fail runs whose step has been ``running`` longer than ``older_than_s``
+        (its worker died and the message is gone); returns their ids, now resumable."""
+        self._ready()
+        swept = []
+        for run_id, position, slug in self.store.stale_steps(older_than_s):
+            self.store.fail_run(run_id, position, f"step '{slug}' lost: running for over {older_than_s:.0f}s (worker died?)")
+            swept.append(run_id)
+        return sorted(set(swept))
+
+    def prune(self, older_than_s: float) -> int:
+        """Delete finished runs older than ``older_than_s``; returns how many."""
+        self._ready()
+        return self.store.prune(older_than_s)
+
+    # -- internals -------------------------------------------------------------
+
+    def _definition(self, name: str) -> tuple[int, Workflow]:
+        self._ready()
+        found = self.store.definition(name) if isinstance(name, str) else None
+        if found is None:
+            raise WorkflowNotFound(f"no workflow named {name!r}")
+        return found[0], Workflow.model_validate(found[1])
+
+    def _ready(self) -> None:
+        if not self._migrated:
+            self.host.sync()
+            self.store.migrate()
+            self._migrated = True
