@@ -89,12 +89,13 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _host(ctx: click.Context) -> PluginHost:
+def host_from_context(ctx: click.Context) -> PluginHost:
+    """The PluginHost for this invocation (for extension commands too)."""
     resolve: Callable[[], PluginHost] = ctx.find_object(dict)["resolve"]  # type: ignore[index]
     return resolve()
 
 
-def _console() -> Console:
+def console() -> Console:
     return Console(soft_wrap=True, width=200 if not sys.stdout.isatty() else None)
 
 
@@ -107,7 +108,7 @@ def _plugins_table(plugins: list[Any], title: str | None = None) -> None:
             p.slug, str(p.kind), "yes" if p.enabled else "no", str(p.sort), p.label_en, p.label_ar,
             str(p.version), json.dumps(mask_secrets(p.config), ensure_ascii=False),
         )
-    _console().print(table)
+    console().print(table)
 
 
 def _json_arg(text: str, what: str) -> Any:
@@ -141,7 +142,7 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def list_(ctx: click.Context, as_json: bool) -> None:
         """Every plugin, ordered by (sort, slug)."""
-        plugins = _host(ctx).list()
+        plugins = host_from_context(ctx).list()
         if as_json:
             rows = [{**p.to_json(), "config": mask_secrets(p.config)} for p in plugins]
             click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
@@ -156,7 +157,7 @@ def _commands(group: click.Group) -> None:
         from .errors import PluginNotFound
         from .model import check_slug
 
-        plugin = _host(ctx).get(check_slug(slug))
+        plugin = host_from_context(ctx).get(check_slug(slug))
         if plugin is None:
             raise PluginNotFound(f"plugin '{slug}' not found")
         click.echo(json.dumps({**plugin.to_json(), "config": mask_secrets(plugin.config)}, ensure_ascii=False, indent=2))
@@ -167,7 +168,7 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def enable(ctx: click.Context, slug: str, actor: str | None, wait: bool, timeout: float) -> None:
         """Enable a plugin everywhere."""
-        _admin_result(_host(ctx).enable(slug, actor=_actor(actor), wait=wait, timeout=timeout), wait)
+        _admin_result(host_from_context(ctx).enable(slug, actor=_actor(actor), wait=wait, timeout=timeout), wait)
 
     @group.command()
     @click.argument("slug")
@@ -175,7 +176,7 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def disable(ctx: click.Context, slug: str, actor: str | None, wait: bool, timeout: float) -> None:
         """Disable a plugin everywhere."""
-        _admin_result(_host(ctx).disable(slug, actor=_actor(actor), wait=wait, timeout=timeout), wait)
+        _admin_result(host_from_context(ctx).disable(slug, actor=_actor(actor), wait=wait, timeout=timeout), wait)
 
     @group.command()
     @click.argument("slug")
@@ -185,7 +186,7 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def configure(ctx: click.Context, slug: str, pairs: tuple[str, ...], json_text: str | None, actor: str | None, wait: bool, timeout: float) -> None:
         """Set config: KEY=VALUE pairs (merged; VALUE parsed as JSON if it parses) or --json (replaced)."""
-        host = _host(ctx)
+        host = host_from_context(ctx)
         if json_text is not None and pairs:
             raise click.UsageError("give KEY=VALUE pairs or --json, not both")
         if json_text is not None:
@@ -220,7 +221,7 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def sort_(ctx: click.Context, slug: str, position: int, actor: str | None, wait: bool, timeout: float) -> None:
         """Set a plugin's sort weight (navigation order)."""
-        _admin_result(_host(ctx).set_sort(slug, position, actor=_actor(actor), wait=wait, timeout=timeout), wait)
+        _admin_result(host_from_context(ctx).set_sort(slug, position, actor=_actor(actor), wait=wait, timeout=timeout), wait)
 
     @group.command()
     @click.argument("slug")
@@ -230,7 +231,7 @@ def _commands(group: click.Group) -> None:
         """One config value as JSON."""
         from .errors import PluginNotFound
 
-        host = _host(ctx)
+        host = host_from_context(ctx)
         plugin = host.get(slug)
         if plugin is None:
             raise PluginNotFound(f"plugin '{slug}' not found")
@@ -249,7 +250,7 @@ def _commands(group: click.Group) -> None:
 
         if kind is not None and kind not in {k.value for k in Kind}:
             raise InvalidPlugin(f"unknown kind {kind!r}: expected one of {', '.join(k.value for k in Kind)}")
-        for p in _host(ctx).nav(kind):
+        for p in host_from_context(ctx).nav(kind):
             label = (p.label_ar if lang == "ar" else p.label_en) or p.slug
             click.echo(f"{p.sort:>5}  {p.slug}  {label}")
 
@@ -257,14 +258,14 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def capabilities(ctx: click.Context) -> None:
         """Declared capabilities with their plugin and state."""
-        host = _host(ctx)
+        host = host_from_context(ctx)
         table = Table()
         for col in ("capability", "task", "plugin", "enabled", "on_disabled"):
             table.add_column(col)
         for slug in host.capabilities():
             cap = host._capability(slug)
             table.add_row(slug, cap.task_name, cap.plugin, "yes" if host.is_enabled(cap.plugin) else "no", cap.on_disabled)
-        _console().print(table)
+        console().print(table)
 
     @group.command()
     @click.argument("slug")
@@ -275,7 +276,7 @@ def _commands(group: click.Group) -> None:
     def run(ctx: click.Context, slug: str, input_text: str, wait: bool, timeout: float) -> None:
         """Enqueue a capability run (prints the task id, or the result with --wait)."""
         payload = _json_arg(input_text, "--input")
-        result = _host(ctx).run_capability(slug, payload)
+        result = host_from_context(ctx).run_capability(slug, payload)
         if not wait:
             click.echo(result.id)
             return
@@ -287,7 +288,7 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def refresh(ctx: click.Context, actor: str | None, wait: bool, timeout: float) -> None:
         """Re-read the store here and on every worker."""
-        host = _host(ctx)
+        host = host_from_context(ctx)
         acks = host.refresh(actor=_actor(actor), wait=wait, timeout=timeout)
         click.echo(f"revision {host.revision}")
         if wait:
@@ -298,7 +299,7 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def workers(ctx: click.Context, timeout: float) -> None:
         """Live workers and the store revision each has applied."""
-        host = _host(ctx)
+        host = host_from_context(ctx)
         current = host.revision
         table = Table()
         for col in ("worker", "revision", "current", "pool", "processes"):
@@ -307,7 +308,7 @@ def _commands(group: click.Group) -> None:
         for name, info in sorted(found.items()):
             rev = info.get("revision")
             table.add_row(name, str(rev), "yes" if rev == current else "NO", str(info.get("pool")), str(len(info.get("processes") or []) or 1))
-        _console().print(table)
+        console().print(table)
         click.echo(f"{len(found)} worker(s); store revision {current}")
 
     @group.command()
@@ -318,7 +319,7 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def audit(ctx: click.Context, slug: str | None, actor: str | None, limit: int, as_json: bool) -> None:
         """Admin changes, newest first (secret-looking config values masked)."""
-        entries = _host(ctx).audit(slug, actor=actor, limit=limit)
+        entries = host_from_context(ctx).audit(slug, actor=actor, limit=limit)
         rows = [e.masked() for e in entries]
         if as_json:
             click.echo(json.dumps([r.model_dump(mode="json") for r in rows], ensure_ascii=False, indent=2))
@@ -328,13 +329,13 @@ def _commands(group: click.Group) -> None:
             table.add_column(col)
         for e in rows:
             table.add_row(e.at.strftime("%Y-%m-%d %H:%M:%S"), e.actor or "-", e.slug, e.action, e.summary())
-        _console().print(table)
+        console().print(table)
 
     @group.command()
     @click.pass_context
     def sync(ctx: click.Context) -> None:
         """Migrate the schema and create rows for declared capabilities."""
-        created = _host(ctx).sync()
+        created = host_from_context(ctx).sync()
         click.echo(f"created {len(created)} plugin(s){': ' if created else ''}{', '.join(p.slug for p in created)}")
 
     @group.group()
@@ -345,7 +346,7 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def upgrade(ctx: click.Context) -> None:
         """Apply the schema migrations (pluginhost's and installed extensions')."""
-        host = _host(ctx)
+        host = host_from_context(ctx)
         migrate = getattr(host.store, "migrate", None)
         if migrate is None:
             raise CLIError(f"{type(host.store).__name__} has no schema to migrate")

@@ -1,0 +1,1 @@
+"""The onboarding example: capabilities composed into a user-onboarding workflow."""

@@ -1,0 +1,183 @@
+"""A user-onboarding service on pluginhost.
+
+Five capabilities write real rows into the store database (no network):
+
+    create_account -> [welcome_email | provision_workspace] -> notify_crm -> schedule_followup
+
+Configuration comes from the environment; without any, everything runs on the
+embedded default under ``$PLUGINHOST_DATA`` (default ``.pluginhost``):
+
+    PLUGINHOST_BROKER_URL      e.g. redis://127.0.0.1:6379/0 or amqp://guest:guest@127.0.0.1//
+    PLUGINHOST_RESULT_BACKEND  e.g. redis://127.0.0.1:6379/0
+    PLUGINHOST_STORE           e.g. postgresql+psycopg://postgres@127.0.0.1/app
+
+Start a worker with ``celery -A examples.onboarding.app worker``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from celery import Celery
+from pydantic import BaseModel, Field
+from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table, Text, insert, select
+
+from pluginhost import CapabilityContext, PluginHost
+from pluginhost.embedded import embedded_conf
+from workflows import Parallel, Step, Workflow, WorkflowCapability, Workflows
+
+app = Celery("onboarding")
+if os.environ.get("PLUGINHOST_BROKER_URL"):
+    app.conf.update(
+        broker_url=os.environ["PLUGINHOST_BROKER_URL"],
+        result_backend=os.environ.get("PLUGINHOST_RESULT_BACKEND", "redis://127.0.0.1:6379/0"),
+        pluginhost_store=os.environ.get("PLUGINHOST_STORE", "sqlite:///pluginhost.db"),
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+    )
+else:
+    app.conf.update(embedded_conf(os.environ.get("PLUGINHOST_DATA", ".pluginhost")))
+app.conf.task_default_queue = os.environ.get("PLUGINHOST_QUEUE", "onboarding")
+
+host = PluginHost(app)
+flows = Workflows(host)
+
+# Each step sleeps a little (ONBOARDING_STEP_DELAY seconds, default 0.2) so that
+# a demo can toggle a step while runs are in flight.
+DELAY_S = float(os.environ.get("ONBOARDING_STEP_DELAY", "0.2"))
+
+meta = MetaData()
+accounts = Table(
+    "onboarding_accounts", meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("email", String(320), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+outbox = Table(
+    "onboarding_outbox", meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account_id", Integer, nullable=False),
+    Column("to_addr", String(320), nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("body", Text, nullable=False),
+)
+workspaces = Table(
+    "onboarding_workspaces", meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account_id", Integer, nullable=False),
+    Column("slug", String(128), nullable=False),
+    Column("plan", String(32), nullable=False),
+)
+crm_events = Table(
+    "onboarding_crm_events", meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account_id", Integer, nullable=False),
+    Column("event", String(64), nullable=False),
+    Column("payload", JSON, nullable=False),
+)
+followups = Table(
+    "onboarding_followups", meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account_id", Integer, nullable=False),
+    Column("due_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def _engine() -> Any:
+    engine = host.store.engine  # type: ignore[attr-defined]
+    meta.create_all(engine)
+    return engine
+
+
+class NewUser(BaseModel):
+    email: str = Field(pattern=r"^[^@\s]+@[^@\s]+$")
+    name: str = "friend"
+
+
+class EmailConfig(BaseModel):
+    sender: str = "welcome@example.com"
+    subject: str = "Welcome aboard"
+
+
+class WorkspaceConfig(BaseModel):
+    plan: str = "free"
+
+
+class FollowupConfig(BaseModel):
+    after_days: int = Field(default=3, ge=0, le=365)
+
+
+@host.capability("create_account", input_model=NewUser, sort=10,
+                 label_en="Create account", label_ar="إنشاء حساب")
+def create_account(user: NewUser) -> dict[str, Any]:
+    time.sleep(DELAY_S)
+    with _engine().begin() as conn:
+        account_id = conn.execute(
+            insert(accounts).values(email=user.email, name=user.name, created_at=datetime.now(timezone.utc))
+        ).inserted_primary_key[0]
+    return {"account_id": account_id, "email": user.email, "name": user.name}
+
+
+@host.capability("welcome_email", config_model=EmailConfig, sort=20,
+                 label_en="Welcome e-mail", label_ar="بريد الترحيب")
+def welcome_email(ctx_in: dict[str, Any], ctx: CapabilityContext) -> dict[str, Any]:
+    time.sleep(DELAY_S)
+    with _engine().begin() as conn:
+        conn.execute(insert(outbox).values(
+            account_id=ctx_in["account_id"], to_addr=ctx_in["email"], subject=ctx.config.subject,
+            body=f"Hello {ctx_in.get('name', 'friend')}, from {ctx.config.sender}",
+        ))
+    return {"welcome_sent": True}
+
+
+@host.capability("provision_workspace", config_model=WorkspaceConfig, sort=30,
+                 label_en="Provision workspace", label_ar="تجهيز مساحة العمل")
+def provision_workspace(ctx_in: dict[str, Any], ctx: CapabilityContext) -> dict[str, Any]:
+    time.sleep(DELAY_S)
+    slug = f"ws-{ctx_in['account_id']}"
+    with _engine().begin() as conn:
+        conn.execute(insert(workspaces).values(account_id=ctx_in["account_id"], slug=slug, plan=ctx.config.plan))
+    return {"workspace": slug, "plan": ctx.config.plan}
+
+
+@host.capability("notify_crm", sort=40, label_en="Notify CRM", label_ar="إبلاغ نظام العملاء")
+def notify_crm(ctx_in: dict[str, Any]) -> dict[str, Any]:
+    time.sleep(DELAY_S)
+    with _engine().begin() as conn:
+        conn.execute(insert(crm_events).values(
+            account_id=ctx_in["account_id"], event="signed_up",
+            payload={"email": ctx_in["email"], "workspace": ctx_in.get("workspace")},
+        ))
+    return {"crm_notified": True}
+
+
+@host.capability("schedule_followup", config_model=FollowupConfig, sort=50,
+                 label_en="Schedule follow-up", label_ar="جدولة المتابعة")
+def schedule_followup(ctx_in: dict[str, Any], ctx: CapabilityContext) -> dict[str, Any]:
+    time.sleep(DELAY_S)
+    due = datetime.now(timezone.utc) + timedelta(days=ctx.config.after_days)
+    with _engine().begin() as conn:
+        conn.execute(insert(followups).values(account_id=ctx_in["account_id"], due_at=due))
+    return {"followup_due": due.isoformat()}
+
+
+ONBOARDING = Workflow("onboarding", steps=[
+    Step("create_account", on_disabled="fail"),
+    Parallel(Step("welcome_email"), Step("provision_workspace")),
+    Step("notify_crm", on_disabled="skip", retries=2, retry_backoff=0.2),
+    Step("schedule_followup"),
+])
+
+host.register_capability("onboard", WorkflowCapability(host, "onboarding"),
+                         label_en="Onboard a user", label_ar="تهيئة مستخدم جديد", sort=0)
+
+
+def rows(table: Table) -> list[dict[str, Any]]:
+    """Every row of one of the example's tables (for demos and tests)."""
+    with _engine().connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(select(table))]
