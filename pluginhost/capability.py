@@ -98,7 +98,9 @@ def declare(
     def run(self: CapabilityTask, payload: Any = None) -> Any:
         return _execute_in_worker(host, cap, self, payload)
 
-    run.__name__ = getattr(fn, "__name__", slug)
+    name = getattr(fn, "__name__", "")
+    # Celery compiles a checker named after the function: it must be an identifier.
+    run.__name__ = name if name.isidentifier() else "capability_" + "".join(c if c.isalnum() else "_" for c in slug)
     run.__doc__ = getattr(fn, "__doc__", None)
     run.__module__ = getattr(fn, "__module__", __name__)
     options = {**DEFAULT_TASK_OPTIONS, **task_options}

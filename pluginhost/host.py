@@ -126,7 +126,8 @@ class PluginHost:
         Declaring touches neither the store nor the broker; the plugin row is
         created (if missing) on first store use or ``sync()``.
         """
-        plugin_slug = plugin or slug
+        check_slug(slug, "capability slug")
+        plugin_slug = check_slug(plugin or slug, "plugin slug")
         if slug in self._caps:
             raise InvalidPlugin(f"capability '{slug}' is already declared on this host")
         if config_model is not None:

@@ -8,8 +8,9 @@ Here a message is written under a temporary name that no consumer matches and th
 A consumer claims a message by renaming it inside the queue folder (stock kombu moves
 it to the system temp folder, which is a copy, not an atomic claim, when that folder
 is on another filesystem), and an exchange table file appears with its content
-instead of empty. Importing this module registers the transport as
-``pluginhost-fs://``; file names, ordering and options are kombu's.
+instead of empty. Declared bindings are remembered per control folder, not per
+process. Importing this module registers the transport as ``pluginhost-fs://``;
+file names, ordering and options are kombu's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import uuid
 from pathlib import Path
 from queue import Empty
 from time import monotonic
-from typing import Any
+from typing import Any, ClassVar
 
 from kombu.exceptions import ChannelError
 from kombu.transport import TRANSPORT_ALIASES, virtual
@@ -124,7 +125,16 @@ class FilesystemTransport(_kombu_fs.Transport):
     """kombu's filesystem transport with :class:`FilesystemChannel`."""
 
     Channel = FilesystemChannel
-    global_state = virtual.BrokerState()
+    _states: ClassVar[dict[str, virtual.BrokerState]] = {}
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        # kombu keeps one declared-bindings state per process and skips writing a
+        # binding it has seen, even into another control folder: a process that used
+        # one data folder would route messages to nowhere in the next. One state per
+        # control folder keeps the sharing without that.
+        control = os.path.abspath(client.transport_options.get("control_folder", "control"))
+        self.state = self._states.setdefault(control, virtual.BrokerState())
 
 
 TRANSPORT_ALIASES[ALIAS] = f"{__name__}:FilesystemTransport"
