@@ -65,6 +65,8 @@ def embedded_app(name: str, data_dir: str | os.PathLike[str]) -> Celery:
 def _use_wal(path: Path) -> None:
     # WAL lets readers (result polling, chord_unlock) run while a worker writes; the
     # mode is stored in the database file, so setting it once covers every process.
-    with sqlite3.connect(path, timeout=30) as db:
+    db = sqlite3.connect(path, timeout=30)
+    try:
         db.execute("PRAGMA journal_mode=WAL")
-    db.close()
+    finally:
+        db.close()

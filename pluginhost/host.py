@@ -30,14 +30,15 @@ class PluginHost:
     reach every worker.
 
     ``store`` is a Store or a URL; without one, ``app.conf.pluginhost_store`` is
-    used, else a SQLite file ``pluginhost.db`` in the working directory. Nothing
-    touches the store until it is first used.
+    read when the store is first needed (so config loaded after the host is
+    created counts), else a SQLite file ``pluginhost.db`` in the working
+    directory. Nothing touches the store until it is first used.
     """
 
     def __init__(self, app: Celery, store: str | Store | None = None) -> None:
         self.app = app
-        spec = store or app.conf.get("pluginhost_store") or f"sqlite:///{Path.cwd() / 'pluginhost.db'}"
-        self._store: Store = open_store(spec)
+        self._store_spec = store
+        self._opened: Store | None = None
         self._caps: dict[str, Capability] = {}
         self._config_models: dict[str, type[BaseModel]] = {}
         self._plugins: dict[str, Plugin] = {}
@@ -60,14 +61,21 @@ class PluginHost:
         """Swap the store (a Store or URL); the cache is reloaded on next use."""
         with self._lock:
             self._close_feed()
-            self._store = open_store(store)
+            self._store_spec = store
+            self._opened = None
             self._ready = False
             self._revision = -1
         return self
 
     @property
     def store(self) -> Store:
-        return self._store
+        """The Store this host reads and writes (opened on first use)."""
+        if self._opened is None:
+            with self._lock:
+                if self._opened is None:
+                    spec = self._store_spec or self.app.conf.get("pluginhost_store")
+                    self._opened = open_store(spec or f"sqlite:///{Path.cwd() / 'pluginhost.db'}")
+        return self._opened
 
     # -- capabilities ----------------------------------------------------------
 
@@ -148,7 +156,7 @@ class PluginHost:
         if config_model is not None:
             self._config_models[plugin_slug] = config_model
         if self._ready:
-            self._store.ensure([cap.record], actor="declare")
+            self.store.ensure([cap.record], actor="declare")
         return cap
 
     def capabilities(self) -> list[str]:
@@ -205,7 +213,7 @@ class PluginHost:
     def audit(self, slug: str | None = None, *, actor: str | None = None, limit: int = 100) -> list[AuditEntry]:
         """Admin changes, newest first."""
         self._ready_or_raise()
-        return self._store.audit(slug, actor=actor, limit=limit)
+        return self.store.audit(slug, actor=actor, limit=limit)
 
     @property
     def revision(self) -> int:
@@ -223,7 +231,7 @@ class PluginHost:
         """Insert or update a plugin record, then refresh everywhere."""
         record = Plugin.parse(plugin)
         record = record.model_copy(update={"config": self._validated_config(record.slug, record.config)})
-        return self._admin(lambda: self._store.upsert(record, actor=actor, expected_version=expected_version), wait, timeout)
+        return self._admin(lambda: self.store.upsert(record, actor=actor, expected_version=expected_version), wait, timeout)
 
     @overload
     def enable(self, slug: str, *, actor: str | None = ..., wait: Literal[False] = ..., timeout: float = ..., expected_version: int | None = ...) -> Plugin: ...
@@ -281,7 +289,7 @@ class PluginHost:
     def _update(self, slug: str, changes: dict[str, Any], action: str, actor: str | None, wait: bool, timeout: float, expected_version: int | None) -> Any:
         check_slug(slug)
         return self._admin(
-            lambda: self._store.update(slug, changes, action=action, actor=actor, expected_version=expected_version),
+            lambda: self.store.update(slug, changes, action=action, actor=actor, expected_version=expected_version),
             wait,
             timeout,
         )
@@ -324,16 +332,16 @@ class PluginHost:
         with self._lock:
             if self._ready:
                 return []
-            if isinstance(self._store, SQLAlchemyStore) and self.app.conf.get("pluginhost_auto_migrate", True):
-                self._store.migrate()
-            created = self._store.ensure([c.record for c in self._caps.values()], actor="sync")
+            if isinstance(self.store, SQLAlchemyStore) and self.app.conf.get("pluginhost_auto_migrate", True):
+                self.store.migrate()
+            created = self.store.ensure([c.record for c in self._caps.values()], actor="sync")
             self._reload()
             self._ready = True
             return created
 
     def _reload(self) -> None:
         with self._lock:
-            revision, plugins = self._store.load()
+            revision, plugins = self.store.load()
             self._plugins = {p.slug: p for p in plugins}
             self._revision = revision
 
@@ -353,7 +361,7 @@ class PluginHost:
     def fresh_from_store(self) -> None:
         """The strict check used before dispatch: the view equals the store's."""
         self._ready_or_raise()
-        store = self._store
+        store = self.store
         if isinstance(store, SQLAlchemyStore) and store.dialect == "postgresql":
             with self._lock:
                 if self._feed is None:

@@ -1,16 +1,14 @@
-"""A kombu filesystem transport that never shows a consumer a half-written file.
+"""A kombu filesystem transport that never hands a consumer a half-written message.
 
-kombu's ``filesystem://`` transport creates each message file in the queue folder
-and then writes it; a consumer polling the folder can move and read the file in
-between, fails with ``JSONDecodeError`` and the message is gone (kombu issue #1551).
-Here a message is written under a temporary name that no consumer matches and then
-``os.replace``-d into place, so a consumer sees either nothing or the whole message.
-A consumer claims a message by renaming it inside the queue folder (stock kombu moves
-it to the system temp folder, which is a copy, not an atomic claim, when that folder
-is on another filesystem), and an exchange table file appears with its content
-instead of empty. Declared bindings are remembered per control folder, not per
-process. Importing this module registers the transport as ``pluginhost-fs://``;
-file names, ordering and options are kombu's.
+kombu's ``filesystem://`` transport creates a message file in the queue folder and
+then writes it, so a polling consumer can take the file in between, fail with
+``JSONDecodeError`` and lose the message (kombu issue #1551). Here a message is
+written under a temporary name that no consumer matches and ``os.replace``-d into
+place; a consumer claims a file by renaming it within the queue folder (kombu moves
+it to the system temp folder: a copy, not a claim, across filesystems); an exchange
+table appears complete or not at all; and declared bindings are remembered per
+control folder rather than per process. Importing this module registers the
+transport as ``pluginhost-fs://``; file names, ordering and options are kombu's.
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ _TEMP_SUFFIX = ".tmp"
 
 def _message_name(queue: str) -> str:
     # kombu's scheme: "<monotonic ms>_<uuid4>.<queue>.msg", sorted by name to consume.
-    return f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+    return f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
 
 
 def _write_atomically(path: str, data: bytes) -> None:
@@ -62,15 +60,16 @@ def _write_atomically(path: str, data: bytes) -> None:
 class FilesystemChannel(_kombu_fs.Channel):
     """Filesystem channel with atomic puts, claims and exchange-table creation."""
 
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
-        """Put ``payload`` onto ``queue``; also the path of every fan-out put."""
+    # kombu's filesystem Channel already names the argument differently from its base
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """Put ``payload`` onto ``queue``; kombu's fan-out put calls this per queue."""
         filename = os.path.join(self.data_folder_out, _message_name(queue))
         try:
             _write_atomically(filename, str_to_bytes(dumps(payload)))
         except OSError as exc:
             raise ChannelError(f"Cannot add file {filename!r} to directory") from exc
 
-    def _get(self, queue: str) -> Any:
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
         """Take the oldest message of ``queue``; only one consumer can win a file."""
         queue_find = f"{queue}.msg"
         folder = self.data_folder_in
@@ -94,9 +93,7 @@ class FilesystemChannel(_kombu_fs.Channel):
             return loads(bytes_to_str(payload))
         raise Empty()
 
-    def _queue_bind(
-        self, exchange: str, routing_key: str, pattern: str, queue: str
-    ) -> None:
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         # kombu creates a missing table with open("wb") and writes it afterwards: a
         # concurrent reader can parse the empty file, and two processes binding at
         # once truncate each other's entry. Creating it with "[]" by a hard link makes
@@ -135,6 +132,12 @@ class FilesystemTransport(_kombu_fs.Transport):
         # control folder keeps the sharing without that.
         control = os.path.abspath(client.transport_options.get("control_folder", "control"))
         self.state = self._states.setdefault(control, virtual.BrokerState())
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        # a folder has no host: kombu's "localhost" default only logs a warning per
+        # connection ("No hostname was supplied")
+        return {"port": self.default_port}
 
 
 TRANSPORT_ALIASES[ALIAS] = f"{__name__}:FilesystemTransport"

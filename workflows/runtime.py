@@ -11,6 +11,7 @@ from celery.exceptions import Ignore, Retry
 
 from pluginhost import CapabilityDisabled, InvalidInput, PluginHost
 
+from .errors import InvalidWorkflow
 from .store import DONE, WorkflowStore
 
 log = logging.getLogger("workflows")
@@ -29,9 +30,10 @@ _RUNTIMES: weakref.WeakKeyDictionary[Celery, Runtime] = weakref.WeakKeyDictionar
 class Runtime:
     """The workflow tasks of one app, and the store they record into."""
 
-    def __init__(self, host: PluginHost, store: WorkflowStore) -> None:
+    def __init__(self, host: PluginHost) -> None:
         self.host = host
-        self.store = store
+        self._store: WorkflowStore | None = None
+        self._store_of: Any = None
         app = host.app
 
         @app.task(name=STEP_TASK, bind=True, **TASK_OPTIONS)
@@ -53,11 +55,25 @@ class Runtime:
         self.step_task, self.merge_task, self.finish_task = step, merge, finish
 
     @classmethod
-    def for_host(cls, host: PluginHost, store: WorkflowStore) -> Runtime:
+    def for_host(cls, host: PluginHost) -> Runtime:
+        """The runtime of ``host``'s app (its tasks are registered once per app)."""
         rt = _RUNTIMES.get(host.app)
         if rt is None:
-            rt = _RUNTIMES[host.app] = cls(host, store)
+            rt = _RUNTIMES[host.app] = cls(host)
         return rt
+
+    @property
+    def store(self) -> WorkflowStore:
+        """The workflow tables, in the database of the host's current store."""
+        current = self.host.store
+        if self._store is None or self._store_of is not current:
+            engine = getattr(current, "engine", None)
+            if engine is None:
+                raise InvalidWorkflow(
+                    f"workflows need a SQL store (SQLite or PostgreSQL), not {type(current).__name__}"
+                )
+            self._store, self._store_of = WorkflowStore(engine), current
+        return self._store
 
     # -- tasks -----------------------------------------------------------------
 

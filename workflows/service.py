@@ -8,7 +8,7 @@ from typing import Any
 from celery.result import AsyncResult
 from pydantic import BaseModel
 
-from pluginhost import InvalidInput, PluginHost, SQLAlchemyStore
+from pluginhost import InvalidInput, PluginHost
 from pluginhost.model import check_json_object
 
 from .compile import build, layout
@@ -34,14 +34,14 @@ class Workflows:
     workers register the workflow tasks."""
 
     def __init__(self, host: PluginHost) -> None:
-        if not isinstance(host.store, SQLAlchemyStore):
-            raise InvalidWorkflow(
-                f"workflows need a SQL store (SQLite or PostgreSQL), not {type(host.store).__name__}"
-            )
         self.host = host
-        self.store = WorkflowStore(host.store.engine)
-        self.runtime = Runtime.for_host(host, self.store)
-        self._migrated = False
+        self.runtime = Runtime.for_host(host)
+        self._migrated_for: Any = None
+
+    @property
+    def store(self) -> WorkflowStore:
+        """The workflow tables (in the host store's database)."""
+        return self.runtime.store
 
     # -- definitions -----------------------------------------------------------
 
@@ -159,7 +159,8 @@ class Workflows:
         return found[0], Workflow.model_validate(found[1])
 
     def _ready(self) -> None:
-        if not self._migrated:
+        store = self.store
+        if self._migrated_for is not store:
             self.host.sync()
-            self.store.migrate()
-            self._migrated = True
+            store.migrate()
+            self._migrated_for = store

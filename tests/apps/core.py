@@ -1,0 +1,157 @@
+"""The app the integration tests' workers load: pluginhost capabilities and a
+workflow, configured from ``PH_CONF`` (see tests/harness.py).
+
+Every capability run that reaches its function records one row in
+``test_executions`` (in the store database), so tests count executions in the
+store rather than trusting results.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+from celery import Celery
+from pydantic import BaseModel
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, func, insert, select
+
+from pluginhost import CapabilityContext, PluginHost
+from tests.harness import conf_from_env
+from workflows import Parallel, Step, Workflow, WorkflowCapability, Workflows
+
+app = Celery("core")
+app.conf.update(conf_from_env())
+host = PluginHost(app)
+flows = Workflows(host)
+
+meta = MetaData()
+executions = Table(
+    "test_executions",
+    meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("slug", String(64), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("host", String(200), nullable=False),
+    Column("tag", String(200), nullable=True),
+    Column("at", Float, nullable=False),
+)
+_tables_ready: set[int] = set()
+
+
+def _engine() -> Any:
+    engine = host.store.engine  # type: ignore[attr-defined]
+    if id(engine) not in _tables_ready:
+        meta.create_all(engine)
+        _tables_ready.add(id(engine))
+    return engine
+
+
+def record(slug: str, tag: Any = None) -> None:
+    with _engine().begin() as conn:
+        conn.execute(insert(executions).values(
+            slug=slug, pid=os.getpid(), host=socket.gethostname(), tag=None if tag is None else str(tag), at=time.time()
+        ))
+
+
+def executions_of(slug: str, tag: Any = None) -> int:
+    with _engine().connect() as conn:
+        q = select(func.count()).select_from(executions).where(executions.c.slug == slug)
+        if tag is not None:
+            q = q.where(executions.c.tag == str(tag))
+        return int(conn.execute(q).scalar_one())
+
+
+def execution_rows(slug: str) -> list[dict[str, Any]]:
+    with _engine().connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(select(executions).where(executions.c.slug == slug))]
+
+
+class Settings(BaseModel):
+    colour: str = "blue"
+    level: int = 1
+
+
+class Named(BaseModel):
+    name: str
+
+
+@host.capability("work", config_model=Settings, label_en="Work", label_ar="عمل")
+def work(payload: dict[str, Any], ctx: CapabilityContext) -> dict[str, Any]:
+    record("work", payload.get("tag"))  # at the start: "a run started" is what tests count
+    time.sleep(float(payload.get("sleep", 0)))
+    return {"pid": os.getpid(), "config": ctx.config.model_dump(), "plugin_version": ctx.plugin.version}
+
+
+@host.capability("named", input_model=Named)
+def named(payload: Named) -> str:
+    record("named")
+    return f"hello {payload.name}"
+
+
+@host.capability("skipper", on_disabled="skip")
+def skipper(payload: dict[str, Any]) -> str:
+    record("skipper", payload.get("tag"))
+    return "ran"
+
+
+@host.capability("deferrer", on_disabled="defer")
+def deferrer(payload: dict[str, Any]) -> str:
+    record("deferrer", payload.get("tag"))
+    return "ran"
+
+
+@host.capability("failing", autoretry_for=(RuntimeError,), max_retries=2, default_retry_delay=0.05)
+def failing(payload: dict[str, Any]) -> str:
+    record("failing", payload.get("tag"))
+    raise RuntimeError("always fails")
+
+
+# -- workflow steps -------------------------------------------------------------
+
+
+@host.capability("step_a", label_en="Step A", label_ar="الخطوة أ")
+def step_a(ctx: dict[str, Any]) -> dict[str, Any]:
+    record("step_a", ctx.get("tag"))
+    return {"a": 1, "order": [*ctx.get("order", []), "a"]}
+
+
+@host.capability("step_b")
+def step_b(ctx: dict[str, Any]) -> dict[str, Any]:
+    time.sleep(float(ctx.get("b_sleep", 0)))
+    record("step_b", ctx.get("tag"))
+    return {"b": 2, "shared": "b"}
+
+
+@host.capability("step_c")
+def step_c(ctx: dict[str, Any]) -> dict[str, Any]:
+    record("step_c", ctx.get("tag"))
+    return {"c": 3, "shared": "c"}
+
+
+@host.capability("step_d")
+def step_d(ctx: dict[str, Any]) -> dict[str, Any]:
+    time.sleep(float(ctx.get("d_sleep", 0)))
+    record("step_d", ctx.get("tag"))
+    if ctx.get("d_fail_until", 0) > executions_of("step_d", ctx.get("tag")) - 1:
+        raise ValueError("step_d is not ready yet")
+    return {"d": 4, "order": [*ctx.get("order", []), "d"]}
+
+
+@host.capability("step_e", config_model=Settings)
+def step_e(ctx: dict[str, Any], cfg: CapabilityContext) -> dict[str, Any]:
+    record("step_e", ctx.get("tag"))
+    if ctx.get("e_fail") and cfg.config.level < 2:
+        raise RuntimeError("step_e needs level 2")
+    return {"e": cfg.config.level}
+
+
+FLOW = Workflow("flow", steps=[
+    Step("step_a"),
+    Parallel(Step("step_b"), Step("step_c")),
+    Step("step_d", retries=1, retry_backoff=0.05),
+    Step("step_e"),
+])
+
+host.register_capability("run_flow", WorkflowCapability(host, "flow"))
