@@ -18,6 +18,7 @@ import click
 from celery import Celery
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .errors import PluginHostError
 from .host import PluginHost
@@ -54,7 +55,28 @@ def load_host(spec: str | None) -> PluginHost:
 
 
 class HostGroup(click.Group):
-    """A group that turns PluginHostError and usage errors into one stderr line."""
+    """A group that turns PluginHostError and usage errors into one stderr line,
+    and adds the commands of installed extensions (``pluginhost.commands``)."""
+
+    _extensions_loaded = False
+
+    def _load_extensions(self) -> None:
+        if self._extensions_loaded:
+            return
+        self._extensions_loaded = True
+        for ep in entry_points(group="pluginhost.commands"):
+            try:
+                self.add_command(ep.load(), ep.name)
+            except Exception as exc:  # one broken extension must not break the others
+                click.echo(f"warning: pluginhost extension {ep.name!r} did not load: {exc}", err=True)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load_extensions()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_extensions()
+        return super().list_commands(ctx)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs["standalone_mode"] = False
@@ -99,15 +121,20 @@ def console() -> Console:
     return Console(soft_wrap=True, width=200 if not sys.stdout.isatty() else None)
 
 
+def row(*cells: Any) -> list[Text]:
+    """Table cells as plain text: labels and config are data, never rich markup."""
+    return [Text(str(c)) for c in cells]
+
+
 def _plugins_table(plugins: list[Any], title: str | None = None) -> None:
     table = Table(title=title)
     for col in ("slug", "kind", "enabled", "sort", "label_en", "label_ar", "version", "config"):
         table.add_column(col)
     for p in plugins:
-        table.add_row(
+        table.add_row(*row(
             p.slug, str(p.kind), "yes" if p.enabled else "no", str(p.sort), p.label_en, p.label_ar,
             str(p.version), json.dumps(mask_secrets(p.config), ensure_ascii=False),
-        )
+        ))
     console().print(table)
 
 
@@ -264,7 +291,7 @@ def _commands(group: click.Group) -> None:
             table.add_column(col)
         for slug in host.capabilities():
             cap = host._capability(slug)
-            table.add_row(slug, cap.task_name, cap.plugin, "yes" if host.is_enabled(cap.plugin) else "no", cap.on_disabled)
+            table.add_row(*row(slug, cap.task_name, cap.plugin, "yes" if host.is_enabled(cap.plugin) else "no", cap.on_disabled))
         console().print(table)
 
     @group.command()
@@ -307,7 +334,7 @@ def _commands(group: click.Group) -> None:
         found = host.workers(timeout=timeout)
         for name, info in sorted(found.items()):
             rev = info.get("revision")
-            table.add_row(name, str(rev), "yes" if rev == current else "NO", str(info.get("pool")), str(len(info.get("processes") or []) or 1))
+            table.add_row(*row(name, str(rev), "yes" if rev == current else "NO", str(info.get("pool")), str(len(info.get("processes") or []) or 1)))
         console().print(table)
         click.echo(f"{len(found)} worker(s); store revision {current}")
 
@@ -328,7 +355,7 @@ def _commands(group: click.Group) -> None:
         for col in ("at", "actor", "slug", "action", "change"):
             table.add_column(col)
         for e in rows:
-            table.add_row(e.at.strftime("%Y-%m-%d %H:%M:%S"), e.actor or "-", e.slug, e.action, e.summary())
+            table.add_row(*row(e.at.strftime("%Y-%m-%d %H:%M:%S"), e.actor or "-", e.slug, e.action, e.summary()))
         console().print(table)
 
     @group.command()
@@ -351,16 +378,9 @@ def _commands(group: click.Group) -> None:
         if migrate is None:
             raise CLIError(f"{type(host.store).__name__} has no schema to migrate")
         migrate()
-        for hook in _extensions("pluginhost.migrations"):
-            hook(host)
+        for ep in entry_points(group="pluginhost.migrations"):
+            ep.load()(host)
         click.echo("schema is up to date")
-
-    for command in _extensions("pluginhost.commands"):
-        group.add_command(command)
-
-
-def _extensions(group: str) -> list[Any]:
-    return [ep.load() for ep in entry_points(group=group)]
 
 
 @click.group(cls=HostGroup)
@@ -391,4 +411,4 @@ def celery_command(ctx: click.Context) -> None:
 
 
 _commands(main)
-celery_command.commands = main.commands
+celery_command.commands = dict(main.commands)

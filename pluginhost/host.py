@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 import threading
 from collections.abc import Callable
@@ -13,8 +14,21 @@ from pydantic import BaseModel, ValidationError
 
 from . import control
 from .capability import Capability, CapabilityContext, declare, dispatch, execute_inline
-from .errors import CapabilityNotFound, InvalidConfig, InvalidPlugin, PluginNotFound, StoreUnavailable
-from .model import AuditEntry, Kind, Plugin, check_json_object, check_slug, describe_validation_error
+from .errors import (
+    CapabilityNotFound,
+    InvalidConfig,
+    InvalidPlugin,
+    PluginNotFound,
+    StoreUnavailable,
+)
+from .model import (
+    AuditEntry,
+    Kind,
+    Plugin,
+    check_json_object,
+    check_slug,
+    describe_validation_error,
+)
 from .store import SQLAlchemyStore, Store, open_store
 
 if TYPE_CHECKING:
@@ -193,7 +207,7 @@ class PluginHost:
         self._fresh()
         return [p.model_copy() for p in sorted(self._plugins.values(), key=_order)]
 
-    def nav(self, kind: Kind | str | None = None) -> list[Plugin]:
+    def nav(self, kind: Kind | str | None = None) -> builtins.list[Plugin]:
         """Enabled plugins (of ``kind`` if given), ordered by (sort, slug)."""
         want = Kind(kind) if kind is not None else None
         return [p for p in self.list() if p.enabled and (want is None or p.kind == want)]
@@ -210,7 +224,7 @@ class PluginHost:
         found = self._plugins.get(slug)
         return found.config.get(key, default) if found else default
 
-    def audit(self, slug: str | None = None, *, actor: str | None = None, limit: int = 100) -> list[AuditEntry]:
+    def audit(self, slug: str | None = None, *, actor: str | None = None, limit: int = 100) -> builtins.list[AuditEntry]:
         """Admin changes, newest first."""
         self._ready_or_raise()
         return self.store.audit(slug, actor=actor, limit=limit)
@@ -226,8 +240,10 @@ class PluginHost:
     @overload
     def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = ..., wait: Literal[False] = ..., timeout: float = ..., expected_version: int | None = ...) -> Plugin: ...
     @overload
-    def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = ..., wait: Literal[True], timeout: float = ..., expected_version: int | None = ...) -> list[str]: ...
-    def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Plugin | list[str]:
+    def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = ..., wait: Literal[True], timeout: float = ..., expected_version: int | None = ...) -> builtins.list[str]: ...
+    @overload
+    def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = ..., wait: bool, timeout: float = ..., expected_version: int | None = ...) -> Plugin | builtins.list[str]: ...
+    def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Plugin | builtins.list[str]:
         """Insert or update a plugin record, then refresh everywhere."""
         record = Plugin.parse(plugin)
         record = record.model_copy(update={"config": self._validated_config(record.slug, record.config)})
@@ -236,16 +252,20 @@ class PluginHost:
     @overload
     def enable(self, slug: str, *, actor: str | None = ..., wait: Literal[False] = ..., timeout: float = ..., expected_version: int | None = ...) -> Plugin: ...
     @overload
-    def enable(self, slug: str, *, actor: str | None = ..., wait: Literal[True], timeout: float = ..., expected_version: int | None = ...) -> list[str]: ...
-    def enable(self, slug: str, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Plugin | list[str]:
+    def enable(self, slug: str, *, actor: str | None = ..., wait: Literal[True], timeout: float = ..., expected_version: int | None = ...) -> builtins.list[str]: ...
+    @overload
+    def enable(self, slug: str, *, actor: str | None = ..., wait: bool, timeout: float = ..., expected_version: int | None = ...) -> Plugin | builtins.list[str]: ...
+    def enable(self, slug: str, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Plugin | builtins.list[str]:
         """Enable a plugin: persisted, audited, applied here and broadcast to workers."""
         return self._update(slug, {"enabled": True}, "enable", actor, wait, timeout, expected_version)
 
     @overload
     def disable(self, slug: str, *, actor: str | None = ..., wait: Literal[False] = ..., timeout: float = ..., expected_version: int | None = ...) -> Plugin: ...
     @overload
-    def disable(self, slug: str, *, actor: str | None = ..., wait: Literal[True], timeout: float = ..., expected_version: int | None = ...) -> list[str]: ...
-    def disable(self, slug: str, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Plugin | list[str]:
+    def disable(self, slug: str, *, actor: str | None = ..., wait: Literal[True], timeout: float = ..., expected_version: int | None = ...) -> builtins.list[str]: ...
+    @overload
+    def disable(self, slug: str, *, actor: str | None = ..., wait: bool, timeout: float = ..., expected_version: int | None = ...) -> Plugin | builtins.list[str]: ...
+    def disable(self, slug: str, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Plugin | builtins.list[str]:
         """Disable a plugin: persisted, audited, applied here and broadcast to workers."""
         return self._update(slug, {"enabled": False}, "disable", actor, wait, timeout, expected_version)
 
@@ -260,14 +280,14 @@ class PluginHost:
             raise InvalidPlugin(f"plugin '{slug}': sort must be an integer, got {sort!r}")
         return self._update(slug, {"sort": sort}, "sort", actor, wait, timeout, expected_version)
 
-    def refresh(self, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0) -> list[str] | None:
+    def refresh(self, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0) -> builtins.list[str] | None:
         """Re-read the store here and tell every worker to do the same."""
         self._ready_or_raise()
         self._reload()
         acks = control.broadcast_refresh(self.app, self._revision, wait=wait, timeout=timeout)
         return acks if wait else None
 
-    def sync(self) -> list[Plugin]:
+    def sync(self) -> builtins.list[Plugin]:
         """Migrate the schema if allowed and create missing rows for declared capabilities."""
         with self._lock:
             self._ready = False
@@ -294,7 +314,7 @@ class PluginHost:
             timeout,
         )
 
-    def _admin(self, write: Callable[[], tuple[Plugin, int]], wait: bool, timeout: float) -> Plugin | list[str]:
+    def _admin(self, write: Callable[[], tuple[Plugin, int]], wait: bool, timeout: float) -> Plugin | builtins.list[str]:
         self._ready_or_raise()
         plugin, revision = write()
         with self._lock:
@@ -326,7 +346,7 @@ class PluginHost:
         except ValidationError as exc:
             raise InvalidConfig(describe_validation_error(exc, owner=f"plugin '{plugin.slug}'")) from None
 
-    def _ready_or_raise(self) -> list[Plugin]:
+    def _ready_or_raise(self) -> builtins.list[Plugin]:
         if self._ready:
             return []
         with self._lock:

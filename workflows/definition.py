@@ -5,7 +5,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InvalidWorkflow
 
@@ -69,7 +78,17 @@ class Parallel(BaseModel):
         _construct(super().__init__, data, "parallel step")
 
 
-Stage = Annotated[Step | Parallel, Field(discriminator="type")]
+def _stage_type(value: Any) -> str:
+    # Hand-written JSON may leave "type" out: a stage with "steps" is parallel.
+    if isinstance(value, dict):
+        return str(value.get("type") or ("parallel" if "steps" in value else "step"))
+    return str(getattr(value, "type", "step"))
+
+
+Stage = Annotated[
+    Annotated[Step, Tag("step")] | Annotated[Parallel, Tag("parallel")],
+    Discriminator(_stage_type),
+]
 
 
 class Workflow(BaseModel):

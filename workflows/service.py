@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from typing import Any
 
@@ -75,7 +76,7 @@ class Workflows:
         self._ready()
         return [Workflow.model_validate(d) for _, d in self.store.latest_definitions()]
 
-    def plan(self, name: str) -> list[PlannedStep]:
+    def plan(self, name: str) -> builtins.list[PlannedStep]:
         """A dry run: what each step would do under the current toggles."""
         wf = self._definition(name)[1]
         planned = []
@@ -109,7 +110,7 @@ class Workflows:
         self._ready()
         return self.store.get_run(run_id)
 
-    def runs(self, name: str | None = None, status: str | None = None, limit: int = 50) -> list[WorkflowRun]:
+    def runs(self, name: str | None = None, status: str | None = None, limit: int = 50) -> builtins.list[WorkflowRun]:
         """Runs, newest first (without their steps)."""
         if status is not None and status not in RUN_STATES:
             raise InvalidInput(f"unknown run status {status!r}: expected one of {', '.join(RUN_STATES)}")
@@ -134,7 +135,7 @@ class Workflows:
         canvas = build(self.runtime, wf, run_id, context, from_stage=from_stage, done=done)
         return canvas.apply_async()
 
-    def sweep(self, older_than_s: float = 3600.0) -> list[str]:
+    def sweep(self, older_than_s: float = 3600.0) -> builtins.list[str]:
         """Fail runs whose step has been ``running`` longer than ``older_than_s``
         (its worker died and the message is gone); returns their ids, now resumable."""
         self._ready()

@@ -23,7 +23,18 @@ from typing import Any
 
 from celery import Celery
 from pydantic import BaseModel, Field
-from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table, Text, insert, select
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+)
 
 from pluginhost import CapabilityContext, PluginHost
 from pluginhost.embedded import embedded_conf

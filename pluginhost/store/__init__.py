@@ -8,7 +8,7 @@ from .migrate import migrate
 from .sql import SQLAlchemyStore
 
 
-def open_store(url_or_store: "str | Store") -> Store:
+def open_store(url_or_store: str | Store) -> Store:
     """A Store from a URL (``memory://`` or any SQLAlchemy URL), or the store itself."""
     if not isinstance(url_or_store, str):
         return url_or_store

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import fcntl
 from pathlib import Path
+from typing import IO
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 
 
@@ -40,8 +41,8 @@ class _lock:
     def __init__(self, engine: Engine, name: str) -> None:
         self.engine = engine
         self.name = name
-        self.conn = None
-        self.fh = None
+        self.conn: Connection | None = None
+        self.fh: IO[str] | None = None
 
     def __enter__(self) -> None:
         if self.engine.dialect.name == "postgresql":
