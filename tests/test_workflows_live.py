@@ -1,0 +1,187 @@
+"""Workflows on real workers: chain and chord with context merging, live step
+toggles (G4), retry, failure and resume, definition edits, WorkflowCapability."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from pluginhost import CapabilityDisabled, InvalidInput
+from workflows import InvalidRunState, InvalidWorkflow, Parallel, Step, Workflow, WorkflowNotFound
+
+
+@pytest.fixture
+def core(app_conf: dict[str, Any], configure_app: Any) -> Iterator[ModuleType]:
+    from tests.apps import core as module
+
+    configure_app(module.app)
+    module.host.with_store(app_conf["pluginhost_store"])
+    module.host.sync()
+    module.flows.define(module.FLOW)
+    yield module
+    module.host.store.close()
+
+
+def statuses(flows: Any, run_id: str) -> dict[str, str]:
+    run = flows.run(run_id)
+    return {s.slug: s.status for s in run.steps}
+
+
+def wait_for(flows: Any, run_id: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = flows.run(run_id)
+        if run.status in ("succeeded", "failed"):
+            return run
+        time.sleep(0.05)
+    raise AssertionError(f"run {run_id} did not finish: {flows.run(run_id)}")
+
+
+def test_chain_and_chord_merge_the_context_in_declaration_order(core: ModuleType, workers: Any) -> None:
+    workers("tests.apps.core", pool="prefork")
+    res = core.flows.start("flow", {"tag": "merge", "order": []})
+    out = res.get(timeout=60)
+    assert out["a"] == 1 and out["b"] == 2 and out["c"] == 3 and out["d"] == 4 and out["e"] == 1
+    assert out["shared"] == "c"  # parallel outputs merge in declaration order: c after b
+    assert out["order"] == ["a", "d"] and out["tag"] == "merge"
+    run = core.flows.run(res.id)
+    assert run.status == "succeeded" and run.output == out
+    assert [(s.slug, s.status, s.attempts) for s in run.steps] == [
+        ("step_a", "succeeded", 1), ("step_b", "succeeded", 1), ("step_c", "succeeded", 1),
+        ("step_d", "succeeded", 1), ("step_e", "succeeded", 1),
+    ]
+    assert all(s.started_at and s.finished_at and s.plugin_version == 1 for s in run.steps)
+
+
+def test_workflow_capability_runs_through_run_capability(core: ModuleType, workers: Any) -> None:
+    workers("tests.apps.core", pool="prefork")
+    res = core.host.run_capability("run_flow", {"tag": "cap"})
+    out = res.get(timeout=60)
+    assert out["e"] == 1
+    run = core.flows.run(res.id)  # the result id is the run id
+    assert run is not None and run.name == "flow" and run.status == "succeeded"
+    core.host.disable("run_flow")
+    with pytest.raises(CapabilityDisabled):
+        core.host.run_capability("run_flow", {})
+
+
+def test_disabling_a_middle_step_while_runs_are_in_flight(core: ModuleType, workers: Any) -> None:
+    workers("tests.apps.core", pool="prefork", concurrency=2)
+    flows, host = core.flows, core.host
+    # runs that will still be before step_d when it is disabled (step_b sleeps)
+    slow = [flows.start("flow", {"tag": f"slow{i}", "b_sleep": 1.5}).id for i in range(2)]
+    time.sleep(0.5)
+    host.disable("step_d", wait=True)
+    fresh = flows.start("flow", {"tag": "fresh"}).id
+    done = [wait_for(flows, i) for i in slow + [fresh]]
+    assert all(r.status == "succeeded" for r in done)
+    for run_id in slow + [fresh]:
+        st = statuses(flows, run_id)
+        assert st["step_d"] == "skipped" and st["step_e"] == "succeeded"
+        assert "d" not in flows.run(run_id).output  # the context passed through unchanged
+    assert core.executions_of("step_d", "fresh") == 0
+    # a run already past the step is unaffected by the toggle
+    host.enable("step_d", wait=True)
+    past = flows.start("flow", {"tag": "past"})
+    past.get(timeout=60)
+    host.disable("step_d", wait=True)
+    assert statuses(flows, past.id)["step_d"] == "succeeded"
+
+
+def test_fail_policy_fails_the_run_and_cancels_later_steps(core: ModuleType, workers: Any) -> None:
+    workers("tests.apps.core", pool="prefork")
+    flows, host = core.flows, core.host
+    flows.define(Workflow("strict", steps=[Step("step_a"), Step("step_d", on_disabled="fail"), Step("step_e")]))
+    host.disable("step_d", wait=True)
+    res = flows.start("strict", {"tag": "strict"})
+    with pytest.raises(CapabilityDisabled, match="step 'step_d'"):
+        res.get(timeout=60)
+    run = wait_for(flows, res.id)
+    assert run.status == "failed" and "plugin 'step_d' is disabled" in run.error
+    assert statuses(flows, res.id) == {"step_a": "succeeded", "step_d": "failed", "step_e": "cancelled"}
+    assert core.executions_of("step_e", "strict") == 0
+
+
+def test_retry_then_failure_then_resume(core: ModuleType, workers: Any) -> None:
+    workers("tests.apps.core", pool="prefork")
+    flows, host = core.flows, core.host
+    # step_d fails twice (retries=1 allows two attempts): the run fails
+    res = flows.start("flow", {"tag": "resume", "d_fail_until": 2})
+    with pytest.raises(ValueError, match="not ready"):
+        res.get(timeout=60)
+    run = wait_for(flows, res.id)
+    st = {s.slug: (s.status, s.attempts) for s in run.steps}
+    assert st["step_d"] == ("failed", 2) and st["step_e"] == ("cancelled", 0)
+    assert run.status == "failed" and "ValueError: step_d is not ready yet" in run.error
+    # the third attempt succeeds: resume continues from step_d with the saved context
+    out = flows.resume(res.id).get(timeout=60)
+    assert out["d"] == 4 and out["a"] == 1 and out["shared"] == "c"
+    run = flows.run(res.id)
+    assert run.status == "succeeded"
+    assert [s.status for s in run.steps] == ["succeeded"] * 5
+    assert core.executions_of("step_a", "resume") == 1  # finished steps did not run again
+    assert core.executions_of("step_d", "resume") == 3
+
+
+def test_resume_rejects_unknown_and_unfinished_runs(core: ModuleType) -> None:
+    with pytest.raises(WorkflowNotFound):
+        core.flows.resume("no-such-run")
+    run_id, _canvas = core.flows.prepare("flow", {})  # recorded, never sent
+    with pytest.raises(InvalidRunState, match="pending"):
+        core.flows.resume(run_id)
+
+
+def test_a_definition_edit_applies_to_new_runs_only(core: ModuleType, workers: Any) -> None:
+    workers("tests.apps.core", pool="prefork", concurrency=2)
+    flows = core.flows
+    old = flows.start("flow", {"tag": "v1", "b_sleep": 1.0})
+    time.sleep(0.3)
+    v2 = flows.define(Workflow("flow", steps=[Step("step_a"), Step("step_e")]))
+    assert v2 == 2 and flows.version("flow") == 2
+    new = flows.start("flow", {"tag": "v2"})
+    assert set(new.get(timeout=60)) >= {"a", "e"}
+    assert "d" in old.get(timeout=60)  # the running run finished on version 1
+    assert flows.run(old.id).version == 1 and flows.run(new.id).version == 2
+    assert [s.slug for s in flows.run(new.id).steps] == ["step_a", "step_e"]
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+@pytest.mark.parametrize(
+    "definition, fragment",
+    [
+        ({"name": "x", "steps": []}, "at least 1"),
+        ({"name": "Bad Name", "steps": [{"slug": "step_a"}]}, "workflow name"),
+        ({"name": "x", "steps": [{"slug": "step_a"}, {"slug": "step_a"}]}, "more than once"),
+        ({"name": "x", "steps": [{"slug": "nope"}]}, "not a declared capability"),
+        ({"name": "x", "steps": [{"steps": []}]}, "at least 1"),
+        ({"name": "x", "steps": [{"slug": "step_a", "retries": -1}]}, "greater than or equal"),
+        ("{not json", "Invalid JSON"),
+        ({"name": "x", "steps": [{"slug": "step_a", "surprise": 1}]}, "Extra inputs"),
+    ],
+)
+def test_bad_definitions_are_rejected_and_nothing_is_stored(core: ModuleType, definition: Any, fragment: str) -> None:
+    before = [(w.name, core.flows.version(w.name)) for w in core.flows.list()]
+    with pytest.raises(InvalidWorkflow, match=fragment):
+        core.flows.define(definition)
+    assert [(w.name, core.flows.version(w.name)) for w in core.flows.list()] == before
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_start_rejects_unknown_workflows_and_bad_input(core: ModuleType) -> None:
+    with pytest.raises(WorkflowNotFound):
+        core.flows.start("ghost", {})
+    with pytest.raises(InvalidInput):
+        core.flows.start("flow", [1, 2])  # type: ignore[arg-type]
+    assert core.flows.runs() == []
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_plan_is_a_dry_run_under_current_toggles(core: ModuleType) -> None:
+    core.flows.define(Workflow("planned", steps=[Step("step_a"), Parallel(Step("step_b"), Step("step_c", on_disabled="fail"))]))
+    core.host.disable("step_c")
+    plan = {p.slug: p.outcome for p in core.flows.plan("planned")}
+    assert plan == {"step_a": "run", "step_b": "run", "step_c": "fail"}
