@@ -41,10 +41,11 @@ from pluginhost import CapabilityDisabled  # noqa: E402
 
 console = Console()
 failures: list[str] = []
+STARTED = time.monotonic()
 
 
 def say(step: str, text: str) -> None:
-    console.print(f"[bold cyan]{step}[/] {text}")
+    console.print(f"[dim]{time.monotonic() - STARTED:6.2f}s[/] [bold cyan]{step}[/] {text}")
 
 
 def expect(ok: bool, what: str) -> None:
@@ -72,8 +73,9 @@ def start_worker() -> subprocess.Popen[bytes]:
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    # Nothing is running any more: a cold shutdown (SIGQUIT) is immediate.
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGQUIT)
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
