@@ -6,10 +6,6 @@ import fcntl
 from pathlib import Path
 from typing import IO
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 
@@ -20,6 +16,12 @@ def migrate(engine: Engine, script_location: Path, version_table: str) -> None:
     Cheap when already current (one read). Concurrent callers (several workers
     starting at once) serialise on a PostgreSQL advisory lock or a lock file.
     """
+    # Imported here: alembic costs ~0.5 s to import, and most processes
+    # (workers, CLI calls) find the schema current and never need it.
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
     cfg = Config()
     cfg.set_main_option("script_location", str(script_location))
     head = ScriptDirectory.from_config(cfg).get_current_head()
@@ -32,6 +34,8 @@ def migrate(engine: Engine, script_location: Path, version_table: str) -> None:
 
 
 def _current(engine: Engine, version_table: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"version_table": version_table})
         return ctx.get_current_revision()
