@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from pydantic import BaseModel, ValidationError
 
+from . import metrics
 from .errors import CapabilityDisabled, InvalidInput, InvalidPlugin
 from .model import Plugin, check_json_object, check_slug, describe_validation_error
 
@@ -115,8 +116,14 @@ def dispatch(host: PluginHost, cap: Capability, input: Any, options: dict[str, A
     """The producer side: validate, check the store, then enqueue (G1, G5)."""
     payload = check_input(cap, input)
     host.fresh_from_store()
-    _refuse_if_disabled(host, cap)
-    return cap.task.apply_async(args=(payload,), **options)
+    try:
+        _refuse_if_disabled(host, cap)
+    except CapabilityDisabled:
+        metrics.refused(cap.slug, "dispatch")
+        raise
+    result = cap.task.apply_async(args=(payload,), **options)
+    metrics.dispatched(cap.slug)
+    return result
 
 
 def execute_inline(host: PluginHost, cap: Capability, input: Any) -> Any:
@@ -161,11 +168,14 @@ def _execute_in_worker(host: PluginHost, cap: Capability, task: CapabilityTask, 
 
 
 def _on_disabled(host: PluginHost, cap: Capability, task: CapabilityTask) -> Any:
+    metrics.refused(cap.slug, "worker")
     if cap.on_disabled == "skip":
+        metrics.skipped(cap.slug)
         log.info("capability '%s' skipped (task %s): plugin '%s' is disabled", cap.slug, task.request.id, cap.plugin)
         task.send_event("task-skipped", reason=f"plugin '{cap.plugin}' is disabled")
         return None
     if cap.on_disabled == "defer":
+        metrics.deferred(cap.slug)
         countdown = float(host.app.conf.get("pluginhost_defer_interval", 2.0))
         log.info("capability '%s' deferred %.1fs: plugin '%s' is disabled", cap.slug, countdown, cap.plugin)
         raise task.retry(countdown=countdown, max_retries=None)
@@ -182,6 +192,7 @@ def _refuse_if_disabled(host: PluginHost, cap: Capability) -> None:
 
 def _call(host: PluginHost, cap: Capability, plugin: Plugin, payload: dict[str, Any], task: Any) -> Any:
     arg: Any = cap.input_model.model_validate(payload) if cap.input_model is not None else payload
+    metrics.executed(cap.slug)
     if cap.wants_ctx:
         return cap.fn(arg, host.context_for(cap, plugin, task))
     return cap.fn(arg)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from celery import Celery
 from pydantic import BaseModel, ValidationError
 
-from . import control
+from . import control, metrics
 from .capability import Capability, CapabilityContext, declare, dispatch, execute_inline
 from .errors import (
     CapabilityNotFound,
@@ -364,6 +364,7 @@ class PluginHost:
             revision, plugins = self.store.load()
             self._plugins = {p.slug: p for p in plugins}
             self._revision = revision
+        metrics.applied_revision(revision)
 
     def _fresh(self) -> None:
         """Bring this process's view up to date before a read.

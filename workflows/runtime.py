@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Ignore, Retry
 
-from pluginhost import CapabilityDisabled, InvalidInput, PluginHost
+from pluginhost import CapabilityDisabled, InvalidInput, PluginHost, metrics
 
 from .errors import InvalidWorkflow
 from .store import DONE, WorkflowStore
@@ -49,7 +50,7 @@ class Runtime:
         @app.task(name=FINISH_TASK, **TASK_OPTIONS)
         def finish(context: dict[str, Any], run_id: str) -> dict[str, Any]:
             """Record a run as succeeded; its result is the final context."""
-            self.store.finish_run(run_id, context)
+            metrics.run_finished(self.store.finish_run(run_id, context), "succeeded")
             return context
 
         self.step_task, self.merge_task, self.finish_task = step, merge, finish
@@ -90,6 +91,7 @@ class Runtime:
         retry_backoff: float = 1.0,
         parallel: bool = False,
     ) -> dict[str, Any]:
+        started = time.monotonic()
         row = self.store.begin_step(run_id, position, worker=task.request.hostname)
         if row.status in DONE:
             # A redelivered step that already finished: reuse what it recorded.
@@ -99,13 +101,13 @@ class Runtime:
         host = self.host
         plugin = host.plugin_of(slug)
         if not host.is_enabled(plugin):
-            return self._disabled(run_id, position, slug, plugin, on_disabled, context, parallel)
+            return self._disabled(run_id, position, slug, plugin, on_disabled, context, parallel, started)
         found = host.get(plugin)
         version = found.version if found else None
         try:
             result = host.call_capability(slug, context)
         except CapabilityDisabled:
-            return self._disabled(run_id, position, slug, plugin, on_disabled, context, parallel)
+            return self._disabled(run_id, position, slug, plugin, on_disabled, context, parallel, started)
         except (Retry, Ignore):
             raise
         except Exception as exc:
@@ -113,9 +115,10 @@ class Runtime:
             if row.attempts <= retries and not isinstance(exc, InvalidInput):
                 countdown = min(60.0, retry_backoff * 2 ** (row.attempts - 1))
                 self.store.retry_step(run_id, position, error)
+                metrics.step_finished(slug, "retried", time.monotonic() - started)
                 log.info("step %s of run %s failed (attempt %d), retrying in %.1fs: %s", slug, run_id, row.attempts, countdown, error)
                 raise task.retry(exc=exc, countdown=countdown, max_retries=None) from None
-            self.store.fail_run(run_id, position, error, plugin_version=version)
+            self._failed(run_id, position, slug, error, version, started)
             raise
         output = result if isinstance(result, dict) else ({} if result is None else {slug: result})
         merged = {**context, **output}
@@ -123,17 +126,34 @@ class Runtime:
             run_id, position, "succeeded", output=output, plugin_version=version,
             context=None if parallel else merged,
         )
+        metrics.step_finished(slug, "succeeded", time.monotonic() - started)
         return merged
 
     def _disabled(
-        self, run_id: str, position: int, slug: str, plugin: str, policy: str, context: dict[str, Any], parallel: bool
+        self,
+        run_id: str,
+        position: int,
+        slug: str,
+        plugin: str,
+        policy: str,
+        context: dict[str, Any],
+        parallel: bool,
+        started: float,
     ) -> dict[str, Any]:
         reason = f"plugin '{plugin}' is disabled"
         if policy == "skip":
             self.store.finish_step(
                 run_id, position, "skipped", error=reason, context=None if parallel else context
             )
+            metrics.step_finished(slug, "skipped", time.monotonic() - started)
             return context
         error = CapabilityDisabled(f"step '{slug}' of run {run_id} failed: {reason}")
-        self.store.fail_run(run_id, position, f"CapabilityDisabled: {error}")
+        self._failed(run_id, position, slug, f"CapabilityDisabled: {error}", None, started)
         raise error
+
+    def _failed(
+        self, run_id: str, position: int, slug: str, error: str, version: int | None, started: float
+    ) -> None:
+        name = self.store.fail_run(run_id, position, error, plugin_version=version)
+        metrics.step_finished(slug, "failed", time.monotonic() - started)
+        metrics.run_finished(name, "failed")

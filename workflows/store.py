@@ -286,10 +286,11 @@ class WorkflowStore:
             )
         )
 
-    def fail_run(self, run_id: str, position: int, error: str, plugin_version: int | None = None) -> None:
-        """A step failed for good: record it, cancel the steps of later stages, fail the run."""
+    def fail_run(self, run_id: str, position: int, error: str, plugin_version: int | None = None) -> str:
+        """A step failed for good: record it, cancel the steps of later stages, fail
+        the run; returns the workflow's name."""
 
-        def write(conn: Connection) -> None:
+        def write(conn: Connection) -> str:
             now = _now()
             stage = conn.execute(
                 select(steps.c.stage).where(steps.c.run_id == run_id, steps.c.position == position)
@@ -304,11 +305,16 @@ class WorkflowStore:
                 .where(steps.c.run_id == run_id, steps.c.stage > stage, steps.c.status == "pending")
                 .values(status="cancelled", finished_at=now)
             )
-            conn.execute(
-                update(runs).where(runs.c.id == run_id).values(status="failed", error=error, finished_at=now)
+            return str(
+                conn.execute(
+                    update(runs)
+                    .where(runs.c.id == run_id)
+                    .values(status="failed", error=error, finished_at=now)
+                    .returning(runs.c.name)
+                ).scalar_one()
             )
 
-        self._write(write)
+        return self._write(write)
 
     def merge_stage(self, run_id: str, stage: int) -> dict[str, Any]:
         """Merge a parallel stage's outputs, in declaration order, into the run's
@@ -329,12 +335,16 @@ class WorkflowStore:
 
         return self._write(write)
 
-    def finish_run(self, run_id: str, output: dict[str, Any]) -> None:
-        self._write(
-            lambda conn: conn.execute(
-                update(runs)
-                .where(runs.c.id == run_id)
-                .values(status="succeeded", context=output, output=output, error=None, finished_at=_now())
+    def finish_run(self, run_id: str, output: dict[str, Any]) -> str:
+        """Record a run's success; returns the workflow's name."""
+        return str(
+            self._write(
+                lambda conn: conn.execute(
+                    update(runs)
+                    .where(runs.c.id == run_id)
+                    .values(status="succeeded", context=output, output=output, error=None, finished_at=_now())
+                    .returning(runs.c.name)
+                ).scalar_one()
             )
         )
 

@@ -1,0 +1,68 @@
+"""Prometheus metrics for producers and workers.
+
+Counters and histograms live in prometheus-client's default registry. In a
+prefork worker set ``PROMETHEUS_MULTIPROC_DIR`` (an empty folder) before the
+worker starts, so every pool child writes its samples there, and serve them
+from one process with ``prometheus_client.multiprocess.MultiProcessCollector``
+(see the README's metrics section).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DISPATCHED = Counter(
+    "pluginhost_dispatched", "Capability runs enqueued by run_capability", ["capability"]
+)
+REFUSED = Counter(
+    "pluginhost_refused",
+    "Capability runs refused because their plugin is disabled",
+    ["capability", "where"],  # where: dispatch | worker
+)
+SKIPPED = Counter("pluginhost_skipped", "Capability runs skipped (on_disabled=skip)", ["capability"])
+DEFERRED = Counter("pluginhost_deferred", "Capability runs deferred (on_disabled=defer)", ["capability"])
+EXECUTED = Counter("pluginhost_executed", "Capability functions run", ["capability"])
+REVISION = Gauge(
+    "pluginhost_applied_revision",
+    "Store revision of this process's plugin view",
+    multiprocess_mode="max",
+)
+STEP_SECONDS = Histogram(
+    "workflows_step_duration_seconds",
+    "Workflow step durations by outcome",
+    ["step", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+RUNS = Counter("workflows_runs", "Finished workflow runs by outcome", ["workflow", "status"])
+
+
+def dispatched(capability: str) -> None:
+    DISPATCHED.labels(capability).inc()
+
+
+def refused(capability: str, where: str) -> None:
+    REFUSED.labels(capability, where).inc()
+
+
+def skipped(capability: str) -> None:
+    SKIPPED.labels(capability).inc()
+
+
+def deferred(capability: str) -> None:
+    DEFERRED.labels(capability).inc()
+
+
+def executed(capability: str) -> None:
+    EXECUTED.labels(capability).inc()
+
+
+def applied_revision(revision: int) -> None:
+    REVISION.set(revision)
+
+
+def step_finished(step: str, status: str, seconds: float) -> None:
+    STEP_SECONDS.labels(step, status).observe(seconds)
+
+
+def run_finished(workflow: str, status: str) -> None:
+    RUNS.labels(workflow, status).inc()
