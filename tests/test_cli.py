@@ -1,0 +1,144 @@
+"""The ``pluginhost`` command (and ``celery -A app pluginhost``): every command,
+its output, and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+APP = "tests.apps.core:app"
+
+pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+
+
+@pytest.fixture
+def core(app_conf: dict[str, Any], configure_app: Any) -> ModuleType:
+    from tests.apps import core as module
+
+    configure_app(module.app)
+    module.host.with_store(app_conf["pluginhost_store"])
+    module.host.sync()
+    return module
+
+
+@pytest.fixture
+def cli(app_conf: dict[str, Any], core: ModuleType) -> Any:
+    """Runs the real console script with this test's settings."""
+
+    def run(*args: str, app: str | None = APP, program: str = "pluginhost") -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PH_CONF": json.dumps(app_conf), "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+        env.pop("PLUGINHOST_APP", None)
+        if app is not None and program == "pluginhost":
+            env["PLUGINHOST_APP"] = app
+        return subprocess.run([str(BIN / program), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    return run
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert done.returncode != 0, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def test_list_show_and_json_output(cli: Any, core: ModuleType) -> None:
+    done = cli("list")
+    assert done.returncode == 0 and "work" in done.stdout and "عمل" in done.stdout
+    rows = json.loads(cli("list", "--json").stdout)
+    assert {r["slug"] for r in rows} >= {"work", "named", "step_a"}
+    shown = json.loads(cli("show", "work").stdout)
+    assert shown["label_ar"] == "عمل" and shown["config"] == {"colour": "blue", "level": 1}
+
+
+def test_enable_disable_configure_config_and_audit(cli: Any, core: ModuleType) -> None:
+    assert cli("disable", "work", "--actor", "ops").returncode == 0
+    assert not core.host.is_enabled("work")
+    assert cli("enable", "work").returncode == 0
+    assert core.host.is_enabled("work")
+    done = cli("configure", "work", "level=3", "colour=red")
+    assert done.returncode == 0 and json.loads(done.stdout) == {"colour": "red", "level": 3}
+    assert cli("config", "work", "level").stdout.strip() == "3"
+    assert cli("configure", "work", "--json", '{"level": 4}').returncode == 0
+    assert core.host.get("work").config == {"colour": "blue", "level": 4}
+    audit = json.loads(cli("audit", "work", "--json").stdout)
+    assert [a["action"] for a in audit][:4] == ["configure", "configure", "enable", "disable"]
+    assert audit[3]["actor"] == "ops"
+    assert "configure" in cli("audit", "work").stdout
+
+
+def test_nav_sort_capabilities_and_sync(cli: Any, core: ModuleType) -> None:
+    assert cli("sort", "step_b", "--", "-5").returncode == 0
+    nav = cli("nav").stdout.splitlines()
+    assert nav[0].split()[1] == "step_b"
+    assert "الخطوة أ" in cli("nav", "--lang", "ar").stdout
+    caps = cli("capabilities").stdout
+    assert "pluginhost.capability.work" in caps and "skip" in caps
+    assert cli("sync").returncode == 0
+    assert cli("db", "upgrade").stdout.strip() == "schema is up to date"
+
+
+def test_run_with_wait_on_a_real_worker(cli: Any, core: ModuleType, workers: Any) -> None:
+    workers("tests.apps.core", pool="solo")
+    done = cli("run", "named", "--input", '{"name": "Ada"}', "--wait")
+    assert done.returncode == 0 and json.loads(done.stdout) == "hello Ada"
+    task_id = cli("run", "work", "--input", "{}").stdout.strip()
+    assert len(task_id) == 36
+    refreshed = cli("refresh", "--wait")
+    assert refreshed.returncode == 0 and "acknowledged by 1 worker(s)" in refreshed.stdout
+    listing = cli("workers")
+    assert listing.returncode == 0 and "1 worker(s)" in listing.stdout
+
+
+def test_the_same_commands_as_a_celery_subcommand(cli: Any, core: ModuleType) -> None:
+    done = cli("-A", "tests.apps.core", "pluginhost", "list", "--json", program="celery")
+    assert done.returncode == 0, done.stderr
+    assert "work" in {r["slug"] for r in json.loads(done.stdout)}
+    bad = cli("-A", "tests.apps.core", "pluginhost", "disable", "ghost", program="celery")
+    assert bad.returncode != 0 and "PluginNotFound" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("show", "ghost"), "PluginNotFound: plugin 'ghost' not found"),
+        (("enable", "Bad Slug"), "InvalidPlugin: invalid slug 'Bad Slug'"),
+        (("disable", "ghost"), "PluginNotFound"),
+        (("configure", "work", "level=abc"), "InvalidConfig: plugin 'work': field 'level'"),
+        (("configure", "work", "--json", "[1]"), "InvalidConfig: plugin 'work': expected a JSON object"),
+        (("configure", "work", "--json", "{bad"), "--json is not valid JSON"),
+        (("configure", "work"), "give KEY=VALUE pairs"),
+        (("configure", "work", "novalue"), "expected KEY=VALUE"),
+        (("config", "work", "missing"), "has no config key 'missing'"),
+        (("run", "work", "--input", "{not json"), "--input is not valid JSON"),
+        (("run", "named", "--input", '{"nom": 1}'), "InvalidInput: capability 'named' input: field 'name' is required"),
+        (("run", "ghost"), "CapabilityNotFound"),
+        (("nav", "--kind", "widget"), "unknown kind 'widget'"),
+        (("sort", "work", "high"), "Invalid value for 'POSITION'"),
+        (("frobnicate",), "No such command 'frobnicate'"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_non_zero_exit(cli: Any, core: ModuleType, args: tuple[str, ...], fragment: str) -> None:
+    before = [(p.slug, p.version) for p in core.host.list()]
+    one_line_error(cli(*args), fragment)
+    assert [(p.slug, p.version) for p in core.host.list()] == before
+
+
+def test_a_disabled_capability_is_refused_by_the_cli(cli: Any, core: ModuleType) -> None:
+    core.host.disable("work")
+    one_line_error(cli("run", "work"), "CapabilityDisabled: capability 'work' is disabled")
+
+
+def test_missing_or_broken_app(cli: Any) -> None:
+    one_line_error(cli("list", app=None), "no app given: pass --app module:app or set PLUGINHOST_APP")
+    one_line_error(cli("list", app="no.such.module:app"), "cannot import app module 'no.such.module'")
+    one_line_error(cli("list", app="tests.apps.core:flows"), "is not a Celery app or PluginHost")
