@@ -84,6 +84,8 @@ def declare(
     check_slug(plugin, "plugin slug")
     if on_disabled not in POLICIES:
         raise InvalidPlugin(f"capability '{slug}': on_disabled must be one of {', '.join(POLICIES)}, got {on_disabled!r}")
+    if "pickle" in str(task_options.get("serializer", "")):
+        raise InvalidPlugin(f"capability '{slug}': only JSON is accepted for capability messages, not pickle")
     if input_model is not None and not (isinstance(input_model, type) and issubclass(input_model, BaseModel)):
         raise InvalidPlugin(f"capability '{slug}': input_model must be a pydantic model class, got {input_model!r}")
     cap = Capability(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from celery import bootsteps, signals
 from celery.worker.control import control_command, inspect_command
 
-from .errors import StoreUnavailable
+from .errors import PluginHostError, StoreUnavailable
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -39,6 +39,7 @@ log = logging.getLogger("pluginhost.control")
 REFRESH_COMMAND = "pluginhost_refresh"
 REVISION_COMMAND = "pluginhost_revision"
 REFRESH_TASK = "pluginhost.refresh"
+TASK_PREFIX = "pluginhost.capability."
 
 #: The host attached to each app (``PluginHost.from_app``).
 HOSTS: weakref.WeakKeyDictionary[Celery, PluginHost] = weakref.WeakKeyDictionary()
@@ -126,6 +127,7 @@ def install(host: PluginHost) -> None:
 
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.worker_process_init.connect(on_child_init, weak=False)
+    app.steps["worker"].add(JsonOnlyStep)
     app.steps["consumer"].add(PollStep)
 
     @app.task(name=REFRESH_TASK, shared=False, lazy=False)
@@ -134,6 +136,37 @@ def install(host: PluginHost) -> None:
         current = host.store.revision()
         broadcast_refresh(app, current)
         return current
+
+
+def unsafe_serialisation(app: Celery) -> str | None:
+    """Why ``app`` would accept pickled capability messages, or None if it does not."""
+    problems = []
+    for setting in ("accept_content", "result_accept_content"):
+        accepted = app.conf.get(setting) or []
+        if any("pickle" in str(c) for c in accepted):
+            problems.append(f"{setting} includes pickle")
+    for setting in ("task_serializer", "result_serializer"):
+        if "pickle" in str(app.conf.get(setting)):
+            problems.append(f"{setting} is pickle")
+    for name, task in app.tasks.items():
+        if name.startswith(TASK_PREFIX) and "pickle" in str(getattr(task, "serializer", "")):
+            problems.append(f"task {name} uses the pickle serializer")
+    if not problems:
+        return None
+    return (
+        "pluginhost refuses to start: " + "; ".join(problems)
+        + ". Capability messages must be JSON (accept_content=['json']): a pickled"
+        " message runs arbitrary code on the worker."
+    )
+
+
+class JsonOnlyStep(bootsteps.StartStopStep):
+    """Worker step: refuse to start if capability tasks could accept pickle."""
+
+    def start(self, parent: Any) -> None:
+        problem = unsafe_serialisation(parent.app)
+        if problem:
+            raise PluginHostError(problem)
 
 
 class PollStep(bootsteps.StartStopStep):

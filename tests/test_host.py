@@ -194,3 +194,13 @@ def test_refresh_after_a_change_made_by_another_host(tmp_path: Path) -> None:
     assert not b.is_enabled("shared")  # b checks the store revision before reading
     b.refresh()
     assert not b.get("shared").enabled
+
+
+def test_pickle_is_refused_for_capabilities(host: PluginHost) -> None:
+    from pluginhost.control import unsafe_serialisation
+
+    with pytest.raises(InvalidPlugin, match="not pickle"):
+        host.register_capability("pickled", lambda p: p, serializer="pickle")
+    assert unsafe_serialisation(host.app) is None
+    host.app.conf.accept_content = ["json", "pickle"]
+    assert "accept_content includes pickle" in (unsafe_serialisation(host.app) or "")
