@@ -385,17 +385,17 @@ class PluginHost:
         store = self.store
         if isinstance(store, SQLAlchemyStore) and store.dialect == "postgresql":
             with self._lock:
-                if self._feed is None:
-                    self._feed = store.change_feed()
-                    self._reload()  # changes before LISTEN are not in the feed
-                    return
-                try:
-                    changed = self._feed.changed()
-                except StoreUnavailable:
-                    self._feed = None
-                    raise
-            if changed:
-                self._reload()
+                if self._feed is not None:
+                    try:
+                        changed = self._feed.changed()
+                    except StoreUnavailable:
+                        self._feed = None  # lost: reconnect below, or fail closed
+                    else:
+                        if changed:
+                            self._reload()
+                        return
+                self._feed = store.change_feed()
+                self._reload()  # changes before LISTEN are not in the feed
             return
         if store.revision() != self._revision:
             self._reload()

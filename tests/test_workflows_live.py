@@ -108,7 +108,7 @@ def test_fail_policy_fails_the_run_and_cancels_later_steps(core: ModuleType, wor
 
 def test_retry_then_failure_then_resume(core: ModuleType, workers: Any) -> None:
     workers("tests.apps.core", pool="prefork")
-    flows, host = core.flows, core.host
+    flows = core.flows
     # step_d fails twice (retries=1 allows two attempts): the run fails
     res = flows.start("flow", {"tag": "resume", "d_fail_until": 2})
     with pytest.raises(ValueError, match="not ready"):

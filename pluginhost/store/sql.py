@@ -302,6 +302,10 @@ def _normalise_url(url: str) -> str:
     return url
 
 
+# A dead peer (a partition that drops packets) is noticed in ~3 s, not hours.
+_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 1, "keepalives_interval": 1, "keepalives_count": 2}
+
+
 def _make_engine(url: str, dialect: str, connect_timeout_s: float, pool_size: int) -> Engine:
     if dialect == "sqlite":
         path = make_url(url).database
@@ -333,10 +337,14 @@ def _make_engine(url: str, dialect: str, connect_timeout_s: float, pool_size: in
             from ..errors import StoreUnavailable as _E
 
             raise _E('PostgreSQL needs psycopg 3: pip install "pluginhost[postgres]"') from None
+        # pre_ping: after an outage, pooled connections are dead; checking them
+        # on checkout makes the first call after recovery succeed. The hot paths
+        # (revision reads, the NOTIFY feed) do not go through the pool.
         return create_engine(
             url,
             pool_size=pool_size,
-            connect_args={"connect_timeout": max(1, round(connect_timeout_s))},
+            pool_pre_ping=True,
+            connect_args={"connect_timeout": max(1, round(connect_timeout_s)), **_KEEPALIVE},
         )
     return create_engine(url)
 
@@ -400,7 +408,7 @@ class ChangeFeed:
         dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         try:
             self._conn = psycopg.connect(
-                dsn, autocommit=True, connect_timeout=max(1, round(connect_timeout_s))
+                dsn, autocommit=True, connect_timeout=max(1, round(connect_timeout_s)), **_KEEPALIVE
             )
             self._conn.execute("LISTEN pluginhost")
         except psycopg.Error as exc:

@@ -84,6 +84,12 @@ def work(payload: dict[str, Any], ctx: CapabilityContext) -> dict[str, Any]:
     return {"pid": os.getpid(), "config": ctx.config.model_dump(), "plugin_version": ctx.plugin.version}
 
 
+@host.capability("pure")
+def pure(payload: dict[str, Any]) -> dict[str, Any]:
+    """Touches no database: runs even while the store is unreachable."""
+    return {"pid": os.getpid(), "echo": payload}
+
+
 @host.capability("named", input_model=Named)
 def named(payload: Named) -> str:
     record("named")
