@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -106,8 +107,13 @@ class HostGroup(click.Group):
             raise CLIError(f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    # One line, whatever the input held: control characters are shown escaped.
+    line = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), message)
+    click.echo(f"error: {line}", err=True)
     sys.exit(code)
 
 
@@ -381,6 +387,21 @@ def _commands(group: click.Group) -> None:
         for ep in entry_points(group="pluginhost.migrations"):
             ep.load()(host)
         click.echo("schema is up to date")
+
+    @group.command()
+    @click.option("--host", "bind", default="127.0.0.1", show_default=True, help="Address to bind.")
+    @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+    @click.option("--flows", "flows_spec", default=None, help="module:attr of the Workflows (default: found beside the app).")
+    @click.option("--insecure-local", is_flag=True, help="Without credentials, serve 127.0.0.1 clients as user 'local'.")
+    @click.pass_context
+    def web(ctx: click.Context, bind: str, port: int, flows_spec: str | None, insecure_local: bool) -> None:
+        """Serve the web console (credentials: pluginhost_web_users / pluginhost_web_token)."""
+        from .web.serve import find_flows, serve
+
+        host = host_from_context(ctx)
+        root = ctx.find_root().params  # `pluginhost --app` or `celery -A`
+        spec = flows_spec or root.get("app_spec") or root.get("app") or os.environ.get("PLUGINHOST_APP")
+        serve(host, flows=find_flows(host, spec), bind=bind, port=port, insecure_local=insecure_local)
 
 
 @click.group(cls=HostGroup)

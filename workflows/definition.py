@@ -131,6 +131,10 @@ class Workflow(BaseModel):
         """A Workflow from a model, dict or JSON text; ``InvalidWorkflow`` if malformed."""
         if isinstance(data, Workflow):
             return data
+        if isinstance(data, dict) and not all(isinstance(k, str) for k in data):
+            raise InvalidWorkflow("invalid workflow: keys must be strings")
+        if not isinstance(data, (dict, str, bytes)):
+            raise InvalidWorkflow(f"invalid workflow: expected a JSON object, got {type(data).__name__}")
         try:
             if isinstance(data, (str, bytes)):
                 return cls.model_validate_json(data)
