@@ -13,7 +13,7 @@ from .errors import (
     StoreUnavailable,
 )
 from .host import PluginHost
-from .model import AuditEntry, Kind, Plugin
+from .model import AuditEntry, Kind, Plugin, mask_secrets
 from .store import MemoryStore, SQLAlchemyStore, Store
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "Plugin",
     "Kind",
     "AuditEntry",
+    "mask_secrets",
     "CapabilityContext",
     "Store",
     "SQLAlchemyStore",

@@ -209,7 +209,10 @@ class PluginHost:
 
     def nav(self, kind: Kind | str | None = None) -> builtins.list[Plugin]:
         """Enabled plugins (of ``kind`` if given), ordered by (sort, slug)."""
-        want = Kind(kind) if kind is not None else None
+        try:
+            want = Kind(kind) if kind is not None else None
+        except ValueError:
+            raise InvalidPlugin(f"unknown kind {kind!r}: expected one of {', '.join(k.value for k in Kind)}") from None
         return [p for p in self.list() if p.enabled and (want is None or p.kind == want)]
 
     def is_enabled(self, slug: str) -> bool:
@@ -321,6 +324,7 @@ class PluginHost:
             if revision == self._revision + 1:
                 self._plugins = {**self._plugins, plugin.slug: plugin}
                 self._revision = revision
+                metrics.applied_revision(revision)
             elif revision != self._revision:
                 self._reload()
         acks = control.broadcast_refresh(self.app, revision, wait=wait, timeout=timeout)

@@ -1,0 +1,173 @@
+"""The JSON API under ``/api``: every page's data and action, scriptable.
+
+Authenticate with ``Authorization: Bearer <token>`` (no CSRF token needed), or
+with the login session cookie plus ``X-CSRF-Token`` (from ``GET /api/session``)
+on POSTs. Errors are ``{"error": "ClassName", "detail": "..."}``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.responses import Response
+
+from ..model import Kind, Plugin
+from . import diagram
+from .auth import Identity, csrf_token, current_user, require_identity
+from .console import Console
+from .schemas import (
+    AdminResult,
+    AuditRow,
+    ConfigureBody,
+    MoveBody,
+    NavView,
+    PlanRow,
+    ResumeResult,
+    RunDetail,
+    RunSummary,
+    SessionInfo,
+    SortBody,
+    VersionBody,
+    WorkersView,
+    WorkflowView,
+)
+
+SVG = "image/svg+xml"
+RunStatus = Literal["pending", "running", "succeeded", "failed"]
+
+
+def console_of(request: Request) -> Console:
+    console: Console = request.app.state.console
+    return console
+
+
+ConsoleDep = Annotated[Console, Depends(console_of)]
+User = Annotated[str, Depends(current_user)]
+Version = Annotated[VersionBody | None, Body()]
+
+router = APIRouter(prefix="/api", dependencies=[Depends(require_identity)], tags=["plugins"])
+flows_router = APIRouter(prefix="/api", dependencies=[Depends(require_identity)], tags=["workflows"])
+
+
+@router.get("/session")
+def session(request: Request, identity: Annotated[Identity, Depends(require_identity)]) -> SessionInfo:
+    """Who you are, and the CSRF token cookie sessions send on POSTs."""
+    token = csrf_token(request) if identity.via != "token" else None
+    return SessionInfo(user=identity.user, via=identity.via, csrf_token=token)
+
+
+@router.get("/plugins")
+def plugins(console: ConsoleDep) -> list[Plugin]:
+    """Every plugin in navigation order (secret-looking config values masked)."""
+    return console.plugins()
+
+
+@router.get("/plugins/{slug}")
+def plugin(slug: str, console: ConsoleDep) -> Plugin:
+    return console.plugin(slug)
+
+
+@router.post("/plugins/{slug}/enable")
+def enable(slug: str, console: ConsoleDep, user: User, body: Version = None) -> AdminResult:
+    """Enable a plugin; lists the workers that applied the change."""
+    return console.set_enabled(slug, True, actor=user, expected_version=body.expected_version if body else None)
+
+
+@router.post("/plugins/{slug}/disable")
+def disable(slug: str, console: ConsoleDep, user: User, body: Version = None) -> AdminResult:
+    """Disable a plugin; lists the workers that applied the change."""
+    return console.set_enabled(slug, False, actor=user, expected_version=body.expected_version if body else None)
+
+
+@router.post("/plugins/{slug}/configure")
+def configure(slug: str, body: ConfigureBody, console: ConsoleDep, user: User) -> AdminResult:
+    """Replace a plugin's config (validated; nothing is written if it is invalid)."""
+    return console.configure(slug, body.config, actor=user, expected_version=body.expected_version)
+
+
+@router.post("/plugins/{slug}/sort")
+def sort(slug: str, body: SortBody, console: ConsoleDep, user: User) -> AdminResult:
+    return console.set_sort(slug, body.sort, actor=user, expected_version=body.expected_version)
+
+
+@router.post("/plugins/{slug}/move")
+def move(slug: str, body: MoveBody, console: ConsoleDep, user: User) -> AdminResult:
+    """Swap a plugin with its neighbour in navigation order."""
+    return console.move(slug, body.direction, actor=user)
+
+
+@router.get("/nav")
+def nav(console: ConsoleDep, lang: Literal["en", "ar"] = "en", kind: Kind | None = None) -> NavView:
+    """Enabled plugins as a menu in English or Arabic (right to left)."""
+    return console.nav(lang, kind.value if kind else None)
+
+
+@router.get("/workers")
+def workers(console: ConsoleDep) -> WorkersView:
+    """Live workers and the store revision each has applied."""
+    return console.workers()
+
+
+@router.get("/audit")
+def audit(
+    console: ConsoleDep,
+    slug: str | None = None,
+    actor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[AuditRow]:
+    """Admin changes, newest first, with before/after changes (secrets masked)."""
+    return console.audit(slug, actor, limit)
+
+
+@flows_router.get("/workflows")
+def workflows(console: ConsoleDep) -> list[WorkflowView]:
+    """Every workflow definition with its dry-run plan."""
+    return console.workflows()
+
+
+@flows_router.get("/workflows/{name}")
+def workflow(name: str, console: ConsoleDep) -> WorkflowView:
+    return console.workflow(name)
+
+
+@flows_router.get("/workflows/{name}/plan")
+def plan(name: str, console: ConsoleDep) -> list[PlanRow]:
+    """What each step would do if the workflow started now."""
+    return console.plan(name)
+
+
+@flows_router.get("/workflows/{name}/diagram.svg", response_class=Response, responses={200: {"content": {SVG: {}}}})
+def workflow_diagram(name: str, console: ConsoleDep) -> Response:
+    svg = diagram.render(diagram.plan_boxes(console.plan(name)), title=f"workflow {name}", ident=name)
+    return Response(str(svg), media_type=SVG)
+
+
+@flows_router.get("/runs")
+def runs(
+    console: ConsoleDep,
+    status: RunStatus | None = None,
+    name: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> list[RunSummary]:
+    """Workflow runs, newest first."""
+    return console.runs(name, status, limit)
+
+
+@flows_router.get("/runs/{run_id}")
+def run(run_id: str, console: ConsoleDep) -> RunDetail:
+    """A run with its step table."""
+    return console.run(run_id)
+
+
+@flows_router.get("/runs/{run_id}/diagram.svg", response_class=Response, responses={200: {"content": {SVG: {}}}})
+def run_diagram(run_id: str, console: ConsoleDep) -> Response:
+    detail = console.run(run_id)
+    svg = diagram.render(diagram.run_boxes(detail.steps), title=f"run {run_id}", ident="run")
+    return Response(str(svg), media_type=SVG)
+
+
+@flows_router.post("/runs/{run_id}/resume")
+def resume(run_id: str, console: ConsoleDep) -> ResumeResult:
+    """Continue a failed run from its failed step."""
+    return console.resume(run_id)

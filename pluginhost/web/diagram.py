@@ -1,0 +1,101 @@
+"""Server-rendered SVG diagrams of workflows: stages left to right, the branches
+of a parallel stage stacked, each step coloured (and labelled) by its state."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import groupby
+
+from markupsafe import Markup, escape
+
+from .schemas import PlanRow, StepRow
+
+BOX_W, BOX_H = 168, 46
+GAP_X, GAP_Y, PAD = 44, 14, 12
+MAX_CHARS = 22
+
+#: state -> (fill, stroke, dashed)
+PALETTE: dict[str, tuple[str, str, bool]] = {
+    "run": ("#e6f4ea", "#1e8e3e", False),
+    "succeeded": ("#e6f4ea", "#1e8e3e", False),
+    "skip": ("#f1f3f4", "#5f6368", True),
+    "skipped": ("#f1f3f4", "#5f6368", True),
+    "fail": ("#fce8e6", "#c5221f", False),
+    "failed": ("#fce8e6", "#c5221f", False),
+    "running": ("#e8f0fe", "#1a73e8", False),
+    "pending": ("#ffffff", "#9aa0a6", False),
+    "cancelled": ("#f1f3f4", "#9aa0a6", True),
+}
+
+
+@dataclass(frozen=True)
+class Box:
+    """One step: its stage, name, state (a PALETTE key) and the line shown under the name."""
+
+    stage: int
+    label: str
+    state: str
+    note: str
+
+
+def plan_boxes(plan: Sequence[PlanRow]) -> list[Box]:
+    """Boxes for a dry run: green if the step's plugin is enabled, else what happens to it."""
+    return [
+        Box(p.stage, p.slug, p.outcome, "enabled" if p.enabled else f"disabled: {p.outcome}")
+        for p in plan
+    ]
+
+
+def run_boxes(steps: Sequence[StepRow]) -> list[Box]:
+    """Boxes for a run, by step status."""
+    return [Box(s.stage, s.slug, s.status, s.status) for s in steps]
+
+
+def render(boxes: Sequence[Box], *, title: str, ident: str) -> Markup:
+    """The SVG (safe to inline: every text is escaped). ``ident`` keeps ids unique on a page."""
+    stages = [list(group) for _, group in groupby(sorted(boxes, key=lambda b: b.stage), key=lambda b: b.stage)]
+    rows = max((len(s) for s in stages), default=1)
+    width = PAD * 2 + len(stages) * BOX_W + max(len(stages) - 1, 0) * GAP_X
+    height = PAD * 2 + rows * BOX_H + (rows - 1) * GAP_Y
+    marker = f"arrow-{ident}"
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="diagram" role="img" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" aria-label="{escape(title)}">',
+        f"<title>{escape(title)}</title>",
+        f'<defs><marker id="{escape(marker)}" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
+        'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#5f6368"/></marker></defs>',
+    ]
+    previous: list[tuple[float, float]] = []
+    for column, stage in enumerate(stages):
+        x = PAD + column * (BOX_W + GAP_X)
+        top = PAD + (height - 2 * PAD - (len(stage) * BOX_H + (len(stage) - 1) * GAP_Y)) / 2
+        current: list[tuple[float, float]] = []
+        for row, box in enumerate(stage):
+            y = top + row * (BOX_H + GAP_Y)
+            for px, py in previous:
+                parts.append(
+                    f'<line x1="{px:.0f}" y1="{py:.0f}" x2="{x:.0f}" y2="{y + BOX_H / 2:.0f}" '
+                    f'stroke="#5f6368" stroke-width="1.5" marker-end="url(#{escape(marker)})"/>'
+                )
+            parts.append(_box(box, x, y))
+            current.append((x + BOX_W, y + BOX_H / 2))
+        previous = current
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def _box(box: Box, x: float, y: float) -> str:
+    fill, stroke, dashed = PALETTE.get(box.state, ("#ffffff", "#9aa0a6", False))
+    dash = ' stroke-dasharray="5 3"' if dashed else ""
+    label = box.label if len(box.label) <= MAX_CHARS else box.label[: MAX_CHARS - 1] + "\u2026"
+    return (
+        f'<g class="step step-{escape(box.state)}" data-slug="{escape(box.label)}" data-state="{escape(box.state)}">'
+        f"<title>{escape(box.label)}: {escape(box.note)}</title>"
+        f'<rect x="{x:.0f}" y="{y:.0f}" width="{BOX_W}" height="{BOX_H}" rx="6" fill="{fill}" '
+        f'stroke="{stroke}" stroke-width="1.5"{dash}/>'
+        f'<text x="{x + BOX_W / 2:.0f}" y="{y + 19:.0f}" text-anchor="middle" font-family="sans-serif" '
+        f'font-size="13" font-weight="600" fill="#202124">{escape(label)}</text>'
+        f'<text x="{x + BOX_W / 2:.0f}" y="{y + 36:.0f}" text-anchor="middle" font-family="sans-serif" '
+        f'font-size="11" fill="{stroke}">{escape(box.note)}</text></g>'
+    )

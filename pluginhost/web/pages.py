@@ -1,0 +1,199 @@
+"""The HTML console: server-rendered pages, plain POST forms, no JavaScript needed.
+
+Every form posts the session's CSRF token; a successful change redirects back
+(post/redirect/get) with a one-shot message naming the workers that acknowledged
+it; a rejected one re-renders the page with the error next to the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import RedirectResponse, Response
+
+from ..errors import PluginHostError
+from . import diagram
+from .api import ConsoleDep, RunStatus, User
+from .auth import auth_of, authenticate, check_csrf, log_in, log_out, require_identity
+from .console import RUN_STATES
+from .errors import status_for
+from .schemas import AdminResult
+from .templating import render, root
+
+public = APIRouter(include_in_schema=False)
+router = APIRouter(dependencies=[Depends(require_identity)], include_in_schema=False)
+flows_router = APIRouter(dependencies=[Depends(require_identity)], include_in_schema=False)
+
+Version = Annotated[int | None, Form()]
+
+
+def redirect(request: Request, path: str) -> RedirectResponse:
+    return RedirectResponse(f"{root(request)}{path}", status_code=303)
+
+
+def safe_next(target: str) -> str:
+    """Only a path of this console: never another site (``//host``, ``/\\host``, ``http:``)."""
+    if target.startswith("/") and not target.startswith(("//", "/\\")) and "://" not in target:
+        return target
+    return "/plugins"
+
+
+# -- login ---------------------------------------------------------------------
+
+
+@public.get("/login", name="login_form")
+def login_form(request: Request, next: str = "/plugins") -> Response:
+    if authenticate(request) is not None:
+        return redirect(request, safe_next(next))
+    return render(request, "login.html", {"next": safe_next(next), "error": None, "has_users": bool(auth_of(request).users)})
+
+
+@public.post("/login", name="login")
+async def login(
+    request: Request,
+    username: Annotated[str, Form()] = "",
+    password: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "/plugins",
+) -> Response:
+    await check_csrf(request)
+    if not auth_of(request).check_password(username, password):
+        await asyncio.sleep(0.25)  # slows password guessing a little; real limits belong to the proxy
+        context = {"next": safe_next(next), "error": "Wrong user name or password.", "has_users": True}
+        return render(request, "login.html", context, status_code=401)
+    log_in(request, username)
+    return redirect(request, safe_next(next))
+
+
+@router.post("/logout")
+def logout(request: Request) -> Response:
+    log_out(request)
+    return redirect(request, "/login")
+
+
+@router.get("/")
+def home(request: Request) -> Response:
+    return redirect(request, "/plugins")
+
+
+# -- plugins -------------------------------------------------------------------
+
+
+def plugins_page(
+    request: Request,
+    console: ConsoleDep,
+    *,
+    errors: dict[str, str] | None = None,
+    drafts: dict[str, str] | None = None,
+    status_code: int = 200,
+) -> Response:
+    context = {
+        "plugins": console.plugins(),
+        "workers": console.workers(),
+        "errors": errors or {},
+        "drafts": drafts or {},
+    }
+    return render(request, "plugins.html", context, status_code=status_code)
+
+
+def after_change(request: Request, console: ConsoleDep, slug: str, what: str, change: Any, draft: str | None = None) -> Response:
+    """Run an admin change; redirect with its acknowledgements, or re-render with its error."""
+    try:
+        result: AdminResult = change()
+    except PluginHostError as exc:
+        drafts = {slug: draft} if draft is not None else None
+        return plugins_page(request, console, errors={slug: f"{type(exc).__name__}: {exc}"}, drafts=drafts, status_code=status_for(exc))
+    request.session["flash"] = {"text": f"{what} '{slug}' (version {result.plugin.version}, store revision {result.revision})", "acks": result.acknowledged_by}
+    return redirect(request, f"/plugins#plugin-{slug}")
+
+
+@router.get("/plugins")
+def plugins(request: Request, console: ConsoleDep) -> Response:
+    return plugins_page(request, console)
+
+
+@router.post("/plugins/{slug}/enabled")
+def set_enabled(request: Request, slug: str, console: ConsoleDep, user: User, enabled: Annotated[bool, Form()], version: Version = None) -> Response:
+    change = lambda: console.set_enabled(slug, enabled, actor=user, expected_version=version)  # noqa: E731
+    return after_change(request, console, slug, "Enabled" if enabled else "Disabled", change)
+
+
+@router.post("/plugins/{slug}/config")
+def configure(request: Request, slug: str, console: ConsoleDep, user: User, config: Annotated[str, Form()], version: Version = None) -> Response:
+    change = lambda: console.configure_text(slug, config, actor=user, expected_version=version)  # noqa: E731
+    return after_change(request, console, slug, "Configured", change, draft=config)
+
+
+@router.post("/plugins/{slug}/sort")
+def set_sort(request: Request, slug: str, console: ConsoleDep, user: User, sort: Annotated[int, Form()], version: Version = None) -> Response:
+    change = lambda: console.set_sort(slug, sort, actor=user, expected_version=version)  # noqa: E731
+    return after_change(request, console, slug, f"Sort {sort} for", change)
+
+
+@router.post("/plugins/{slug}/move")
+def move(request: Request, slug: str, console: ConsoleDep, user: User, direction: Annotated[Literal["up", "down"], Form()]) -> Response:
+    change = lambda: console.move(slug, direction, actor=user)  # noqa: E731
+    return after_change(request, console, slug, f"Moved {direction}", change)
+
+
+# -- navigation and audit ------------------------------------------------------
+
+
+@router.get("/nav")
+def nav(request: Request, console: ConsoleDep) -> Response:
+    return render(request, "nav.html", {"menus": [console.nav("en"), console.nav("ar")]})
+
+
+@router.get("/audit")
+def audit(
+    request: Request,
+    console: ConsoleDep,
+    slug: str = "",
+    actor: str = "",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    context = {
+        "entries": console.audit(slug, actor, limit),
+        "slugs": [p.slug for p in console.plugins()],
+        "filters": {"slug": slug, "actor": actor, "limit": limit},
+    }
+    return render(request, "audit.html", context)
+
+
+# -- workflows -----------------------------------------------------------------
+
+
+@flows_router.get("/workflows")
+def workflows(request: Request, console: ConsoleDep) -> Response:
+    views = console.workflows()
+    diagrams = {
+        w.name: diagram.render(diagram.plan_boxes(w.plan), title=f"workflow {w.name}", ident=w.name) for w in views
+    }
+    return render(request, "workflows.html", {"workflows": views, "diagrams": diagrams})
+
+
+@flows_router.get("/runs")
+def runs(request: Request, console: ConsoleDep, status: RunStatus | Literal[""] = "", name: str = "") -> Response:
+    context = {
+        "runs": console.runs(name, status, 100),
+        "states": RUN_STATES,
+        "filters": {"status": status, "name": name},
+        "names": console.workflow_names(),
+    }
+    return render(request, "runs.html", context)
+
+
+@flows_router.get("/runs/{run_id}")
+def run(request: Request, run_id: str, console: ConsoleDep) -> Response:
+    detail = console.run(run_id)
+    svg = diagram.render(diagram.run_boxes(detail.steps), title=f"run {run_id}", ident="run")
+    return render(request, "run.html", {"run": detail, "diagram": svg})
+
+
+@flows_router.post("/runs/{run_id}/resume")
+def resume(request: Request, run_id: str, console: ConsoleDep) -> Response:
+    console.resume(run_id)
+    request.session["flash"] = {"text": f"Resumed run {run_id} from its failed step", "acks": None}
+    return redirect(request, f"/runs/{quote(run_id, safe='')}")

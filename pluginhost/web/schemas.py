@@ -1,0 +1,146 @@
+"""What the console's JSON API takes and returns (also its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from ..model import Kind, Plugin
+
+# -- requests ------------------------------------------------------------------
+
+
+class VersionBody(BaseModel):
+    """Optional optimistic-concurrency guard: 409 if the plugin moved past this version."""
+
+    expected_version: int | None = None
+
+
+class ConfigureBody(VersionBody):
+    """A plugin's new config; a secret value sent back as ``********`` keeps the stored one."""
+
+    config: dict[str, Any]
+
+
+class SortBody(VersionBody):
+    sort: int = Field(ge=-(2**31), lt=2**31)
+
+
+class MoveBody(BaseModel):
+    direction: Literal["up", "down"]
+
+
+# -- responses -----------------------------------------------------------------
+
+
+class SessionInfo(BaseModel):
+    user: str
+    via: str
+    csrf_token: str | None = Field(None, description="Send as X-CSRF-Token on POSTs (cookie sessions only).")
+
+
+class AdminResult(BaseModel):
+    """An admin change: the plugin after it, the workers that applied it, the store revision."""
+
+    plugin: Plugin
+    acknowledged_by: list[str]
+    revision: int
+
+
+class WorkerStatus(BaseModel):
+    hostname: str
+    revision: int | None
+    current: bool = Field(description="Whether the worker has applied the store's current revision.")
+    pool: str | None = None
+    processes: int = 0
+    error: str | None = None
+
+
+class WorkersView(BaseModel):
+    revision: int = Field(description="The store's current revision.")
+    workers: list[WorkerStatus]
+
+
+class NavItem(BaseModel):
+    slug: str
+    kind: Kind
+    sort: int
+    label: str
+
+
+class NavView(BaseModel):
+    lang: Literal["en", "ar"]
+    dir: Literal["ltr", "rtl"]
+    items: list[NavItem]
+
+
+class AuditRow(BaseModel):
+    """An audit entry with secret-looking config values masked."""
+
+    id: int
+    at: datetime
+    actor: str | None
+    slug: str
+    action: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    changes: dict[str, tuple[Any, Any]]
+    summary: str
+
+
+class PlanRow(BaseModel):
+    position: int
+    stage: int
+    slug: str
+    plugin: str
+    enabled: bool
+    outcome: str = Field(description='"run", "skip" or "fail"')
+
+
+class WorkflowView(BaseModel):
+    name: str
+    version: int | None
+    definition: dict[str, Any]
+    plan: list[PlanRow]
+
+
+class StepRow(BaseModel):
+    position: int
+    stage: int
+    slug: str
+    status: str
+    attempts: int
+    error: str | None = None
+    plugin_version: int | None = None
+    worker: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = None
+
+
+class RunSummary(BaseModel):
+    id: str
+    name: str
+    version: int
+    status: str
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = None
+
+
+class RunDetail(RunSummary):
+    """A run with its steps; input, context and output with secret-looking keys masked."""
+
+    input: dict[str, Any]
+    context: dict[str, Any]
+    output: dict[str, Any] | None = None
+    steps: list[StepRow]
+
+
+class ResumeResult(BaseModel):
+    run_id: str
+    status: Literal["resumed"] = "resumed"

@@ -1,0 +1,55 @@
+"""The app behind the web console tests: a few capabilities (one with a secret in
+its config, one that fails on demand) and a workflow, configured from ``PH_CONF``
+(see tests/harness.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from pydantic import BaseModel
+
+from pluginhost import CapabilityContext, PluginHost
+from tests.harness import conf_from_env
+from workflows import Parallel, Step, Workflow, Workflows
+
+app = Celery("web_app")
+app.conf.update(conf_from_env())
+host = PluginHost(app)
+flows = Workflows(host)  # registers the workflow tasks on workers
+
+
+class MailerConfig(BaseModel):
+    smtp_host: str = "mail.example.com"
+    smtp_port: int = 25
+    smtp_password: str = "hunter2"
+
+
+@host.capability("greet", label_en="Greeting", label_ar="تحية", sort=10)
+def greet(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"greeting": f"hello {payload.get('name', 'nobody')}"}
+
+
+@host.capability("mailer", config_model=MailerConfig, label_en="Mailer", label_ar="البريد", sort=20)
+def mailer(payload: dict[str, Any], ctx: CapabilityContext) -> dict[str, Any]:
+    return {"mailed_via": ctx.config.smtp_host}
+
+
+@host.capability("report", label_en="Report", label_ar="تقرير", sort=30)
+def report(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"reported": True}
+
+
+@host.capability("flaky", label_en="Flaky step", label_ar="خطوة متقلبة", sort=40)
+def flaky(payload: dict[str, Any], ctx: CapabilityContext) -> dict[str, Any]:
+    """Fails while its plugin's config says ``{"fail": true}``."""
+    if ctx.config.get("fail"):
+        raise RuntimeError("flaky is configured to fail")
+    return {"flaky": "ok"}
+
+
+WELCOME = Workflow("welcome", steps=[
+    Step("greet"),
+    Parallel(Step("mailer"), Step("report", on_disabled="skip")),
+    Step("flaky", on_disabled="fail"),
+])

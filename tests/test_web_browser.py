@@ -1,0 +1,192 @@
+"""The web console in headless Chromium, served by ``pluginhost web`` in a subprocess,
+next to real Celery workers: what an operator clicks is what the workers do.
+
+Needs Debian's ``chromium`` (``/usr/bin/chromium``) and the ``playwright`` package
+(its own browser download is not used). Missing: skipped, or a failure under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from pluginhost import CapabilityDisabled
+from tests.test_web import HOSTILE, ConsoleProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+USER, PASSWORD = "ops", "ops-browser-pass"
+
+pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+
+
+def _missing() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} is missing (apt-get install -y chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is missing (pip install playwright)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium driven by Playwright (one per module)."""
+    missing = _missing()
+    if missing:
+        if os.environ.get("CI", "").strip().lower() == "true":
+            pytest.fail(f"CI=true and the browser tests cannot run: {missing}")
+        pytest.skip(f"browser tests need Chromium: {missing}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def web(app_conf: dict[str, Any], configure_app: Any) -> Iterator[ModuleType]:
+    """The web test app in this process, on this test's backend."""
+    from tests.apps import web_app as module
+
+    configure_app(module.app)
+    module.host.with_store(app_conf["pluginhost_store"])
+    module.host.sync()
+    module.flows.define(module.WELCOME)
+    yield module
+    module.host.store.close()
+
+
+@pytest.fixture
+def server(web: ModuleType, app_conf: dict[str, Any], tmp_path: Path) -> Iterator[ConsoleProcess]:
+    """``pluginhost web`` on a free port of 127.0.0.1, stopped at teardown."""
+    env = {"PLUGINHOST_WEB_USER": USER, "PLUGINHOST_WEB_PASSWORD": PASSWORD}
+    process = ConsoleProcess(app_conf, env=env, log_path=tmp_path / "console.log")
+    try:
+        yield process.wait_ready()
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def page(browser: Any, server: ConsoleProcess) -> Iterator[Any]:
+    """A logged-in page; any JavaScript dialog is recorded in ``page.dialogs``."""
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    tab = context.new_page()
+    tab.dialogs = []
+    tab.on("dialog", lambda dialog: (tab.dialogs.append(dialog.message), dialog.dismiss()))
+    tab.goto(f"{server.url}/plugins")
+    assert "/login?next=" in tab.url  # nothing is shown before logging in
+    tab.fill("input[name=username]", USER)
+    tab.fill("input[name=password]", PASSWORD)
+    tab.click("form[action$='/login'] button[type=submit]")
+    tab.wait_for_url(f"{server.url}/plugins")
+    yield tab
+    context.close()
+
+
+def screenshot(page: Any, name: str, tmp_path: Path) -> None:
+    """Full-page PNG in the test's tmp dir and in docs/screenshots/."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(tmp_path / name), full_page=True)
+    shutil.copyfile(tmp_path / name, SCREENSHOTS / name)
+
+
+def arabic_menu(page: Any, server: ConsoleProcess) -> list[str]:
+    page.goto(f"{server.url}/nav")
+    return page.locator(".menu-ar li.nav-item").evaluate_all("items => items.map(i => i.dataset.slug)")
+
+
+def test_disabling_a_capability_on_the_page_stops_a_running_worker_using_it(
+    web: ModuleType, server: ConsoleProcess, page: Any, workers: Any, tmp_path: Path
+) -> None:
+    worker = workers("tests.apps.web_app", pool="solo")
+    assert web.host.run_capability("greet", {"name": "before"}).get(timeout=20) == {"greeting": "hello before"}
+    switch = page.locator("#plugin-greet button[role=switch]")
+    assert switch.inner_text() == "On"
+    switch.click()
+    page.wait_for_selector(".flash")
+    assert f"acknowledged by {worker.hostname}" in page.locator(".flash").inner_text()
+    assert page.locator("#plugin-greet button[role=switch]").get_attribute("aria-checked") == "false"
+    row = page.locator(f'tr.worker[data-hostname="{worker.hostname}"]')
+    assert row.locator("td").nth(2).inner_text() == "current"
+    assert row.locator("td").nth(1).inner_text() == page.locator(".store-revision").inner_text()
+    with pytest.raises(CapabilityDisabled):
+        web.host.run_capability("greet", {"name": "after"})
+    with pytest.raises(CapabilityDisabled, match="plugin 'greet' is disabled"):
+        web.host.task("greet").delay({"name": "queued"}).get(timeout=20)  # the worker refuses it
+    assert web.host.audit("greet", limit=1)[0].actor == USER
+    screenshot(page, "plugins.png", tmp_path)
+
+
+def test_reordering_two_plugins_changes_the_arabic_navigation(
+    web: ModuleType, server: ConsoleProcess, page: Any
+) -> None:
+    assert arabic_menu(page, server) == ["greet", "mailer", "report", "flaky"]
+    assert page.locator(".menu-ar").get_attribute("dir") == "rtl"
+    page.goto(f"{server.url}/plugins")
+    page.click("button[aria-label='Move mailer up']")
+    page.wait_for_selector(".flash")
+    assert arabic_menu(page, server) == ["mailer", "greet", "report", "flaky"]
+    page.goto(f"{server.url}/plugins")
+    page.fill("input[aria-label='Sort order of flaky']", "-5")
+    page.locator("#plugin-flaky form.sort button").click()
+    page.wait_for_selector(".flash")
+    assert arabic_menu(page, server) == ["flaky", "mailer", "greet", "report"]
+    labels = page.locator(".menu-ar li.nav-item").all_inner_texts()
+    assert labels[0] == "خطوة متقلبة"
+
+
+def test_resuming_a_failed_run_from_its_page(
+    web: ModuleType, server: ConsoleProcess, page: Any, workers: Any, tmp_path: Path
+) -> None:
+    workers("tests.apps.web_app", pool="solo")
+    web.host.configure("flaky", {"fail": True})
+    run_id = web.flows.start("welcome", {"name": "Ada"}).id
+    deadline = time.monotonic() + 30
+    while web.flows.run(run_id).status != "failed" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    page.goto(f"{server.url}/runs?status=failed")
+    page.click(f"tr[data-run='{run_id}'] a")
+    assert page.locator("#run-status").inner_text() == "failed"
+    assert "flaky is configured to fail" in page.locator("tr[data-slug='flaky']").inner_text()
+    assert page.locator("svg.diagram g[data-slug='flaky']").get_attribute("data-state") == "failed"
+    screenshot(page, "run.png", tmp_path)
+    web.host.configure("flaky", {"fail": False})
+    page.click("form.resume button")
+    assert "Resumed run" in page.locator(".flash").inner_text()
+    deadline = time.monotonic() + 30
+    while page.locator("#run-status").inner_text() != "succeeded" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        page.reload()
+    assert page.locator("#run-status").inner_text() == "succeeded"
+    assert page.locator("form.resume").count() == 0
+    cells = page.locator("tr[data-slug='flaky'] td").all_inner_texts()
+    assert cells[3] == "succeeded" and cells[4] == "2"  # the second attempt, after the resume
+    page.screenshot(path=str(tmp_path / "run-resumed.png"), full_page=True)
+
+
+def test_a_script_label_renders_as_text(web: ModuleType, server: ConsoleProcess, page: Any) -> None:
+    web.host.register({"slug": "evil", "kind": "ui", "label_en": HOSTILE, "label_ar": HOSTILE, "sort": -1})
+    for path in ("/plugins", "/nav", "/audit"):
+        page.goto(f"{server.url}{path}")
+        page.wait_for_load_state("load")
+    page.goto(f"{server.url}/plugins")
+    assert page.locator("#plugin-evil .label-en").inner_text() == HOSTILE
+    page.goto(f"{server.url}/nav")
+    assert page.locator(".menu-en li.nav-item").first.inner_text() == HOSTILE
+    assert page.dialogs == []
