@@ -303,7 +303,7 @@ def _normalise_url(url: str) -> str:
 
 
 # A dead peer (a partition that drops packets) is noticed in ~3 s, not hours.
-_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 1, "keepalives_interval": 1, "keepalives_count": 2}
+_KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 1, "keepalives_interval": 1, "keepalives_count": 2}
 
 
 def _make_engine(url: str, dialect: str, connect_timeout_s: float, pool_size: int) -> Engine:
