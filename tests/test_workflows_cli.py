@@ -357,7 +357,7 @@ def test_sweep_fails_runs_whose_step_has_been_running_too_long(
     stuck, _ = flows.prepare("hello", {})
     fresh, _ = flows.prepare("hello", {})
     for run_id in (stuck, fresh):
-        flows.store.begin_step(run_id, 0, worker="w-dead")  # as a worker does, then it died
+        flows.store.begin_step(run_id, 0, worker="w-dead", first=True)  # as a worker does, then it died
     set_times(flows, steps_table, ago(2 * 3600), "started_at", run_id=stuck)
 
     assert cli("sweep", "--older-than", "3h").stdout == ""

@@ -37,13 +37,18 @@ def build(
     context: dict[str, Any],
     *,
     from_stage: int = 0,
-    done: frozenset[int] = frozenset(),
+    done: dict[int, dict[str, Any]] | None = None,
 ) -> chain:
-    """The canvas for ``workflow`` from ``from_stage`` on, skipping positions in ``done``."""
+    """The canvas for ``workflow`` from ``from_stage`` on. ``done`` holds the
+    recorded outputs of steps of that stage that already finished (a resumed
+    parallel stage reruns only the rest)."""
+    done = done or {}
+    stages = list(zip(workflow.steps, workflow.stages()))
+    first_positions = range(len(stages[0][1])) if stages else range(0)
     links: list[Signature] = []
     position = 0
 
-    def step_sig(pos: int, step: Step, parallel: bool) -> Signature:
+    def step_sig(pos: int, step: Step, parallel: bool, final: bool) -> Signature:
         args: tuple[Any, ...] = (run_id, pos) if links else (context, run_id, pos)
         options: dict[str, Any] = {}
         if step.timeout is not None:
@@ -54,24 +59,29 @@ def build(
             "retries": step.retries,
             "retry_backoff": step.retry_backoff,
             "parallel": parallel,
+            "first": pos in first_positions,
+            "final": final,
         }
         return rt.step_task.signature(args, kwargs, **options)
 
-    for stage_index, (stage_def, steps) in enumerate(zip(workflow.steps, workflow.stages())):
+    for stage_index, (stage_def, steps) in enumerate(stages):
         positions = list(range(position, position + len(steps)))
         position += len(steps)
         if stage_index < from_stage:
             continue
+        final = stage_index == len(stages) - 1
         todo = [(p, s) for p, s in zip(positions, steps) if p not in done]
         if isinstance(stage_def, Parallel):
-            merge_args: tuple[Any, ...] = (run_id, stage_index) if links else (context, run_id, stage_index)
-            merge = rt.merge_task.signature(merge_args if not todo else (run_id, stage_index))
+            recorded = {str(p): done[p] for p in positions if p in done}
+            merge_kwargs = {"done": recorded, "final": final}
             if todo:
-                links.append(chord([step_sig(p, s, True) for p, s in todo], merge))
+                header = [step_sig(p, s, True, False) for p, s in todo]
+                links.append(chord(header, rt.merge_task.signature((run_id, stage_index), merge_kwargs)))
             else:
-                links.append(merge)
+                args = (run_id, stage_index) if links else (context, run_id, stage_index)
+                links.append(rt.merge_task.signature(args, merge_kwargs))
         elif todo:
-            links.append(step_sig(todo[0][0], todo[0][1], False))
-    finish_args: tuple[Any, ...] = (run_id,) if links else (context, run_id)
-    links.append(rt.finish_task.signature(finish_args))
+            links.append(step_sig(todo[0][0], todo[0][1], False, final))
+    if not links:
+        links.append(rt.finish_task.signature((context, run_id)))
     return chain(*links)

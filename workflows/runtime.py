@@ -38,20 +38,23 @@ class Runtime:
         app = host.app
 
         @app.task(name=STEP_TASK, bind=True, **TASK_OPTIONS)
-        def step(task: Task, context: dict[str, Any], run_id: str, position: int, **policy: Any) -> dict[str, Any]:
+        def step(task: Task, context: dict[str, Any], run_id: str, position: int, **policy: Any) -> Any:
             """Run one workflow step (history recorded in the workflow store)."""
             return self.run_step(task, context, run_id, position, **policy)
 
         @app.task(name=MERGE_TASK, **TASK_OPTIONS)
-        def merge(_results: Any, run_id: str, stage: int) -> dict[str, Any]:
-            """Merge a parallel stage's outputs in declaration order."""
-            return self.store.merge_stage(run_id, stage)
+        def merge(
+            results: Any, run_id: str, stage: int, *, done: dict[str, Any] | None = None, final: bool = False
+        ) -> dict[str, Any]:
+            """Merge a parallel stage's branch outputs, in declaration order, into
+            the context the stage started with."""
+            return self.merge_stage(results, run_id, stage, done or {}, final)
 
         @app.task(name=FINISH_TASK, **TASK_OPTIONS)
         def finish(context: dict[str, Any], run_id: str) -> dict[str, Any]:
-            """Record a run as succeeded; its result is the final context."""
-            metrics.run_finished(self.store.finish_run(run_id, context), "succeeded")
-            return context
+            """Record a run as succeeded when no step is left to do it (a resume of
+            a run whose steps had all finished)."""
+            return self.finish_run(run_id, context)
 
         self.step_task, self.merge_task, self.finish_task = step, merge, finish
 
@@ -90,24 +93,28 @@ class Runtime:
         retries: int = 0,
         retry_backoff: float = 1.0,
         parallel: bool = False,
-    ) -> dict[str, Any]:
+        first: bool = False,
+        final: bool = False,
+    ) -> Any:
+        """Returns the context for the next step, or ``[position, output, context]``
+        for a parallel branch (the merge combines them in declaration order)."""
         started = time.monotonic()
-        row = self.store.begin_step(run_id, position, worker=task.request.hostname)
+        row = self.store.begin_step(run_id, position, worker=task.request.hostname, first=first)
         if row.status in DONE:
             # A redelivered step that already finished: reuse what it recorded.
-            return {**context, **(row.output or {})}
+            return self._outcome(run_id, position, context, row.output or {}, parallel, final)
         if row.status != "running":
             raise Ignore()  # the run failed or was cancelled meanwhile
         host = self.host
         plugin = host.plugin_of(slug)
         if not host.is_enabled(plugin):
-            return self._disabled(run_id, position, slug, plugin, on_disabled, context, parallel, started)
+            return self._disabled(run_id, position, slug, plugin, on_disabled, context, parallel, final, started)
         found = host.get(plugin)
         version = found.version if found else None
         try:
             result = host.call_capability(slug, context)
         except CapabilityDisabled:
-            return self._disabled(run_id, position, slug, plugin, on_disabled, context, parallel, started)
+            return self._disabled(run_id, position, slug, plugin, on_disabled, context, parallel, final, started)
         except (Retry, Ignore):
             raise
         except Exception as exc:
@@ -121,13 +128,39 @@ class Runtime:
             self._failed(run_id, position, slug, error, version, started)
             raise
         output = result if isinstance(result, dict) else ({} if result is None else {slug: result})
-        merged = {**context, **output}
-        self.store.finish_step(
-            run_id, position, "succeeded", output=output, plugin_version=version,
-            context=None if parallel else merged,
-        )
+        self.store.finish_step(run_id, position, "succeeded", output=output, plugin_version=version)
         metrics.step_finished(slug, "succeeded", time.monotonic() - started)
-        return merged
+        return self._outcome(run_id, position, context, output, parallel, final)
+
+    def _outcome(
+        self, run_id: str, position: int, context: dict[str, Any], output: dict[str, Any], parallel: bool, final: bool
+    ) -> Any:
+        if parallel:
+            return [position, output, context]
+        merged = {**context, **output}
+        return self.finish_run(run_id, merged) if final else merged
+
+    def merge_stage(
+        self, results: Any, run_id: str, stage: int, done: dict[str, Any], final: bool
+    ) -> dict[str, Any]:
+        outputs = {int(p): o for p, o in done.items()}
+        base: dict[str, Any] | None = None
+        if isinstance(results, dict):  # nothing ran in this stage: the context itself
+            base = results
+        else:
+            for position, output, context in results:
+                outputs[int(position)] = output
+                base = context
+        if base is None:
+            raise InvalidWorkflow(f"run {run_id}: stage {stage} has no branch results to merge")
+        merged = dict(base)
+        for position in sorted(outputs):
+            merged.update(outputs[position])
+        return self.finish_run(run_id, merged) if final else merged
+
+    def finish_run(self, run_id: str, context: dict[str, Any]) -> dict[str, Any]:
+        metrics.run_finished(self.store.finish_run(run_id, context), "succeeded")
+        return context
 
     def _disabled(
         self,
@@ -138,15 +171,14 @@ class Runtime:
         policy: str,
         context: dict[str, Any],
         parallel: bool,
+        final: bool,
         started: float,
-    ) -> dict[str, Any]:
+    ) -> Any:
         reason = f"plugin '{plugin}' is disabled"
         if policy == "skip":
-            self.store.finish_step(
-                run_id, position, "skipped", error=reason, context=None if parallel else context
-            )
+            self.store.finish_step(run_id, position, "skipped", error=reason)
             metrics.step_finished(slug, "skipped", time.monotonic() - started)
-            return context
+            return self._outcome(run_id, position, context, {}, parallel, final)
         error = CapabilityDisabled(f"step '{slug}' of run {run_id} failed: {reason}")
         self._failed(run_id, position, slug, f"CapabilityDisabled: {error}", None, started)
         raise error

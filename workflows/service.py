@@ -130,8 +130,7 @@ class Workflows:
         if found is None:
             raise WorkflowNotFound(f"workflow '{run.name}' version {run.version} is gone")
         wf = Workflow.model_validate(found[1])
-        done = frozenset(s.position for s in run.steps if s.status in ("succeeded", "skipped"))
-        from_stage, context = self.store.reset_for_resume(run_id)
+        from_stage, context, done = self.store.reset_for_resume(run_id)
         canvas = build(self.runtime, wf, run_id, context, from_stage=from_stage, done=done)
         return canvas.apply_async()
 

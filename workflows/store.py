@@ -175,7 +175,7 @@ class WorkflowStore:
             row = conn.execute(q).first()
             return (int(row.version), row.definition) if row else None
 
-        return self._read(read)
+        return self._one(read)
 
     def latest_definitions(self) -> list[tuple[int, dict[str, Any]]]:
         def read(conn: Connection) -> list[tuple[int, dict[str, Any]]]:
@@ -201,8 +201,6 @@ class WorkflowStore:
         """Insert a run and its pending steps; False if the run already exists (redelivery)."""
 
         def write(conn: Connection) -> bool:
-            if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first():
-                return False
             conn.execute(
                 insert(runs).values(
                     id=run_id, name=name, version=version, status="pending", input=input,
@@ -223,34 +221,35 @@ class WorkflowStore:
         except IntegrityError:
             return False
 
-    def begin_step(self, run_id: str, position: int, worker: str | None) -> StepRun:
+    def begin_step(self, run_id: str, position: int, worker: str | None, *, first: bool = False) -> StepRun:
         """Mark a step running (one more attempt) unless it already finished.
 
-        The returned row says what to do: a ``succeeded``/``skipped`` row is a
-        duplicate delivery, whose recorded output is reused instead of running again.
+        One statement on the common path. The returned row says what to do: a
+        ``succeeded``/``skipped`` row is a duplicate delivery, whose recorded
+        output is reused instead of running again. ``first`` (a step of the
+        first stage) also moves the run from pending to running.
         """
 
         def write(conn: Connection) -> StepRun:
             now = _now()
-            conn.execute(
+            row = conn.execute(
                 update(steps)
                 .where(steps.c.run_id == run_id, steps.c.position == position)
                 .where(steps.c.status.in_(("pending", "running")))
                 .values(status="running", attempts=steps.c.attempts + 1, started_at=now, worker=worker, error=None)
-            )
-            conn.execute(
-                update(runs)
-                .where(runs.c.id == run_id, runs.c.status == "pending")
-                .values(status="running", started_at=now)
-            )
-            row = conn.execute(
-                select(steps).where(steps.c.run_id == run_id, steps.c.position == position)
+                .returning(*steps.c)
             ).first()
             if row is None:
-                raise WorkflowNotFound(f"run {run_id!r} has no step at position {position}")
+                row = conn.execute(select(steps).where(steps.c.run_id == run_id, steps.c.position == position)).first()
+                if row is None:
+                    raise WorkflowNotFound(f"run {run_id!r} has no step at position {position}")
+            elif first:
+                conn.execute(
+                    update(runs).where(runs.c.id == run_id, runs.c.status == "pending").values(status="running", started_at=now)
+                )
             return StepRun.model_validate(dict(row._mapping))
 
-        return self._write(write)
+        return self._one(write)
 
     def finish_step(
         self,
@@ -261,20 +260,15 @@ class WorkflowStore:
         output: dict[str, Any] | None = None,
         error: str | None = None,
         plugin_version: int | None = None,
-        context: dict[str, Any] | None = None,
     ) -> None:
-        """Record a step's outcome (and, for a sequential step, the run's context after it)."""
-
-        def write(conn: Connection) -> None:
-            conn.execute(
+        """Record a step's outcome (one statement)."""
+        self._one(
+            lambda conn: conn.execute(
                 update(steps)
                 .where(steps.c.run_id == run_id, steps.c.position == position)
                 .values(status=status, output=output, error=error, plugin_version=plugin_version, finished_at=_now())
             )
-            if context is not None:
-                conn.execute(update(runs).where(runs.c.id == run_id).values(context=context))
-
-        self._write(write)
+        )
 
     def retry_step(self, run_id: str, position: int, error: str) -> None:
         """A failed attempt that will be retried: back to pending, error kept."""
@@ -316,29 +310,10 @@ class WorkflowStore:
 
         return self._write(write)
 
-    def merge_stage(self, run_id: str, stage: int) -> dict[str, Any]:
-        """Merge a parallel stage's outputs, in declaration order, into the run's
-        context (the context at the stage's start); store and return it."""
-
-        def write(conn: Connection) -> dict[str, Any]:
-            context = dict(conn.execute(select(runs.c.context).where(runs.c.id == run_id)).scalar_one())
-            rows = conn.execute(
-                select(steps.c.status, steps.c.output)
-                .where(steps.c.run_id == run_id, steps.c.stage == stage)
-                .order_by(steps.c.position)
-            )
-            for row in rows:
-                if row.status == "succeeded" and row.output:
-                    context.update(row.output)
-            conn.execute(update(runs).where(runs.c.id == run_id).values(context=context))
-            return context
-
-        return self._write(write)
-
     def finish_run(self, run_id: str, output: dict[str, Any]) -> str:
-        """Record a run's success; returns the workflow's name."""
+        """Record a run's success (one statement); returns the workflow's name."""
         return str(
-            self._write(
+            self._one(
                 lambda conn: conn.execute(
                     update(runs)
                     .where(runs.c.id == run_id)
@@ -371,17 +346,28 @@ class WorkflowStore:
 
         return self._read(read)
 
-    def reset_for_resume(self, run_id: str) -> tuple[int, dict[str, Any]]:
-        """Failed and cancelled steps back to pending, the run back to running;
-        returns the stage to start from and the context saved before it."""
+    def reset_for_resume(self, run_id: str) -> tuple[int, dict[str, Any], dict[int, dict[str, Any]]]:
+        """Failed and cancelled steps back to pending, the run back to running.
 
-        def write(conn: Connection) -> tuple[int, dict[str, Any]]:
-            row = conn.execute(select(runs.c.context).where(runs.c.id == run_id)).first()
-            stage = conn.execute(
-                select(func.min(steps.c.stage)).where(
-                    steps.c.run_id == run_id, steps.c.status.not_in(DONE)
-                )
-            ).scalar()
+        Returns the stage to start from, the context before it (the input merged
+        with every earlier step's output in declaration order) and the recorded
+        outputs of that stage's finished steps (a parallel stage may be half done).
+        """
+
+        def write(conn: Connection) -> tuple[int, dict[str, Any], dict[int, dict[str, Any]]]:
+            run_input = conn.execute(select(runs.c.input).where(runs.c.id == run_id)).scalar_one()
+            rows = conn.execute(
+                select(steps.c.position, steps.c.stage, steps.c.status, steps.c.output)
+                .where(steps.c.run_id == run_id)
+                .order_by(steps.c.position)
+            ).all()
+            todo = [r.stage for r in rows if r.status not in DONE]
+            stage = min(todo) if todo else (rows[-1].stage + 1 if rows else 0)
+            context = dict(run_input)
+            for r in rows:
+                if r.stage < stage and r.status == "succeeded" and r.output:
+                    context.update(r.output)
+            done = {r.position: dict(r.output or {}) for r in rows if r.stage == stage and r.status in DONE}
             conn.execute(
                 update(steps)
                 .where(steps.c.run_id == run_id, steps.c.status.in_(("failed", "cancelled", "running")))
@@ -390,7 +376,7 @@ class WorkflowStore:
             conn.execute(
                 update(runs).where(runs.c.id == run_id).values(status="running", error=None, finished_at=None)
             )
-            return int(stage if stage is not None else 0), dict(row.context) if row else {}
+            return stage, context, done
 
         return self._write(write)
 
@@ -423,6 +409,18 @@ class WorkflowStore:
         def run() -> T:
             with self.engine.connect() as conn:
                 return fn(conn)
+
+        return self._guard(run)
+
+    def _one(self, fn: Callable[[Connection], T]) -> T:
+        """One statement, committed as it runs: on PostgreSQL no BEGIN/COMMIT
+        round trips (the hot path of every step)."""
+        if self.engine.dialect.name != "postgresql":
+            return self._write(fn)
+
+        def run() -> T:
+            with self.engine.connect() as conn:
+                return fn(conn.execution_options(isolation_level="AUTOCOMMIT"))
 
         return self._guard(run)
 
