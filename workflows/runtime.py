@@ -7,8 +7,9 @@ import time
 import weakref
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from celery.exceptions import Ignore, Retry
+from sqlalchemy import create_engine
 
 from pluginhost import CapabilityDisabled, InvalidInput, PluginHost, metrics
 
@@ -64,6 +65,7 @@ class Runtime:
         rt = _RUNTIMES.get(host.app)
         if rt is None:
             rt = _RUNTIMES[host.app] = cls(host)
+            signals.worker_process_init.connect(lambda **_: rt.after_fork(), weak=False)
         return rt
 
     @property
@@ -76,8 +78,21 @@ class Runtime:
                 raise InvalidWorkflow(
                     f"workflows need a SQL store (SQLite or PostgreSQL), not {type(current).__name__}"
                 )
+            if engine.dialect.name == "postgresql" and not self.host.app.conf.get("workflows_synchronous_commit", True):
+                # History writes skip the WAL flush wait; a PostgreSQL *server*
+                # crash can then lose the last ~0.6 s of step updates, which the
+                # sweeper reports (steps left running). Plugin admin writes stay durable.
+                engine = create_engine(
+                    engine.url, pool_pre_ping=True,
+                    connect_args={"options": "-c synchronous_commit=off"},
+                )
             self._store, self._store_of = WorkflowStore(engine), current
         return self._store
+
+    def after_fork(self) -> None:
+        """Forget connections inherited from the parent (a prefork child)."""
+        if self._store is not None:
+            self._store.engine.dispose(close=False)
 
     # -- tasks -----------------------------------------------------------------
 
