@@ -123,7 +123,6 @@ def install(host: PluginHost) -> None:
             after_fork = getattr(host.store, "after_fork", None)
             if after_fork is not None:
                 after_fork()
-            host._feed = None  # the parent's LISTEN socket is not ours
 
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.worker_process_init.connect(on_child_init, weak=False)

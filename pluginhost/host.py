@@ -19,7 +19,6 @@ from .errors import (
     InvalidConfig,
     InvalidPlugin,
     PluginNotFound,
-    StoreUnavailable,
 )
 from .model import (
     AuditEntry,
@@ -59,7 +58,6 @@ class PluginHost:
         self._revision = -1
         self._ready = False
         self._lock = threading.RLock()
-        self._feed: Any = None
         self.worker = control.WorkerLink(self)
         control.install(self)
 
@@ -74,7 +72,6 @@ class PluginHost:
     def with_store(self, store: str | Store) -> PluginHost:
         """Swap the store (a Store or URL); the cache is reloaded on next use."""
         with self._lock:
-            self._close_feed()
             self._store_spec = store
             self._opened = None
             self._ready = False
@@ -374,9 +371,8 @@ class PluginHost:
         """Bring this process's view up to date before a read.
 
         In a worker the view follows the revision the main process publishes
-        (broadcast + poll), so a task costs no query. Elsewhere it follows the
-        store itself: PostgreSQL pushes changes by NOTIFY, other stores are
-        asked for their revision.
+        (broadcast + poll), so a task costs no query. Elsewhere the store is
+        asked for its revision.
         """
         if self.worker.active:
             self.worker.follow()
@@ -384,30 +380,11 @@ class PluginHost:
             self.fresh_from_store()
 
     def fresh_from_store(self) -> None:
-        """The strict check used before dispatch: the view equals the store's."""
+        """The strict check used before dispatch: read the store's revision (one
+        indexed read, one round trip) and reload the view if it moved."""
         self._ready_or_raise()
-        store = self.store
-        if isinstance(store, SQLAlchemyStore) and store.dialect == "postgresql":
-            with self._lock:
-                if self._feed is not None:
-                    try:
-                        changed = self._feed.changed()
-                    except StoreUnavailable:
-                        self._feed = None  # lost: reconnect below, or fail closed
-                    else:
-                        if changed:
-                            self._reload()
-                        return
-                self._feed = store.change_feed()
-                self._reload()  # changes before LISTEN are not in the feed
-            return
-        if store.revision() != self._revision:
+        if self.store.revision() != self._revision:
             self._reload()
-
-    def _close_feed(self) -> None:
-        if self._feed is not None:
-            self._feed.close()
-            self._feed = None
 
     def plugin_for(self, cap: Capability) -> Plugin | None:
         return self._plugins.get(cap.plugin)

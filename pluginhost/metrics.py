@@ -9,6 +9,8 @@ from one process with ``prometheus_client.multiprocess.MultiProcessCollector``
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from prometheus_client import Counter, Gauge, Histogram
 
 DISPATCHED = Counter(
@@ -36,8 +38,14 @@ STEP_SECONDS = Histogram(
 RUNS = Counter("workflows_runs", "Finished workflow runs by outcome", ["workflow", "status"])
 
 
+# The labelled children of the hot-path counters, looked up once per capability
+# (a labels() call costs ~3 us, a cached one ~0.1 us).
+_dispatched = lru_cache(maxsize=None)(DISPATCHED.labels)
+_executed = lru_cache(maxsize=None)(EXECUTED.labels)
+
+
 def dispatched(capability: str) -> None:
-    DISPATCHED.labels(capability).inc()
+    _dispatched(capability).inc()
 
 
 def refused(capability: str, where: str) -> None:
@@ -53,7 +61,7 @@ def deferred(capability: str) -> None:
 
 
 def executed(capability: str) -> None:
-    EXECUTED.labels(capability).inc()
+    _executed(capability).inc()
 
 
 def applied_revision(revision: int) -> None:

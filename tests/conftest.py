@@ -162,3 +162,17 @@ def workers(app_conf: dict[str, Any], tmp_path: Path) -> Iterator[harness.Worker
     harness.delete_broker_objects(app_conf, factory.queues())
     if problems:
         pytest.fail("workers did not stop cleanly:\n" + "\n".join(problems))
+
+
+@pytest.fixture
+def core(app_conf: dict[str, Any], configure_app: Callable[[Any], Any]) -> Iterator[Any]:
+    """tests.apps.core (capabilities and the ``flow`` workflow) pointed at this
+    test's broker, result backend and store."""
+    from tests.apps import core as module
+
+    configure_app(module.app)
+    module.host.with_store(app_conf["pluginhost_store"])
+    module.host.sync()
+    module.flows.define(module.FLOW)
+    yield module
+    module.host.store.close()

@@ -21,16 +21,6 @@ pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 
 
 @pytest.fixture
-def core(app_conf: dict[str, Any], configure_app: Any) -> ModuleType:
-    from tests.apps import core as module
-
-    configure_app(module.app)
-    module.host.with_store(app_conf["pluginhost_store"])
-    module.host.sync()
-    return module
-
-
-@pytest.fixture
 def cli(app_conf: dict[str, Any], core: ModuleType) -> Any:
     """Runs the real console script with this test's settings."""
 

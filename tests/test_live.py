@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,18 +19,6 @@ from sqlalchemy import text
 from pluginhost import CapabilityDisabled, InvalidInput
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def core(app_conf: dict[str, Any], configure_app: Any) -> Iterator[ModuleType]:
-    """The core test app, pointed at this test's broker, backend and store."""
-    from tests.apps import core as module
-
-    configure_app(module.app)
-    module.host.with_store(app_conf["pluginhost_store"])
-    module.host.sync()
-    yield module
-    module.host.store.close()
 
 
 def queue_size(app: Any, queue: str) -> int:

@@ -142,6 +142,11 @@ class Workflows:
         for run_id, position, slug in self.store.stale_steps(older_than_s):
             self.store.fail_run(run_id, position, f"step '{slug}' lost: running for over {older_than_s:.0f}s (worker died?)")
             swept.append(run_id)
+        for run_id, position, slug in self.store.stalled_steps(older_than_s):
+            self.store.fail_run(
+                run_id, position, f"step '{slug}' lost: not started, no progress for {older_than_s:.0f}s (message lost?)"
+            )
+            swept.append(run_id)
         return sorted(set(swept))
 
     def prune(self, older_than_s: float) -> int:

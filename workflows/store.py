@@ -25,6 +25,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -317,7 +318,11 @@ class WorkflowStore:
                 lambda conn: conn.execute(
                     update(runs)
                     .where(runs.c.id == run_id)
-                    .values(status="succeeded", context=output, output=output, error=None, finished_at=_now())
+                    # a duplicate of the last step must not move the end time
+                    .values(
+                        status="succeeded", context=output, output=output, error=None,
+                        finished_at=func.coalesce(runs.c.finished_at, _now()),
+                    )
                     .returning(runs.c.name)
                 ).scalar_one()
             )
@@ -387,6 +392,37 @@ class WorkflowStore:
             cutoff = _now() - timedelta(seconds=older_than_s)
             q = select(steps.c.run_id, steps.c.position, steps.c.slug).where(
                 steps.c.status == "running", steps.c.started_at < cutoff
+            )
+            return [(r.run_id, int(r.position), r.slug) for r in conn.execute(q)]
+
+        return self._read(read)
+
+    def stalled_steps(self, older_than_s: float) -> list[tuple[str, int, str]]:
+        """(run id, position, slug) of the first unfinished step of each pending or
+        running run created over ``older_than_s`` ago in which no step is running and
+        none started or finished within ``older_than_s``: the message that would
+        have moved it on was lost (a broker restart, a lost chord callback)."""
+
+        def read(conn: Connection) -> list[tuple[str, int, str]]:
+            cutoff = _now() - timedelta(seconds=older_than_s)
+            active = select(steps.c.run_id).where(
+                or_(steps.c.status == "running", steps.c.started_at >= cutoff, steps.c.finished_at >= cutoff)
+            )
+            first_open = (
+                select(steps.c.run_id, func.min(steps.c.position).label("position"))
+                .join(runs, runs.c.id == steps.c.run_id)
+                .where(
+                    runs.c.status.in_(("pending", "running")),
+                    runs.c.created_at < cutoff,
+                    runs.c.id.not_in(active),
+                    steps.c.status.not_in(DONE),
+                )
+                .group_by(steps.c.run_id)
+                .subquery()
+            )
+            q = select(steps.c.run_id, steps.c.position, steps.c.slug).join(
+                first_open,
+                and_(steps.c.run_id == first_open.c.run_id, steps.c.position == first_open.c.position),
             )
             return [(r.run_id, int(r.position), r.slug) for r in conn.execute(q)]
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime, timezone
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import ConcurrentUpdate
 from ..model import AuditEntry, Plugin, mask_secrets
 
 #: Fields an admin may change with ``update``; the store bumps ``version`` itself.
@@ -57,6 +59,23 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+def next_version(current: Plugin, changes: dict[str, Any], expected_version: int | None) -> Plugin | None:
+    """The record after ``changes`` (version + 1), or None if they change nothing.
+
+    Raises ``ConcurrentUpdate`` if ``expected_version`` is given and is not the
+    current version. Shared by every store so they agree on what a change is.
+    """
+    if expected_version is not None and expected_version != current.version:
+        raise ConcurrentUpdate(
+            f"plugin '{current.slug}': expected version {expected_version}, found {current.version}"
+        )
+    if all(getattr(current, k) == v for k, v in changes.items()):
+        return None
+    return Plugin.model_validate(
+        {**current.model_dump(), **changes, "version": current.version + 1, "updated_at": datetime.now(timezone.utc)}
+    )
 
 
 def snapshot(plugin: Plugin) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConcurrentUpdate, PluginNotFound
 from ..model import AuditEntry, Plugin
-from .base import MUTABLE_FIELDS, snapshot
+from .base import MUTABLE_FIELDS, next_version, snapshot
 
 
 class MemoryStore:
@@ -98,16 +98,9 @@ class MemoryStore:
         actor: str | None,
         expected_version: int | None,
     ) -> tuple[Plugin, int]:
-        if expected_version is not None and expected_version != current.version:
-            raise ConcurrentUpdate(
-                f"plugin '{current.slug}': expected version {expected_version}, found {current.version}"
-            )
-        if all(getattr(current, k) == v for k, v in changes.items()):
+        new = next_version(current, changes, expected_version)
+        if new is None:
             return current.model_copy(), self._revision
-        new = current.model_copy(
-            update={**changes, "version": current.version + 1, "updated_at": _now()}
-        )
-        new = Plugin.model_validate(new.model_dump())
         return new.model_copy(), self._write(current, new, action, actor)
 
     def _write(self, before: Plugin | None, after: Plugin, action: str, actor: str | None) -> int:

@@ -33,6 +33,27 @@ def migrate(engine: Engine, script_location: Path, version_table: str) -> None:
             command.upgrade(cfg, "head")
 
 
+def run_env(version_table: str) -> None:
+    """The body of an Alembic ``env.py``: migrate the connection ``migrate()``
+    hands over (or the configured URL) with ``version_table``."""
+    from alembic import context
+    from sqlalchemy import create_engine
+
+    config = context.config
+
+    def run(conn: Connection) -> None:
+        context.configure(connection=conn, version_table=version_table)
+        with context.begin_transaction():
+            context.run_migrations()
+
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        run(connection)
+        return
+    with create_engine(config.get_main_option("sqlalchemy.url") or "").connect() as conn:
+        run(conn)
+
+
 def _current(engine: Engine, version_table: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
 

@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from ..errors import ConcurrentUpdate, PluginNotFound, StoreUnavailable
 from ..model import AuditEntry, Kind, Plugin
 from . import schema
-from .base import MUTABLE_FIELDS, snapshot
+from .base import MUTABLE_FIELDS, next_version, snapshot
 from .migrate import migrate
 
 log = logging.getLogger("pluginhost.store")
@@ -57,22 +57,25 @@ class SQLAlchemyStore:
     # -- reads -----------------------------------------------------------------
 
     def revision(self) -> int:
-        # The hot path (dispatch checks, worker polls): one primary-key read on a
-        # DBAPI connection kept per thread, without SQLAlchemy's per-call overhead.
-        try:
-            raw = self._raw()
-            cur = raw.cursor()
-            cur.execute("SELECT revision FROM pluginhost_revision WHERE id = 1")
-            row = cur.fetchone()
-            cur.close()
-            if self.dialect != "sqlite":
-                raw.rollback()
-            return int(row[0]) if row else 0
-        except Exception as exc:
-            self._drop_raw()
-            if _is_missing_table(exc):
-                return 0
-            raise StoreUnavailable(f"store {self._safe_url()} is unreachable: {_reason(exc)}") from None
+        # The hot path (every dispatch check, worker polls and refreshes): one
+        # primary-key read, one round trip, on a driver connection kept per thread
+        # in autocommit (no BEGIN/ROLLBACK), without SQLAlchemy's per-call overhead.
+        for attempt in (1, 2):
+            fresh = getattr(self._local, "cursor", None) is None
+            try:
+                cur = self._raw_cursor()
+                cur.execute("SELECT revision FROM pluginhost_revision WHERE id = 1")
+                row = cur.fetchone()
+                return int(row[0]) if row else 0
+            except Exception as exc:
+                self._drop_raw()
+                if _is_missing_table(exc):
+                    return 0
+                if fresh or attempt == 2:
+                    # a new connection failed too: the store is really unreachable
+                    raise StoreUnavailable(f"store {self._safe_url()} is unreachable: {_reason(exc)}") from None
+                # the kept connection died (an outage that is over): retry on a new one
+        raise AssertionError("unreachable")
 
     def load(self) -> tuple[int, list[Plugin]]:
         def read(conn: Connection) -> tuple[int, list[Plugin]]:
@@ -157,13 +160,6 @@ class SQLAlchemyStore:
 
         return self._write(write)
 
-    def change_feed(self) -> ChangeFeed | None:
-        """A LISTEN connection that PostgreSQL notifies at every commit that
-        changes a plugin (None on other databases)."""
-        if self.dialect != "postgresql":
-            return None
-        return ChangeFeed(self.url, self.connect_timeout_s, self._safe_url())
-
     def close(self) -> None:
         self._drop_raw()
         self._engine.dispose()
@@ -198,15 +194,9 @@ class SQLAlchemyStore:
         actor: str | None,
         expected_version: int | None,
     ) -> tuple[Plugin, int]:
-        if expected_version is not None and expected_version != current.version:
-            raise ConcurrentUpdate(
-                f"plugin '{current.slug}': expected version {expected_version}, found {current.version}"
-            )
-        if all(getattr(current, k) == v for k, v in changes.items()):
+        new = next_version(current, changes, expected_version)
+        if new is None:
             return current, self._current_revision(conn)
-        new = Plugin.model_validate(
-            {**current.model_dump(), **changes, "version": current.version + 1, "updated_at": _now()}
-        )
         # The version predicate makes the write conditional even where the row
         # lock is weak (SQLite serialises writers instead): no lost update.
         done = conn.execute(
@@ -271,18 +261,22 @@ class SQLAlchemyStore:
                 raise
             raise StoreUnavailable(f"store {self._safe_url()} is unreachable: {_reason(exc)}") from None
 
-    def _raw(self) -> Any:
+    def _raw_cursor(self) -> Any:
         if os.getpid() != self._pid:
             self.after_fork()
-        raw = getattr(self._local, "raw", None)
-        if raw is None:
+        cur = getattr(self._local, "cursor", None)
+        if cur is None:
             raw = self._engine.raw_connection()
-            self._local.raw = raw
-        return raw
+            if self.dialect == "postgresql":
+                driver: Any = raw.driver_connection
+                driver.autocommit = True
+            self._local.raw, self._local.cursor = raw, raw.cursor()
+            cur = self._local.cursor
+        return cur
 
     def _drop_raw(self) -> None:
         raw = getattr(self._local, "raw", None)
-        self._local.raw = None
+        self._local.raw = self._local.cursor = None
         if raw is not None:
             try:
                 raw.invalidate()
@@ -339,7 +333,7 @@ def _make_engine(url: str, dialect: str, connect_timeout_s: float, pool_size: in
             raise _E('PostgreSQL needs psycopg 3: pip install "pluginhost[postgres]"') from None
         # pre_ping: after an outage, pooled connections are dead; checking them
         # on checkout makes the first call after recovery succeed. The hot paths
-        # (revision reads, the NOTIFY feed) do not go through the pool.
+        # (revision reads) do not go through the pool.
         return create_engine(
             url,
             pool_size=pool_size,
@@ -397,40 +391,3 @@ def _is_missing_table(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "no such table" in text or "does not exist" in text and "relation" in text
 
-
-class ChangeFeed:
-    """Non-blocking reader of the ``pluginhost`` NOTIFY channel (sent by the
-    revision trigger at commit)."""
-
-    def __init__(self, url: str, connect_timeout_s: float, safe_url: str) -> None:
-        import psycopg
-
-        dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-        try:
-            self._conn = psycopg.connect(
-                dsn, autocommit=True, connect_timeout=max(1, round(connect_timeout_s)), **_KEEPALIVE
-            )
-            self._conn.execute("LISTEN pluginhost")
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"store {safe_url} is unreachable: {_reason(exc)}") from None
-        self._safe_url = safe_url
-
-    def changed(self) -> bool:
-        """True if a change was committed since the last call; ``StoreUnavailable``
-        if the connection is lost (then the caller cannot know, and must not guess)."""
-        pg = self._conn.pgconn
-        try:
-            pg.consume_input()
-        except Exception as exc:
-            self.close()
-            raise StoreUnavailable(f"store {self._safe_url} is unreachable: {_reason(exc)}") from None
-        seen = False
-        while pg.notifies() is not None:
-            seen = True
-        return seen
-
-    def close(self) -> None:
-        try:
-            self._conn.close()
-        except Exception:  # already broken
-            pass

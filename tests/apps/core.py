@@ -43,7 +43,11 @@ _tables_ready: set[int] = set()
 def _engine() -> Any:
     engine = host.store.engine  # type: ignore[attr-defined]
     if id(engine) not in _tables_ready:
-        meta.create_all(engine)
+        # pluginhost_write: take SQLite's write lock up front (BEGIN IMMEDIATE),
+        # so processes creating the tables at once wait instead of failing
+        with engine.connect() as conn:
+            meta.create_all(conn.execution_options(pluginhost_write=True))
+            conn.commit()
         _tables_ready.add(id(engine))
     return engine
 

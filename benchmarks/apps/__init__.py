@@ -1,0 +1,1 @@
+"""Celery app modules that benchmark workers load (configured from env vars)."""

@@ -1,0 +1,348 @@
+"""Dispatch throughput: ``host.run_capability(slug, payload)`` vs bare ``task.delay(payload)``.
+
+No worker runs: the messages just queue (and are purged afterwards). Both calls are
+timed in the same process, interleaved in rounds after a warm-up, on the same broker
+and with the same function behind both tasks.
+
+    python benchmarks/dispatch.py [--n 5000] [--broker redis|amqp] [--rounds 5]
+
+Configurations (each against bare ``delay`` in the same rounds):
+
+- ``postgresql``: the production path. Before each dispatch ``PluginHost.fresh_from_store``
+  drains the LISTEN connection without blocking (the revision trigger NOTIFYs at
+  commit) and re-reads the plugins only if a notification arrived: no query per dispatch.
+- ``postgresql+toggles``: the same while another host toggles a *different* plugin every
+  ``--toggle-every`` dispatches (admin time excluded), so the dispatcher reloads.
+- ``sqlite``: the revision row is read before every dispatch (no notification channel).
+- ``sqlite+toggles``.
+- ``postgresql, revision read per dispatch`` (informational): what a strict, uncached
+  check would cost on PostgreSQL (the host's store is told it is not PostgreSQL, so
+  ``fresh_from_store`` reads the revision row per dispatch as it does on SQLite).
+
+Then a G1 probe: another host in this process disables the plugin and this host
+dispatches immediately; counts how often the dispatch still gets through because the
+NOTIFY had not reached the LISTEN socket yet.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    RedisDb,
+    bench_conf,
+    celery_conf,
+    create_pg_database,
+    header,
+    loadavg,
+    median,
+    parser,
+    purge,
+    server_versions,
+    verdict,
+    versions,
+)
+
+QUEUE = "bench.dispatch"
+TARGET = 0.85
+OTHERS = 20
+
+
+def payload(i: int) -> dict[str, Any]:
+    return {"i": i, "email": "a@b.c", "tags": ["x", "y"]}
+
+
+def setup(conf: dict[str, Any], name: str) -> Any:
+    from benchmarks.apps.bench import CAPABILITY, make_app
+    from pluginhost import Plugin
+
+    b = make_app(conf, name)
+    b.host.sync()
+    b.host.enable(CAPABILITY)
+    for k in range(OTHERS):
+        b.host.register(Plugin(slug=f"other-{k:02d}", enabled=True, label_en=f"Other {k}"))
+    return b
+
+
+class BarrierFeed:
+    """Prototype of a G1 fix (not in pluginhost): the NOTIFY feed plus one round trip
+    on the LISTEN connection before trusting it. The writer's COMMIT returns only after
+    PostgreSQL has signalled every listening backend, and a backend sends pending
+    notifications before it answers the next query, so after this round trip every
+    change committed before the call is in the feed."""
+
+    def __init__(self, feed: Any) -> None:
+        self.feed = feed
+        self.pg = feed._conn.pgconn
+
+    def changed(self) -> bool:
+        pg = self.pg
+        pg.send_query(b"SELECT 1")
+        while pg.get_result() is not None:
+            pass
+        seen = False
+        while pg.notifies() is not None:
+            seen = True
+        return seen
+
+    def close(self) -> None:
+        self.feed.close()
+
+
+def install_barrier(host: Any) -> None:
+    host.fresh_from_store()  # opens the feed
+    host._feed = BarrierFeed(host._feed)
+
+
+def measure(conf: dict[str, Any], n: int, rounds: int, toggle_every: int, mode: str = "cache") -> dict[str, Any]:
+    from benchmarks.apps.bench import CAPABILITY, make_app
+
+    b = setup(conf, "dispatcher")
+    host, bare = b.host, b.bare
+    if mode == "strict":
+        host.store.dialect = "postgresql (strict: revision read per dispatch)"  # measurement hack
+    elif mode == "barrier":
+        install_barrier(host)
+    toggler = make_app(conf, "toggler").host if toggle_every else None
+    reloads = [0]
+    real_reload = host._reload
+
+    def counting_reload() -> None:
+        reloads[0] += 1
+        real_reload()
+
+    host._reload = counting_reload  # type: ignore[method-assign]
+
+    def ph(i: int) -> None:
+        host.run_capability(CAPABILITY, payload(i))
+
+    def bare_call(i: int) -> None:
+        bare.delay(payload(i))
+
+    toggles = [0]
+
+    cpu = {"ph": 0.0, "bare": 0.0}
+
+    def run(fn: Any, count: int, toggle: bool, label: str = "") -> float:
+        """Seconds spent in ``count`` calls of ``fn`` (admin toggles excluded); this
+        process's CPU time for them is added to ``cpu[label]``."""
+        spent = 0.0
+        block = toggle_every or 100
+        done = 0
+        while done < count:
+            m = min(block, count - done)
+            c = time.process_time()
+            t = time.perf_counter()
+            for i in range(done, done + m):
+                fn(i)
+            spent += time.perf_counter() - t
+            if label:
+                cpu[label] += time.process_time() - c
+            done += m
+            if toggle and toggler is not None:
+                k = toggles[0]
+                slug = f"other-{(k // 2) % OTHERS:02d}"
+                (toggler.disable if k % 2 == 0 else toggler.enable)(slug)
+                toggles[0] += 1
+        return spent
+
+    # warm-up: connections, feed, kombu producer pool, code paths
+    run(ph, 300, False)
+    run(bare_call, 300, False)
+    reloads[0] = 0
+    chunk = n // rounds
+    t_ph: list[float] = []
+    t_bare: list[float] = []
+    for r in range(rounds):
+        order = [("ph", ph), ("bare", bare_call)] if r % 2 == 0 else [("bare", bare_call), ("ph", ph)]
+        for label, fn in order:
+            s = run(fn, chunk, toggle=(label == "ph"), label=label)
+            (t_ph if label == "ph" else t_bare).append(s)
+    total = chunk * rounds
+    reload_count = reloads[0]
+    bd = breakdown(b)
+    queued = purge(b.app, QUEUE)
+    out = {
+        "n": total,
+        "ph_rate": total / sum(t_ph),
+        "bare_rate": total / sum(t_bare),
+        "round_ratios": [tb / tp for tp, tb in zip(t_ph, t_bare)],
+        "ph_cpu_us": cpu["ph"] / total * 1e6,
+        "bare_cpu_us": cpu["bare"] / total * 1e6,
+        "reloads": reload_count,
+        "toggles": toggles[0],
+        "purged": queued,
+    }
+    out["ratio"] = out["ph_rate"] / out["bare_rate"]
+    out["breakdown"] = bd
+    return out
+
+
+def breakdown(b: Any) -> dict[str, float]:
+    """Microseconds per call of each step of run_capability (no toggles)."""
+    from benchmarks.apps.bench import CAPABILITY
+    from pluginhost.capability import check_input
+
+    host = b.host
+    cap = host._capability(CAPABILITY)
+    n = 2000
+
+    def per_call(fn: Any, n: int = n) -> float:
+        for _ in range(min(100, n)):
+            fn()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) / n * 1e6
+
+    p = payload(0)
+    out = {
+        "check_input": per_call(lambda: check_input(cap, p)),
+        "fresh_from_store": per_call(host.fresh_from_store),
+        "apply_async": per_call(lambda: cap.task.apply_async(args=(p,))),
+        "reload": per_call(host._reload, 200),
+    }
+    out["calls_bare"] = python_calls(lambda: b.bare.delay(p))
+    out["calls_ph"] = python_calls(lambda: host.run_capability(CAPABILITY, p))
+    return out
+
+
+def python_calls(fn: Any, n: int = 300) -> float:
+    """Python function calls per call of ``fn`` (deterministic; machine load does not move it)."""
+    import cProfile
+    import pstats
+
+    fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    return pstats.Stats(prof).total_calls / n
+
+
+def g1_probe(conf: dict[str, Any], tries: int, barrier: bool = False) -> tuple[int, int]:
+    """(accepted after another host's disable() returned, refused after its enable())."""
+    from benchmarks.apps.bench import CAPABILITY
+    from pluginhost import CapabilityDisabled
+
+    a = setup(conf, "probe-dispatcher")
+    admin = setup(conf, "probe-admin").host
+    a.host.run_capability(CAPABILITY, {})
+    if barrier:
+        install_barrier(a.host)
+    stale_disable = stale_enable = 0
+    for _ in range(tries):
+        admin.disable(CAPABILITY)
+        try:
+            a.host.run_capability(CAPABILITY, {})
+            stale_disable += 1
+        except CapabilityDisabled:
+            pass
+        admin.enable(CAPABILITY)
+        try:
+            a.host.run_capability(CAPABILITY, {})
+        except CapabilityDisabled:
+            stale_enable += 1
+    purge(a.app, QUEUE)
+    return stale_disable, stale_enable
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=5000, help="dispatches per side and configuration")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--toggle-every", type=int, default=100)
+    p.add_argument("--probe", type=int, default=300, help="G1 probe toggles (0: skip)")
+    p.add_argument("--only", default="", help="comma list of: pg, pg+toggles, sqlite, sqlite+toggles, pg-strict, probe")
+    args = p.parse_args()
+    redis = RedisDb(args.redis_db)
+    try:
+        pg_url = create_pg_database(args.db)
+        sqlite_url = f"sqlite:///{tempfile.mkdtemp(prefix='ph-bench-')}/store.db"
+        header(
+            "dispatch: host.run_capability(slug, payload) vs bare task.delay(payload)",
+            N=f"{args.n} per side per configuration, in {args.rounds} interleaved rounds, 300-call warm-up each",
+            broker=f"{args.broker} (redis db {redis.index})" if args.broker == "redis" else "amqp (RabbitMQ)",
+            stores=f"{pg_url} and {sqlite_url}",
+            plugins_in_store=f"{OTHERS + 1}",
+            worker="none (messages queue, purged after each configuration)",
+            versions=versions(),
+            servers=server_versions(redis),
+        )
+        configs = [
+            ("pg", "postgresql (NOTIFY-fed cache)", pg_url, 0, "cache"),
+            ("pg+toggles", f"postgresql + another plugin toggled every {args.toggle_every} dispatches", pg_url, args.toggle_every, "cache"),
+            ("sqlite", "sqlite (revision read per dispatch)", sqlite_url, 0, "cache"),
+            ("sqlite+toggles", f"sqlite + another plugin toggled every {args.toggle_every} dispatches", sqlite_url, args.toggle_every, "cache"),
+            ("pg-strict", "postgresql, store.revision() per dispatch instead of the cache (informational)", pg_url, 0, "strict"),
+            ("pg-barrier", "postgresql, cache + one round trip on the LISTEN connection (prototype G1 fix, informational)", pg_url, 0, "barrier"),
+        ]
+        only = {s.strip() for s in args.only.split(",") if s.strip()}
+        results = []
+        for key, name, url, toggle_every, mode in configs:
+            if only and key not in only:
+                continue
+            conf = bench_conf(celery_conf(args.broker, redis, url, QUEUE), redis, "none")
+            res = measure(conf, args.n, args.rounds, toggle_every, mode)
+            results.append((name, toggle_every, res))
+            rr = res["round_ratios"]
+            print(f"\n-- {name}")
+            print(f"  bare task.delay        : {res['bare_rate']:8.0f} calls/s")
+            print(f"  host.run_capability    : {res['ph_rate']:8.0f} calls/s")
+            extra = ""
+            if toggle_every:
+                extra = f"  ({res['toggles']} toggles of other plugins, {res['reloads']} reloads)"
+            print(
+                f"  ratio                  : {res['ratio']:.3f}   target >= {TARGET}  "
+                f"{verdict(res['ratio'], TARGET)}   (per round {min(rr):.2f}..{max(rr):.2f}, "
+                f"median {median(rr):.2f}){extra}"
+            )
+            print(
+                f"  CPU of this process    : bare {res['bare_cpu_us']:.0f} us/call, pluginhost "
+                f"{res['ph_cpu_us']:.0f} us/call, CPU ratio {res['bare_cpu_us'] / res['ph_cpu_us']:.3f}"
+            )
+            bd = res["breakdown"]
+            print(
+                "  per call, us           : "
+                + ", ".join(f"{k} {bd[k]:.1f}" for k in ("check_input", "fresh_from_store", "apply_async"))
+                + f"; bare delay {1e6 / res['bare_rate']:.1f}; one reload (store.load of {OTHERS + 1} plugins) {bd['reload']:.0f}"
+            )
+            print(
+                f"  Python calls per call  : bare {bd['calls_bare']:.0f}, pluginhost {bd['calls_ph']:.0f} "
+                f"({bd['calls_ph'] / bd['calls_bare'] - 1:+.1%}; no toggles)"
+            )
+            sys.stdout.flush()
+        print(
+            "\nThe check on PostgreSQL: PluginHost.fresh_from_store() drains the store's LISTEN connection\n"
+            "(ChangeFeed.changed(): pgconn.consume_input() + notifies(), no round trip) and reloads the\n"
+            "plugins only when the revision trigger's NOTIFY arrived; on SQLite it reads the revision row\n"
+            "(one SELECT) before every dispatch and reloads when it moved. Toggle cost = one store.load()\n"
+            "(revision + all plugin rows) per toggle, paid by the next dispatch."
+        )
+        if args.probe and (not only or "probe" in only):
+            conf = bench_conf(celery_conf(args.broker, redis, pg_url, QUEUE), redis, "none")
+            for barrier in (False, True):
+                sd, se = g1_probe(conf, args.probe, barrier)
+                label = "with the round-trip barrier prototype" if barrier else "pluginhost as is (NOTIFY-fed cache)"
+                print(
+                    f"\n-- G1 probe, {label}: PostgreSQL, {args.probe} toggles by another PluginHost,\n"
+                    "   this host dispatches right after the admin call returns\n"
+                    f"  dispatch ACCEPTED right after disable() returned : {sd} / {args.probe}"
+                    f"   (G1 expects 0)\n"
+                    f"  dispatch refused right after enable() returned   : {se} / {args.probe}"
+                )
+            print("  (non-zero: the NOTIFY had not reached the dispatcher's LISTEN socket when it dispatched)")
+        print(f"\nload average at the end: {loadavg()}")
+    finally:
+        redis.release()
+
+
+if __name__ == "__main__":
+    main()
