@@ -9,19 +9,17 @@ and with the same function behind both tasks.
 Configurations (each against bare ``delay`` in the same rounds):
 
 - ``postgresql``: the production path. Before each dispatch ``PluginHost.fresh_from_store``
-  drains the LISTEN connection without blocking (the revision trigger NOTIFYs at
-  commit) and re-reads the plugins only if a notification arrived: no query per dispatch.
+  reads the revision row (one prepared primary-key read, one round trip, autocommit)
+  and re-reads the plugins only if the revision moved.
 - ``postgresql+toggles``: the same while another host toggles a *different* plugin every
   ``--toggle-every`` dispatches (admin time excluded), so the dispatcher reloads.
-- ``sqlite``: the revision row is read before every dispatch (no notification channel).
-- ``sqlite+toggles``.
-- ``postgresql, revision read per dispatch`` (informational): what a strict, uncached
-  check would cost on PostgreSQL (the host's store is told it is not PostgreSQL, so
-  ``fresh_from_store`` reads the revision row per dispatch as it does on SQLite).
+- ``sqlite``, ``sqlite+toggles``: the same check on SQLite.
 
 Then a G1 probe: another host in this process disables the plugin and this host
-dispatches immediately; counts how often the dispatch still gets through because the
-NOTIFY had not reached the LISTEN socket yet.
+dispatches immediately; counts how often the dispatch still gets through (G1: never).
+(An earlier design cached the view and invalidated it by PostgreSQL NOTIFY; this
+probe found 1-3% of such dispatches accepted, because a notification can reach
+another process after the admin call returned. It was replaced by the read.)
 """
 
 from __future__ import annotations
@@ -70,45 +68,11 @@ def setup(conf: dict[str, Any], name: str) -> Any:
     return b
 
 
-class BarrierFeed:
-    """Prototype of a G1 fix (not in pluginhost): the NOTIFY feed plus one round trip
-    on the LISTEN connection before trusting it. The writer's COMMIT returns only after
-    PostgreSQL has signalled every listening backend, and a backend sends pending
-    notifications before it answers the next query, so after this round trip every
-    change committed before the call is in the feed."""
-
-    def __init__(self, feed: Any) -> None:
-        self.feed = feed
-        self.pg = feed._conn.pgconn
-
-    def changed(self) -> bool:
-        pg = self.pg
-        pg.send_query(b"SELECT 1")
-        while pg.get_result() is not None:
-            pass
-        seen = False
-        while pg.notifies() is not None:
-            seen = True
-        return seen
-
-    def close(self) -> None:
-        self.feed.close()
-
-
-def install_barrier(host: Any) -> None:
-    host.fresh_from_store()  # opens the feed
-    host._feed = BarrierFeed(host._feed)
-
-
-def measure(conf: dict[str, Any], n: int, rounds: int, toggle_every: int, mode: str = "cache") -> dict[str, Any]:
+def measure(conf: dict[str, Any], n: int, rounds: int, toggle_every: int) -> dict[str, Any]:
     from benchmarks.apps.bench import CAPABILITY, make_app
 
     b = setup(conf, "dispatcher")
     host, bare = b.host, b.bare
-    if mode == "strict":
-        host.store.dialect = "postgresql (strict: revision read per dispatch)"  # measurement hack
-    elif mode == "barrier":
-        install_barrier(host)
     toggler = make_app(conf, "toggler").host if toggle_every else None
     reloads = [0]
     real_reload = host._reload
@@ -227,7 +191,7 @@ def python_calls(fn: Any, n: int = 300) -> float:
     return pstats.Stats(prof).total_calls / n
 
 
-def g1_probe(conf: dict[str, Any], tries: int, barrier: bool = False) -> tuple[int, int]:
+def g1_probe(conf: dict[str, Any], tries: int) -> tuple[int, int]:
     """(accepted after another host's disable() returned, refused after its enable())."""
     from benchmarks.apps.bench import CAPABILITY
     from pluginhost import CapabilityDisabled
@@ -235,8 +199,6 @@ def g1_probe(conf: dict[str, Any], tries: int, barrier: bool = False) -> tuple[i
     a = setup(conf, "probe-dispatcher")
     admin = setup(conf, "probe-admin").host
     a.host.run_capability(CAPABILITY, {})
-    if barrier:
-        install_barrier(a.host)
     stale_disable = stale_enable = 0
     for _ in range(tries):
         admin.disable(CAPABILITY)
@@ -260,7 +222,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--toggle-every", type=int, default=100)
     p.add_argument("--probe", type=int, default=300, help="G1 probe toggles (0: skip)")
-    p.add_argument("--only", default="", help="comma list of: pg, pg+toggles, sqlite, sqlite+toggles, pg-strict, probe")
+    p.add_argument("--only", default="", help="comma list of: pg, pg+toggles, sqlite, sqlite+toggles, probe")
     args = p.parse_args()
     redis = RedisDb(args.redis_db)
     try:
@@ -277,20 +239,18 @@ def main() -> None:
             servers=server_versions(redis),
         )
         configs = [
-            ("pg", "postgresql (NOTIFY-fed cache)", pg_url, 0, "cache"),
-            ("pg+toggles", f"postgresql + another plugin toggled every {args.toggle_every} dispatches", pg_url, args.toggle_every, "cache"),
-            ("sqlite", "sqlite (revision read per dispatch)", sqlite_url, 0, "cache"),
-            ("sqlite+toggles", f"sqlite + another plugin toggled every {args.toggle_every} dispatches", sqlite_url, args.toggle_every, "cache"),
-            ("pg-strict", "postgresql, store.revision() per dispatch instead of the cache (informational)", pg_url, 0, "strict"),
-            ("pg-barrier", "postgresql, cache + one round trip on the LISTEN connection (prototype G1 fix, informational)", pg_url, 0, "barrier"),
+            ("pg", "postgresql (revision read per dispatch)", pg_url, 0),
+            ("pg+toggles", f"postgresql + another plugin toggled every {args.toggle_every} dispatches", pg_url, args.toggle_every),
+            ("sqlite", "sqlite (revision read per dispatch)", sqlite_url, 0),
+            ("sqlite+toggles", f"sqlite + another plugin toggled every {args.toggle_every} dispatches", sqlite_url, args.toggle_every),
         ]
         only = {s.strip() for s in args.only.split(",") if s.strip()}
         results = []
-        for key, name, url, toggle_every, mode in configs:
+        for key, name, url, toggle_every in configs:
             if only and key not in only:
                 continue
             conf = bench_conf(celery_conf(args.broker, redis, url, QUEUE), redis, "none")
-            res = measure(conf, args.n, args.rounds, toggle_every, mode)
+            res = measure(conf, args.n, args.rounds, toggle_every)
             results.append((name, toggle_every, res))
             rr = res["round_ratios"]
             print(f"\n-- {name}")
@@ -320,25 +280,21 @@ def main() -> None:
             )
             sys.stdout.flush()
         print(
-            "\nThe check on PostgreSQL: PluginHost.fresh_from_store() drains the store's LISTEN connection\n"
-            "(ChangeFeed.changed(): pgconn.consume_input() + notifies(), no round trip) and reloads the\n"
-            "plugins only when the revision trigger's NOTIFY arrived; on SQLite it reads the revision row\n"
-            "(one SELECT) before every dispatch and reloads when it moved. Toggle cost = one store.load()\n"
-            "(revision + all plugin rows) per toggle, paid by the next dispatch."
+            "\nThe check: PluginHost.fresh_from_store() reads the revision row before every dispatch\n"
+            "(PostgreSQL: a prepared statement through libpq, one round trip, autocommit) and reloads\n"
+            "the plugins when it moved. Toggle cost = one store.load() (revision + all plugin rows)\n"
+            "per toggle, paid by the next dispatch."
         )
         if args.probe and (not only or "probe" in only):
             conf = bench_conf(celery_conf(args.broker, redis, pg_url, QUEUE), redis, "none")
-            for barrier in (False, True):
-                sd, se = g1_probe(conf, args.probe, barrier)
-                label = "with the round-trip barrier prototype" if barrier else "pluginhost as is (NOTIFY-fed cache)"
-                print(
-                    f"\n-- G1 probe, {label}: PostgreSQL, {args.probe} toggles by another PluginHost,\n"
-                    "   this host dispatches right after the admin call returns\n"
-                    f"  dispatch ACCEPTED right after disable() returned : {sd} / {args.probe}"
-                    f"   (G1 expects 0)\n"
-                    f"  dispatch refused right after enable() returned   : {se} / {args.probe}"
-                )
-            print("  (non-zero: the NOTIFY had not reached the dispatcher's LISTEN socket when it dispatched)")
+            sd, se = g1_probe(conf, args.probe)
+            print(
+                f"\n-- G1 probe: PostgreSQL, {args.probe} toggles by another PluginHost,\n"
+                "   this host dispatches right after the admin call returns\n"
+                f"  dispatch ACCEPTED right after disable() returned : {sd} / {args.probe}"
+                f"   (G1 expects 0)\n"
+                f"  dispatch refused right after enable() returned   : {se} / {args.probe}"
+            )
         print(f"\nload average at the end: {loadavg()}")
     finally:
         redis.release()

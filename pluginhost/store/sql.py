@@ -63,10 +63,7 @@ class SQLAlchemyStore:
         for attempt in (1, 2):
             fresh = getattr(self._local, "cursor", None) is None
             try:
-                cur = self._raw_cursor()
-                cur.execute("SELECT revision FROM pluginhost_revision WHERE id = 1")
-                row = cur.fetchone()
-                return int(row[0]) if row else 0
+                return self._raw_cursor()()
             except Exception as exc:
                 self._drop_raw()
                 if _is_missing_table(exc):
@@ -261,18 +258,16 @@ class SQLAlchemyStore:
                 raise
             raise StoreUnavailable(f"store {self._safe_url()} is unreachable: {_reason(exc)}") from None
 
-    def _raw_cursor(self) -> Any:
+    def _raw_cursor(self) -> Callable[[], int]:
+        """This thread's revision reader (made on first use, on its own connection)."""
         if os.getpid() != self._pid:
             self.after_fork()
-        cur = getattr(self._local, "cursor", None)
-        if cur is None:
+        reader = getattr(self._local, "cursor", None)
+        if reader is None:
             raw = self._engine.raw_connection()
-            if self.dialect == "postgresql":
-                driver: Any = raw.driver_connection
-                driver.autocommit = True
-            self._local.raw, self._local.cursor = raw, raw.cursor()
-            cur = self._local.cursor
-        return cur
+            reader = _pg_reader(raw.driver_connection) if self.dialect == "postgresql" else _dbapi_reader(raw)
+            self._local.raw, self._local.cursor = raw, reader
+        return reader
 
     def _drop_raw(self) -> None:
         raw = getattr(self._local, "raw", None)
@@ -341,6 +336,42 @@ def _make_engine(url: str, dialect: str, connect_timeout_s: float, pool_size: in
             connect_args={"connect_timeout": max(1, round(connect_timeout_s)), **_KEEPALIVE},
         )
     return create_engine(url)
+
+
+_REVISION_SQL = "SELECT revision FROM pluginhost_revision WHERE id = 1"
+
+
+def _pg_reader(driver: Any) -> Callable[[], int]:
+    # A server-side prepared statement through libpq directly: one round trip
+    # and ~35 us less Python than a psycopg cursor, on every dispatch.
+    from psycopg import OperationalError
+    from psycopg.pq import ExecStatus
+
+    driver.autocommit = True
+    pg = driver.pgconn
+    prepared = pg.prepare(b"pluginhost_revision", _REVISION_SQL.encode())
+    if prepared.status != ExecStatus.COMMAND_OK:
+        raise OperationalError(prepared.error_message.decode(errors="replace"))
+
+    def read() -> int:
+        res = pg.exec_prepared(b"pluginhost_revision", None)
+        if res.status != ExecStatus.TUPLES_OK:
+            raise OperationalError(res.error_message.decode(errors="replace") or "revision read failed")
+        value = res.get_value(0, 0) if res.ntuples else None
+        return int(value) if value is not None else 0
+
+    return read
+
+
+def _dbapi_reader(raw: Any) -> Callable[[], int]:
+    cur = raw.cursor()
+
+    def read() -> int:
+        cur.execute(_REVISION_SQL)
+        row = cur.fetchone()
+        return int(row[0]) if row else 0
+
+    return read
 
 
 def _plugin(row: Any) -> Plugin:
