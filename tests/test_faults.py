@@ -131,8 +131,14 @@ def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
 
 
 def settle_and_resume(faults: ModuleType, run_ids: list[str], timeout_s: float) -> dict[str, Any]:
-    """Wait for every run; resume the failed ones once; return what happened."""
+    """Wait for every run; what has not finished by then is handed to the sweeper
+    (as an operator's cron would) so it ends failed; resume the failed ones once;
+    return what happened. ``lost`` counts runs in no recorded final state."""
     first = wait_finished(faults, run_ids, timeout_s)
+    swept: list[str] = []
+    if any(s not in FINISHED for s in first.values()):
+        swept = sweep_when_quiet(faults, run_ids)["swept"]
+        first = run_statuses(faults, run_ids)
     failed = sorted(i for i, s in first.items() if s == "failed")
     errors = {i: faults.flows.run(i).error for i in failed}
     for run_id in failed:
@@ -141,6 +147,7 @@ def settle_and_resume(faults: ModuleType, run_ids: list[str], timeout_s: float) 
     return {
         "first": first,
         "failed": failed,
+        "swept": swept,
         "errors": errors,
         "final": final,
         "succeeded_first_time": sum(s == "succeeded" for s in first.values()),
@@ -273,8 +280,10 @@ def test_sigkilled_workers_and_pool_children_lose_no_run(
     replacement is started each time), 16 kill one pool child, each chosen while it is
     inside a step function.
 
-    Asserted: every run ends succeeded (or failed, and then succeeds on ``resume``);
-    0 runs lost; no step row is left ``running``; every final context holds the output
+    Asserted: every run ends succeeded, or in a recorded state from which it is
+    resumed: failed, or left ``running`` with no progress and then failed by the
+    sweeper (``sweep``); after one ``resume`` all succeed: 0 runs lost; no step row
+    is left ``running``; every final context holds the output
     of all four steps. Steps are at-least-once: a killed step runs again (RabbitMQ
     redelivers the unacked message at once), so executions may exceed steps.
     """

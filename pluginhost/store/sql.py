@@ -351,7 +351,11 @@ def _pg_reader(driver: Any) -> Callable[[], int]:
     pg = driver.pgconn
     prepared = pg.prepare(b"pluginhost_revision", _REVISION_SQL.encode())
     if prepared.status != ExecStatus.COMMAND_OK:
-        raise OperationalError(prepared.error_message.decode(errors="replace"))
+        message = prepared.error_message.decode(errors="replace")
+        # A pooled connection that served a reader before (its thread ended and
+        # returned it to the pool) keeps the statement: same text, reuse it.
+        if "already exists" not in message:
+            raise OperationalError(message)
 
     def read() -> int:
         res = pg.exec_prepared(b"pluginhost_revision", None)
