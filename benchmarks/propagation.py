@@ -11,9 +11,9 @@ not ``run_capability``, so runs keep arriving at workers after the disable) at
 capability function records ``RPUSH "<time.time()> <pid>"`` at the start of every
 execution that passed the worker-side check.
 
-Per toggle (>= 100): let the stream flow 0.2-0.3 s (one ``app.control.ping(limit=4)``
+Per toggle (>= 100): let the stream flow 0.2-0.3 s (one ``app.control.ping(limit=len(WORKERS))``
 is timed in that phase, so pings see the same load); ``host.disable(slug)`` (no
-wait), t0 = when it returns; then ``broadcast("pluginhost_revision", limit=4)`` until
+wait), t0 = when it returns; then ``broadcast("pluginhost_revision", limit=len(WORKERS))`` until
 all 4 workers' main processes report the new revision (second figure: "ack");
 keep the plugin disabled ``--off`` seconds; ``host.enable(slug)``.
 
@@ -100,12 +100,16 @@ def produce(rate: float, backlog: int) -> None:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--toggles", type=int, default=100)
+    p.add_argument("--solo", type=int, default=0, help="instead of the 4 mixed workers, this many solo workers (e.g. 16)")
     p.add_argument("--rate", type=float, default=250.0, help="producer messages/s")
     p.add_argument("--backlog", type=int, default=100, help="producer pauses above this queue length")
     p.add_argument("--off", type=float, default=0.35, help="seconds the plugin stays disabled per toggle")
     p.add_argument("--produce", action="store_true", help=argparse_hidden())
     p.set_defaults(db="pluginhost_bench_prop")
     args = p.parse_args()
+    if args.solo:
+        global WORKERS
+        WORKERS = [{"name": f"solo-{i:02d}", "pool": "solo", "concurrency": 1, "queues": [QUEUE]} for i in range(args.solo)]
     if args.produce:
         produce(args.rate, args.backlog)
         return
@@ -147,7 +151,7 @@ def main() -> None:
             # warm-up: every worker executes runs (and loads its view) before we measure
             time.sleep(1.5)
             for _ in range(5):
-                app.control.ping(timeout=1.0, limit=4)
+                app.control.ping(timeout=1.0, limit=len(WORKERS))
             for _ in range(3):
                 host.disable(CAPABILITY)
                 time.sleep(0.2)
@@ -161,7 +165,7 @@ def main() -> None:
             for _ in range(args.toggles):
                 time.sleep(random.uniform(0.1, 0.15))
                 t = time.perf_counter()
-                replies = app.control.ping(timeout=1.0, limit=4)
+                replies = app.control.ping(timeout=1.0, limit=len(WORKERS))
                 pings.append((time.perf_counter() - t) * 1000)
                 if len(replies or []) < 4:
                     ping_short += 1
@@ -174,7 +178,7 @@ def main() -> None:
                 ack_ms = None
                 for _ in range(5):
                     got = app.control.broadcast(
-                        "pluginhost_revision", reply=True, limit=4, timeout=1.0
+                        "pluginhost_revision", reply=True, limit=len(WORKERS), timeout=1.0
                     )
                     seen = {n: body.get("revision", -1) for r in got or [] for n, body in r.items()}
                     if len(seen) == 4 and all(int(v) >= revision for v in seen.values()):
@@ -254,11 +258,11 @@ def main() -> None:
               + (f"; {capped} lasted the whole disabled phase" if capped else "") + ")")
         print(f"  p90 {pct(props, 90):.1f} ms   p95 {pct(props, 95):.1f} ms;  latest stale start per worker: "
               + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(worst_by.items())))
-        print(f"-- app.control.ping(timeout=1.0, limit=4) ({len(pings)} pings, same load, same workers)")
+        print(f"-- app.control.ping(timeout=1.0, limit=len(WORKERS)) ({len(pings)} pings, same load, same workers)")
         print(f"  p50 {g50:.1f} ms   p90 {pct(pings, 90):.1f} ms   p99 {g99:.1f} ms   max {max(pings):.1f} ms"
               + (f"   ({ping_short} pings got < 4 replies)" if ping_short else ""))
         print("-- ack: disable() returned -> all 4 main processes report the new revision "
-              "(broadcast pluginhost_revision, limit=4)")
+              "(broadcast pluginhost_revision, limit=len(WORKERS))")
         if acks:
             print(f"  p50 {pct(acks, 50):.1f} ms   p99 {pct(acks, 99):.1f} ms   max {max(acks):.1f} ms"
                   + (f"   ({ack_missing} toggles not acknowledged by all 4 within 5 tries)" if ack_missing else ""))
