@@ -46,7 +46,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_MODULE = "benchmarks.apps.flows_bench"
+sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import RedisDb  # noqa: E402
 
 # -- helpers -------------------------------------------------------------------
 
@@ -74,69 +76,6 @@ def ensure_database(admin_url: str, name: str) -> None:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
             conn.execute(f'CREATE DATABASE "{name}"')
-
-
-# The owner-key protocol of tests/harness.py (and benchmarks/common.py): a db index is
-# taken only if it is empty and unowned, or owned by a process that is gone, so
-# concurrent test sessions and benchmarks never flush each other's db.
-REDIS_OWNER_KEY = "pluginhost:test-harness:owner"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else (value or "")
-
-
-_CLAIM = """
-local owner = redis.call('GET', KEYS[1])
-if owner == false then
-  if redis.call('DBSIZE') > 0 then return 0 end
-elseif owner ~= ARGV[2] then
-  return 0
-end
-redis.call('FLUSHDB')
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-return 1
-"""
-
-
-def _owner_alive(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def claim_redis_db(preferred: int) -> tuple[int, str]:
-    """A flushed Redis db index nobody else uses (``preferred`` first); returns (index, owner)."""
-    import redis
-
-    owner = f"{socket.gethostname()}:{os.getpid()}"
-    for index in [preferred, *(i for i in range(1, 16) if i != preferred)]:
-        client = redis.Redis(host="127.0.0.1", port=6379, db=index)
-        try:
-            current = _text(client.get(REDIS_OWNER_KEY))
-            if current and _owner_alive(current):
-                continue
-            if client.eval(_CLAIM, 1, REDIS_OWNER_KEY, owner, current, 3600):
-                return index, owner
-        finally:
-            client.close()
-    raise RuntimeError("no free Redis db index in 1..15")
-
-
-def release_redis_db(index: int, owner: str) -> None:
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=6379, db=index)
-    try:
-        if _text(client.get(REDIS_OWNER_KEY)) == owner:
-            client.flushdb()
-    finally:
-        client.close()
 
 
 class Worker:
@@ -491,11 +430,11 @@ def main() -> int:
 
     t_start = time.monotonic()
     ensure_database("postgresql://postgres@127.0.0.1/postgres", args.db)
-    redis_db, redis_owner = claim_redis_db(args.redis_db)
+    redis = RedisDb(args.redis_db)  # the harness's owner-key protocol, shared with the other benchmarks
     try:
-        run(args, f"redis://127.0.0.1:6379/{redis_db}")
+        run(args, redis.url)
     finally:
-        release_redis_db(redis_db, redis_owner)
+        redis.release()
     print(f"\ntotal {time.monotonic() - t_start:.0f}s; load average at end {load()}")
     return 0
 
