@@ -143,9 +143,35 @@ class Runtime:
             self._failed(run_id, position, slug, error, version, started)
             raise
         output = result if isinstance(result, dict) else ({} if result is None else {slug: result})
-        self.store.finish_step(run_id, position, "succeeded", output=output, plugin_version=version)
+        outcome = self._finish(run_id, position, context, "succeeded", output, None, version, parallel, final)
         metrics.step_finished(slug, "succeeded", time.monotonic() - started)
-        return self._outcome(run_id, position, context, output, parallel, final)
+        return outcome
+
+    def _finish(
+        self,
+        run_id: str,
+        position: int,
+        context: dict[str, Any],
+        status: str,
+        output: dict[str, Any] | None,
+        error: str | None,
+        version: int | None,
+        parallel: bool,
+        final: bool,
+    ) -> Any:
+        """Record a step's outcome (and, for the last step, the run's success in
+        the same statement); returns what the step task returns."""
+        if parallel:
+            self.store.finish_step(run_id, position, status, output=output, error=error, plugin_version=version)
+            return [position, output or {}, context]
+        merged = {**context, **(output or {})}
+        name = self.store.finish_step(
+            run_id, position, status, output=output, error=error, plugin_version=version,
+            run_output=merged if final else None,
+        )
+        if final:
+            metrics.run_finished(name or "", "succeeded")
+        return merged
 
     def _outcome(
         self, run_id: str, position: int, context: dict[str, Any], output: dict[str, Any], parallel: bool, final: bool
@@ -191,9 +217,9 @@ class Runtime:
     ) -> Any:
         reason = f"plugin '{plugin}' is disabled"
         if policy == "skip":
-            self.store.finish_step(run_id, position, "skipped", error=reason)
+            outcome = self._finish(run_id, position, context, "skipped", None, reason, None, parallel, final)
             metrics.step_finished(slug, "skipped", time.monotonic() - started)
-            return self._outcome(run_id, position, context, {}, parallel, final)
+            return outcome
         error = CapabilityDisabled(f"step '{slug}' of run {run_id} failed: {reason}")
         self._failed(run_id, position, slug, f"CapabilityDisabled: {error}", None, started)
         raise error

@@ -38,6 +38,7 @@ class Workflows:
         self.host = host
         self.runtime = Runtime.for_host(host)
         self._migrated_for: Any = None
+        self._parsed: dict[tuple[str, int], Workflow] = {}
 
     @property
     def store(self) -> WorkflowStore:
@@ -157,15 +158,24 @@ class Workflows:
     # -- internals -------------------------------------------------------------
 
     def _definition(self, name: str) -> tuple[int, Workflow]:
+        """The newest version, parsed. A stored version never changes, so only
+        the version number is read per call and each version is parsed once."""
         self._ready()
-        found = self.store.definition(name) if isinstance(name, str) else None
-        if found is None:
+        version = self.store.newest_version(name) if isinstance(name, str) else None
+        if version is None:
             raise WorkflowNotFound(f"no workflow named {name!r}")
-        return found[0], Workflow.model_validate(found[1])
+        wf = self._parsed.get((name, version))
+        if wf is None:
+            found = self.store.definition(name, version)
+            if found is None:
+                raise WorkflowNotFound(f"no workflow named {name!r}")
+            wf = self._parsed[(name, version)] = Workflow.model_validate(found[1])
+        return version, wf
 
     def _ready(self) -> None:
         store = self.store
         if self._migrated_for is not store:
+            self._parsed.clear()
             self.host.sync()
             store.migrate()
             self._migrated_for = store

@@ -35,6 +35,7 @@ from pluginhost import StoreUnavailable
 from pluginhost.store import migrate
 
 from .errors import WorkflowNotFound
+from .hotpath import PgHotPath
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -138,6 +139,8 @@ class WorkflowStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # PostgreSQL: the per-run and per-step writes bypass SQLAlchemy (hotpath.py)
+        self._hot = PgHotPath(engine) if engine.dialect.name == "postgresql" else None
 
     def migrate(self) -> None:
         self._guard(lambda: migrate(self.engine, MIGRATIONS, "workflows_alembic_version"))
@@ -178,6 +181,14 @@ class WorkflowStore:
 
         return self._one(read)
 
+    def newest_version(self, name: str) -> int | None:
+        """The newest version number of a definition (one indexed read)."""
+        if self._hot is not None:
+            return self._hot.newest_version(name)
+        return self._read(
+            lambda conn: conn.execute(select(func.max(definitions.c.version)).where(definitions.c.name == name)).scalar()
+        )
+
     def latest_definitions(self) -> list[tuple[int, dict[str, Any]]]:
         def read(conn: Connection) -> list[tuple[int, dict[str, Any]]]:
             newest = (
@@ -200,6 +211,8 @@ class WorkflowStore:
         self, run_id: str, name: str, version: int, input: dict[str, Any], layout: Iterable[tuple[int, int, str]]
     ) -> bool:
         """Insert a run and its pending steps; False if the run already exists (redelivery)."""
+        if self._hot is not None:
+            return self._hot.create_run(run_id, name, version, input, layout, _now())
 
         def write(conn: Connection) -> bool:
             conn.execute(
@@ -231,6 +244,15 @@ class WorkflowStore:
         first stage) also moves the run from pending to running.
         """
 
+        if self._hot is not None:
+            found = self._hot.begin_step(run_id, position, worker, first, _now())
+            if found is None:
+                raise WorkflowNotFound(f"run {run_id!r} has no step at position {position}")
+            pos, stage, slug, status, attempts, output = found
+            return StepRun.model_construct(
+                position=pos, stage=stage, slug=slug, status=status, attempts=attempts, output=output
+            )
+
         def write(conn: Connection) -> StepRun:
             now = _now()
             row = conn.execute(
@@ -261,8 +283,12 @@ class WorkflowStore:
         output: dict[str, Any] | None = None,
         error: str | None = None,
         plugin_version: int | None = None,
-    ) -> None:
-        """Record a step's outcome (one statement)."""
+        run_output: dict[str, Any] | None = None,
+    ) -> str | None:
+        """Record a step's outcome (one statement). With ``run_output`` (the last
+        step of a run) also record the run's success, and return its workflow's name."""
+        if self._hot is not None:
+            return self._hot.finish_step(run_id, position, status, output, error, plugin_version, _now(), run_output)
         self._one(
             lambda conn: conn.execute(
                 update(steps)
@@ -270,6 +296,7 @@ class WorkflowStore:
                 .values(status=status, output=output, error=error, plugin_version=plugin_version, finished_at=_now())
             )
         )
+        return None if run_output is None else self.finish_run(run_id, run_output)
 
     def retry_step(self, run_id: str, position: int, error: str) -> None:
         """A failed attempt that will be retried: back to pending, error kept."""
@@ -313,6 +340,8 @@ class WorkflowStore:
 
     def finish_run(self, run_id: str, output: dict[str, Any]) -> str:
         """Record a run's success (one statement); returns the workflow's name."""
+        if self._hot is not None:
+            return self._hot.finish_run(run_id, output, _now())
         return str(
             self._one(
                 lambda conn: conn.execute(

@@ -168,35 +168,40 @@ def install_profiling() -> None:
     """Wrap the workflow store calls, the step body and the capability call with timers.
 
     Each store write is also split into its statements (``.sql``) and the
-    rest of its transaction (``.txn``: pool checkout, BEGIN, COMMIT — the commit
-    waits for the WAL flush on a default PostgreSQL).
+    rest (``.txn``: pool checkout, and for a transaction BEGIN and COMMIT; an
+    autocommitted statement's WAL flush wait is inside ``.sql``).
     """
     from workflows.runtime import Runtime
     from workflows.store import WorkflowStore
 
     current: list[str] = []
-    orig_write = WorkflowStore._write
 
-    def _write(self: WorkflowStore, fn: Callable[[Any], Any]) -> Any:
-        label = current[-1] if current else "store.other"
-        inner = [0.0]
+    def split(attr: str) -> None:
+        orig = getattr(WorkflowStore, attr)
 
-        def timed(conn: Any) -> Any:
+        def wrapper(self: WorkflowStore, fn: Callable[[Any], Any]) -> Any:
+            label = current[-1] if current else "store.other"
+            inner = [0.0]
+
+            def timed(conn: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return fn(conn)
+                finally:
+                    inner[0] = time.perf_counter() - t
+
             t = time.perf_counter()
             try:
-                return fn(conn)
+                return orig(self, timed)
             finally:
-                inner[0] = time.perf_counter() - t
+                total = time.perf_counter() - t
+                _add(label + ".sql", inner[0])
+                _add(label + ".txn", total - inner[0])
 
-        t = time.perf_counter()
-        try:
-            return orig_write(self, timed)
-        finally:
-            total = time.perf_counter() - t
-            _add(label + ".sql", inner[0])
-            _add(label + ".txn", total - inner[0])
+        setattr(WorkflowStore, attr, wrapper)
 
-    WorkflowStore._write = _write  # type: ignore[method-assign]
+    split("_write")  # a transaction: BEGIN, statements, COMMIT
+    split("_one")  # one autocommitted statement (PostgreSQL)
 
     def labelled(name: str) -> None:
         orig = getattr(WorkflowStore, name)
@@ -215,7 +220,6 @@ def install_profiling() -> None:
     for name in (
         "begin_step",
         "finish_step",
-        "merge_stage",
         "finish_run",
         "create_run",
         "definition",
