@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -269,6 +270,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--broker", choices=("redis", "amqp"), default="redis")
     p.add_argument("--redis-db", type=int, default=9, help="preferred Redis db index (default 9)")
     p.add_argument("--db", default=PG_DB, help=f"PostgreSQL database, dropped and re-created (default {PG_DB})")
+    p.add_argument("--json-out", metavar="PATH", help="also write the summary figures as JSON rows (python -m benchmarks)")
     return p
 
 
@@ -339,6 +341,30 @@ def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def summary_row(
+    figure: str,
+    bare: str,
+    pluginhost: str,
+    ratio: float | None = None,
+    target: str = "",
+    passed: bool | None = None,
+) -> dict[str, Any]:
+    """One row of the summary table of ``python -m benchmarks`` (see ``write_rows``)."""
+    if ratio is not None and not math.isfinite(ratio):
+        ratio = None  # NaN/inf: not representable in JSON
+    return {"figure": figure, "bare": bare, "pluginhost": pluginhost, "ratio": ratio, "target": target, "passed": passed}
+
+
+def write_rows(path: str | None, rows: Sequence[dict[str, Any]]) -> None:
+    """``--json-out PATH``: the script's summary figures as a JSON list of rows
+    {figure, bare, pluginhost, ratio, target, passed}; nothing when ``path`` is empty."""
+    if not path:
+        return
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(list(rows), indent=1))
+    tmp.replace(path)
 
 
 def cpu_ns(pids: Sequence[int]) -> int:

@@ -43,8 +43,10 @@ from benchmarks.common import (  # noqa: E402
     parser,
     purge,
     server_versions,
+    summary_row,
     verdict,
     versions,
+    write_rows,
 )
 
 QUEUE = "bench.dispatch"
@@ -246,6 +248,8 @@ def main() -> None:
         ]
         only = {s.strip() for s in args.only.split(",") if s.strip()}
         results = []
+        rows: list[dict[str, Any]] = []
+        broker_name = "Redis" if args.broker == "redis" else "RabbitMQ"
         for key, name, url, toggle_every in configs:
             if only and key not in only:
                 continue
@@ -279,6 +283,13 @@ def main() -> None:
                 f"({bd['calls_ph'] / bd['calls_bare'] - 1:+.1%}; no toggles)"
             )
             sys.stdout.flush()
+            rows.append(summary_row(
+                f"dispatch, {'PostgreSQL' if key.startswith('pg') else 'SQLite'} + {broker_name}"
+                + (f", other plugin toggled every {toggle_every}" if toggle_every else ""),
+                f"{res['bare_rate']:.0f} calls/s", f"{res['ph_rate']:.0f} calls/s",
+                res["ratio"], f">= {TARGET}", res["ratio"] >= TARGET,
+            ))
+            write_rows(args.json_out, rows)
         print(
             "\nThe check: PluginHost.fresh_from_store() reads the revision row before every dispatch\n"
             "(PostgreSQL: a prepared statement through libpq, one round trip, autocommit) and reloads\n"
@@ -295,6 +306,12 @@ def main() -> None:
                 f"   (G1 expects 0)\n"
                 f"  dispatch refused right after enable() returned   : {se} / {args.probe}"
             )
+            rows.append(summary_row(
+                f"G1 probe: dispatch right after another host's disable(), {args.probe} toggles",
+                "-", f"{sd}/{args.probe} accepted",
+                None, "0 accepted", sd == 0,
+            ))
+            write_rows(args.json_out, rows)
         print(f"\nload average at the end: {loadavg()}")
     finally:
         redis.release()

@@ -49,8 +49,10 @@ from benchmarks.common import (  # noqa: E402
     queue_length,
     running_workers,
     server_versions,
+    summary_row,
     verdict,
     versions,
+    write_rows,
 )
 
 IDLE = "bench.idle"
@@ -155,6 +157,8 @@ def main() -> None:
             return sum(cpu[v]) / len(cpu[v])
 
         print()
+        rows: list[dict[str, Any]] = []
+        where = f"prefork c{args.concurrency}, {'Redis' if args.broker == 'redis' else 'RabbitMQ'}"
         for v in variants:
             per = ", ".join(f"{x:.0f}" for x in results[v])
             enq_rate = len(enq[v]) * chunk / sum(enq[v])
@@ -167,10 +171,21 @@ def main() -> None:
                 f"  ratio pluginhost / bare      : {ratio:.3f}   target >= {TARGET}  {verdict(ratio, TARGET)}"
                 f"   (per round {min(rr):.2f}..{max(rr):.2f}, median {median(rr):.2f})"
             )
+            rows.append(summary_row(
+                f"execution, worker throughput, {where}",
+                f"{agg('bare'):.0f} tasks/s", f"{agg('pluginhost'):.0f} tasks/s",
+                ratio, f">= {TARGET}", ratio >= TARGET,
+            ))
         if "pluginhost" in results and "bare" in results:
             c = cpu_per_task("bare") / cpu_per_task("pluginhost")
             print(f"  CPU ratio  pluginhost / bare : {c:.3f}   (bare CPU per task / pluginhost CPU per task; "
                   f"target >= {TARGET}  {verdict(c, TARGET)})")
+            rows.append(summary_row(
+                f"execution, worker CPU per task, {where}",
+                f"{cpu_per_task('bare'):.0f} us/task", f"{cpu_per_task('pluginhost'):.0f} us/task",
+                c, f">= {TARGET}", c >= TARGET,
+            ))
+        write_rows(args.json_out, rows)
         if "pluginhost" in results and "bare_late" in results:
             c = cpu_per_task("bare_late") / cpu_per_task("pluginhost")
             print(f"  CPU ratio  pluginhost / bare_late : {c:.3f}")

@@ -21,12 +21,14 @@ import time
 import tracemalloc
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg  # noqa: E402
 from celery import Celery  # noqa: E402
 
+from benchmarks.common import summary_row, write_rows  # noqa: E402
 from pluginhost import PluginHost  # noqa: E402
 from workflows import Step, Workflow, Workflows  # noqa: E402
 
@@ -65,9 +67,10 @@ def p50(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def plugins_part(count: int) -> None:
+def plugins_part(count: int) -> list[dict[str, Any]]:
     print(f"\n== {count:,} plugins vs 10 (PostgreSQL)")
     results = {}
+    reload_figures = {}
     for n in (10, count):
         url = fresh_db(f"pluginhost_scale_{n}")
         host = host_for(url, n)
@@ -87,6 +90,7 @@ def plugins_part(count: int) -> None:
             check()
         samples = timed(check, 3000)
         results[n] = p50(samples)
+        reload_figures[n] = (p50(reloads), peak / 2**20)
         print(
             f"  {n:>6} plugins: reload p50 {p50(reloads):8.1f} ms (first {reload_ms:.1f} ms, peak memory "
             f"{peak / 2**20:.1f} MiB); dispatch check p50 {p50(samples):6.1f} us, p99 "
@@ -95,9 +99,17 @@ def plugins_part(count: int) -> None:
         host.store.close()
     ratio = results[count] / results[10]
     print(f"  dispatch check ratio {count:,} / 10 plugins: {ratio:.2f} (target <= 1.1: {'met' if ratio <= 1.1 else 'MISSED'})")
+    return [
+        summary_row(f"scale: dispatch check p50, {count:,} plugins vs 10", "-",
+                    f"{results[count]:.0f} us (10: {results[10]:.0f} us)", ratio, "<= 1.1", ratio <= 1.1),
+        summary_row(f"scale: full reload of {count:,} plugins, p50", "-",
+                    f"{reload_figures[count][0]:.1f} ms (10: {reload_figures[10][0]:.1f} ms)"),
+        summary_row(f"scale: peak memory of the first reload, {count:,} plugins", "-",
+                    f"{reload_figures[count][1]:.1f} MiB (10: {reload_figures[10][1]:.2f} MiB)"),
+    ]
 
 
-def history_part(rows: int) -> None:
+def history_part(rows: int) -> list[dict[str, Any]]:
     print(f"\n== workflow store with {rows:,} step-history rows vs empty (PostgreSQL)")
     wf = Workflow("scale", steps=[Step("probe")])
     results = {}
@@ -155,17 +167,24 @@ def history_part(rows: int) -> None:
     ratio = full[0] / empty[0]
     print(f"  a run's store writes, ratio {rows:,} rows / empty: {ratio:.2f} (target <= 1.1: {'met' if ratio <= 1.1 else 'MISSED'})")
     print("  (runs() returns 50 rows from the large history and none from the empty one: compare its absolute time)")
+    return [
+        summary_row(f"scale: a run's store writes p50, {rows:,} step rows vs empty", "-",
+                    f"{full[0] / 1e3:.2f} ms (empty: {empty[0] / 1e3:.2f} ms)", ratio, "<= 1.1", ratio <= 1.1),
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plugins", type=int, default=10_000)
     parser.add_argument("--history", type=int, default=1_000_000)
+    parser.add_argument("--json-out", metavar="PATH", help="also write the summary figures as JSON rows (python -m benchmarks)")
     args = parser.parse_args()
     with open("/proc/loadavg") as f:
         print(f"scale benchmark; load average {' '.join(f.read().split()[:3])}")
-    plugins_part(args.plugins)
-    history_part(args.history)
+    rows = plugins_part(args.plugins)
+    write_rows(args.json_out, rows)
+    rows += history_part(args.history)
+    write_rows(args.json_out, rows)
 
 
 if __name__ == "__main__":

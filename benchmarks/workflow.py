@@ -249,6 +249,31 @@ def report(pool: str, data: dict[str, dict[str, list[float]]], ready_s: float) -
     return lines
 
 
+JSON_ROWS: list[dict[str, Any]] = []  # --json-out: this run's rows so far
+
+
+def write_json_rows(path: str | None, pool: str, data: dict[str, dict[str, list[float]]]) -> None:
+    """``--json-out``: add this pool's seq/par p50 rows (the ratios ``report`` prints) and
+    write all rows so far to ``path`` as a JSON list (read by ``python -m benchmarks``)."""
+    if not path:
+        return
+    import json
+
+    rows = JSON_ROWS
+    for kind, what in (("seq", "5 steps vs chain"), ("par", "3 parallel vs chord")):
+        a, b = data[f"{kind}/pluginhost"]["e2e"], data[f"{kind}/bare"]["e2e"]
+        r50 = pct(a, 50) / pct(b, 50)
+        rows.append({
+            "figure": f"workflow {kind} p50 ({what}), {pool}, {len(a)} runs",
+            "bare": f"{pct(b, 50) * 1e3:.1f} ms",
+            "pluginhost": f"{pct(a, 50) * 1e3:.1f} ms",
+            "ratio": r50,
+            "target": "<= 1.3",
+            "passed": r50 <= 1.3,
+        })
+    Path(path).write_text(json.dumps(rows, indent=1))
+
+
 def profile(bench: Any, app: Any, worker: Worker, runs: int) -> list[str]:
     """Per-operation timings: worker side from ``wfbench.stats``, producer side here
     (each round: one seq and one par workflow, one bare chain, one bare chord)."""
@@ -426,6 +451,7 @@ def main() -> int:
     p.add_argument("--redis-db", type=int, default=11)
     p.add_argument("--db", default="pluginhost_wfbench")
     p.add_argument("--queue", default="wfbench")
+    p.add_argument("--json-out", metavar="PATH", help="also write the summary figures as JSON rows (python -m benchmarks)")
     args = p.parse_args()
 
     t_start = time.monotonic()
@@ -502,6 +528,7 @@ def run(args: argparse.Namespace, redis_url: str) -> None:
             worker.stop()
             worker = None
             block = report(pool if pool != "prefork" else "prefork -c 2", data, ready)
+            write_json_rows(args.json_out, f"{'prefork c2' if pool == 'prefork' else pool}, {dict(redis='Redis', amqp='RabbitMQ')[args.broker]}", data)
             block.append("history: " + check_history(bench, total_runs))
             print("\n".join(block), flush=True)
         if args.profile_runs > 0 or args.py_spy:
