@@ -54,21 +54,6 @@ SET status = %(status)s, output = %(output)s::json, error = %(error)s,
 WHERE run_id = %(run_id)s AND position = %(position)s
 """
 
-# The last step's outcome and the run's success in one statement.
-_FINISH_LAST_STEP = """
-WITH s AS (
-    UPDATE workflows_steps
-    SET status = %(status)s, output = %(output)s::json, error = %(error)s,
-        plugin_version = %(plugin_version)s, finished_at = %(now)s
-    WHERE run_id = %(run_id)s AND position = %(position)s
-)
-UPDATE workflows_runs
-SET status = 'succeeded', context = %(context)s::json, output = %(context)s::json, error = NULL,
-    finished_at = coalesce(finished_at, %(now)s)
-WHERE id = %(run_id)s
-RETURNING name
-"""
-
 _FINISH_RUN = """
 UPDATE workflows_runs
 SET status = 'succeeded', context = %(context)s::json, output = %(context)s::json, error = NULL,
@@ -76,6 +61,9 @@ SET status = 'succeeded', context = %(context)s::json, output = %(context)s::jso
 WHERE id = %(run_id)s
 RETURNING name
 """
+
+# The last step's outcome and the run's success in one statement.
+_FINISH_LAST_STEP = f"WITH s AS ({_FINISH_STEP}) {_FINISH_RUN}"
 
 # The run and its pending steps in one statement; no row inserted when the run
 # id exists already (a redelivered start).
