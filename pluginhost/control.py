@@ -13,6 +13,10 @@ How a change reaches a task that is about to run:
    no query per task, no restart.
 4. A consumer timer polls the store revision every ``pluginhost_poll_interval``
    seconds, for workers that missed a broadcast or changes made by direct SQL.
+
+Each worker also reports itself alive in the store's worker registry (on
+start, every ``pluginhost_heartbeat_interval`` seconds, and it removes itself
+when it stops), so ``wait=True`` knows how many acknowledgements to expect.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from celery import bootsteps, signals
 from celery.worker.control import control_command, inspect_command
 
 from .errors import PluginHostError, StoreUnavailable
+from .store.base import WorkerRegistry
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -52,16 +57,19 @@ class WorkerLink:
         self.host = host
         self.shared: Any = None  # the published revision, shared with forked children
         self.main_pid: int | None = None
+        self.hostname: str | None = None
         self._outage = False
+        self._registry_broken = False
 
     @property
     def active(self) -> bool:
         return self.shared is not None
 
-    def start(self) -> None:
+    def start(self, hostname: str | None = None) -> None:
         """In the worker's main process, before the pool starts."""
         self.shared = multiprocessing.RawValue("q", -1)
         self.main_pid = os.getpid()
+        self.hostname = hostname
         try:
             self.host._ready_or_raise()
             self.host._reload()
@@ -98,6 +106,26 @@ class WorkerLink:
             self.shared.value = revision
         return revision
 
+    def heartbeat(self) -> None:
+        """In the main process: report this worker alive, at the revision it applied."""
+        self._registry(lambda registry, name: registry.report_worker(name, int(self.shared.value)))
+
+    def forget(self) -> None:
+        """In the main process, when the worker stops consuming: leave the registry."""
+        self._registry(lambda registry, name: registry.forget_worker(name))
+
+    def _registry(self, call: Any) -> None:
+        registry = self.host.store
+        if self.hostname is None or not isinstance(registry, WorkerRegistry):
+            return
+        try:
+            call(registry, self.hostname)
+            self._registry_broken = False
+        except StoreUnavailable as exc:
+            if not self._registry_broken:  # once, not every heartbeat
+                self._registry_broken = True
+                log.info("pluginhost: worker registry not updated (%s); wait=True calls wait their whole timeout", exc)
+
     def _report(self, exc: Exception) -> None:
         if not self._outage:
             self._outage = True
@@ -116,7 +144,7 @@ def install(host: PluginHost) -> None:
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
-            host.worker.start()
+            host.worker.start(getattr(sender, "hostname", None))
 
     def on_child_init(**_: Any) -> None:
         if host.worker.active:
@@ -175,19 +203,46 @@ class PollStep(bootsteps.StartStopStep):
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.tref: Any = None
+        self.trefs: list[Any] = []
 
     def start(self, parent: Any) -> None:
         host = _host_of(parent.app)
         if host is None or not host.worker.active:
             return
-        interval = float(parent.app.conf.get("pluginhost_poll_interval", 2.0))
-        self.tref = parent.timer.call_repeatedly(interval, host.worker.sync, priority=10)
+        # Registered once the consumer is up (it can answer broadcasts from now on).
+        host.worker.heartbeat()
+        self.trefs = [
+            parent.timer.call_repeatedly(poll_interval(parent.app), host.worker.sync, priority=10),
+            parent.timer.call_repeatedly(heartbeat_interval(parent.app), host.worker.heartbeat, priority=10),
+        ]
 
     def stop(self, parent: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
+        for tref in self.trefs:
+            tref.cancel()
+        self.trefs = []
+        host = _host_of(parent.app)
+        if host is not None and host.worker.active:
+            host.worker.forget()  # stopping, or the broker connection is lost: not reachable
+
+
+def poll_interval(app: Celery) -> float:
+    return float(app.conf.get("pluginhost_poll_interval", 2.0))
+
+
+def heartbeat_interval(app: Celery) -> float:
+    return float(app.conf.get("pluginhost_heartbeat_interval", 10.0))
+
+
+def registered_workers(host: PluginHost) -> dict[str, int] | None:
+    """``{hostname: revision}`` of the workers the store's registry holds alive
+    (reported within three heartbeats), or None without a registry."""
+    store = host.store
+    if not isinstance(store, WorkerRegistry):
+        return None
+    try:
+        return store.live_workers(within_s=3 * heartbeat_interval(host.app))
+    except StoreUnavailable:
+        return None
 
 
 @control_command(args=[("revision", int)], signature="[revision]")
@@ -216,15 +271,18 @@ def pluginhost_revision(state: Any, **_: Any) -> dict[str, Any]:
     }
 
 
-def broadcast_refresh(app: Celery, revision: int, *, wait: bool = False, timeout: float = 1.0) -> list[str]:
-    """Broadcast ``pluginhost_refresh``; with ``wait``, the hostnames that applied ``revision``.
+def broadcast_refresh(
+    app: Celery, revision: int, *, wait: bool = False, timeout: float = 1.0, expect: int | None = None
+) -> list[str]:
+    """Broadcast ``pluginhost_refresh``; with ``wait``, the hostnames that applied ``revision``
+    (collected until ``expect`` workers answered, or ``timeout``).
 
     A failed broadcast is logged, not raised: the store already holds the
     change, and workers converge by polling.
     """
     try:
         replies = app.control.broadcast(
-            REFRESH_COMMAND, arguments={"revision": revision}, reply=wait, timeout=timeout
+            REFRESH_COMMAND, arguments={"revision": revision}, reply=wait, timeout=timeout, limit=expect
         )
     except Exception as exc:  # broker down: the change is committed, polling delivers it
         log.warning("pluginhost: refresh broadcast failed (%s); workers will converge by polling", exc)
@@ -239,9 +297,12 @@ def broadcast_refresh(app: Celery, revision: int, *, wait: bool = False, timeout
     )
 
 
-def worker_revisions(app: Celery, *, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
-    """``{hostname: {"revision": ..., "pool": ..., ...}}`` for every live worker."""
-    replies = app.control.broadcast(REVISION_COMMAND, reply=True, timeout=timeout)
+def worker_revisions(
+    app: Celery, *, timeout: float = 1.0, expect: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """``{hostname: {"revision": ..., "pool": ..., ...}}`` for every worker that
+    answers (until ``expect`` answered, or ``timeout``)."""
+    replies = app.control.broadcast(REVISION_COMMAND, reply=True, timeout=timeout, limit=expect)
     return {name: body for reply in replies or [] for name, body in reply.items()}
 
 

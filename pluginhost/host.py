@@ -284,7 +284,7 @@ class PluginHost:
         """Re-read the store here and tell every worker to do the same."""
         self._ready_or_raise()
         self._reload()
-        acks = control.broadcast_refresh(self.app, self._revision, wait=wait, timeout=timeout)
+        acks = self._broadcast(self._revision, wait, timeout)
         return acks if wait else None
 
     def sync(self) -> builtins.list[Plugin]:
@@ -294,8 +294,17 @@ class PluginHost:
             return self._ready_or_raise()
 
     def workers(self, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
-        """Live workers and the store revision each has applied."""
-        return control.worker_revisions(self.app, timeout=timeout)
+        """Live workers and the store revision each has applied.
+
+        Returns once every worker in the store's registry has answered (else after
+        ``timeout``). A registered worker that did not answer is listed with an
+        ``error`` and the revision it last reported."""
+        registered = control.registered_workers(self) or {}
+        found = control.worker_revisions(self.app, timeout=timeout, expect=len(registered) or None)
+        for name, revision in registered.items():
+            if name not in found:
+                found[name] = {"error": "registered but did not answer", "reported_revision": revision}
+        return found
 
     # -- internals -------------------------------------------------------------
 
@@ -324,8 +333,14 @@ class PluginHost:
                 metrics.applied_revision(revision)
             elif revision != self._revision:
                 self._reload()
-        acks = control.broadcast_refresh(self.app, revision, wait=wait, timeout=timeout)
+        acks = self._broadcast(revision, wait, timeout)
         return acks if wait else plugin
+
+    def _broadcast(self, revision: int, wait: bool, timeout: float) -> builtins.list[str]:
+        """Tell every worker to re-read the store; with ``wait``, the workers that
+        applied ``revision`` (collected until every registered worker answered)."""
+        expect = len(control.registered_workers(self) or {}) or None if wait else None
+        return control.broadcast_refresh(self.app, revision, wait=wait, timeout=timeout, expect=expect)
 
     def _validated_config(self, slug: str, config: Any) -> dict[str, Any]:
         check_json_object(config, owner=f"plugin '{slug}'")

@@ -234,6 +234,33 @@ def test_a_forged_refresh_broadcast_changes_nothing(core: ModuleType, workers: A
     assert host.run_capability("work", {"tag": "after-forgery"}).get(timeout=20)["config"]["level"] == 1
 
 
+def test_wait_returns_once_every_registered_worker_has_acknowledged(core: ModuleType, workers: Any) -> None:
+    """Workers register in the store (worker registry), so ``wait=True`` and
+    ``workers()`` stop waiting when every live worker has answered instead of at
+    their timeout; a worker that stops leaves the registry, one that dies is
+    listed as silent."""
+    w1 = workers("tests.apps.core", pool="prefork", concurrency=2)
+    w2 = workers("tests.apps.core", pool="solo")
+    host = core.host
+    both = {w1.hostname, w2.hostname}
+    assert wait_until(lambda: set(host.store.live_workers(within_s=30)) == both, 10)
+
+    started = time.monotonic()
+    assert set(host.disable("work", wait=True, timeout=10)) == both
+    assert set(host.workers(timeout=10)) == both
+    assert time.monotonic() - started < 4  # two calls, neither waited its 10 s
+
+    w2.stop()  # warm shutdown: it says goodbye
+    assert set(host.store.live_workers(within_s=30)) == {w1.hostname}
+    started = time.monotonic()
+    assert host.enable("work", wait=True, timeout=10) == [w1.hostname]
+    assert time.monotonic() - started < 3
+
+    w1.kill()  # SIGKILL: no goodbye; listed as silent until its heartbeats expire
+    found = host.workers(timeout=0.5)
+    assert list(found) == [w1.hostname] and found[w1.hostname]["error"] == "registered but did not answer"
+
+
 def test_a_worker_started_after_a_toggle_starts_with_the_current_state(core: ModuleType, workers: Any) -> None:
     host = core.host
     host.disable("work")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from pluginhost import ConcurrentUpdate, MemoryStore, Plugin, PluginNotFound, SQLAlchemyStore, Store
+from pluginhost.store import WorkerRegistry
 from tests import harness
 
 
@@ -133,3 +135,20 @@ def test_migrate_is_idempotent(store: Store) -> None:
         pytest.skip("SQL only")
     store.migrate()
     store.migrate()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True)
+def test_the_worker_registry_holds_workers_that_reported_recently(store: Store) -> None:
+    assert isinstance(store, WorkerRegistry) and not isinstance(MemoryStore(), WorkerRegistry)
+    rev = store.revision()
+    store.report_worker("w1@host", 3)
+    store.report_worker("w2@host", 3)
+    store.report_worker("w1@host", 4)  # a heartbeat updates the row
+    assert store.live_workers(within_s=30) == {"w1@host": 4, "w2@host": 3}
+    time.sleep(0.3)
+    store.report_worker("w2@host", 4)
+    assert store.live_workers(within_s=0.2) == {"w2@host": 4}  # w1 missed its heartbeats
+    store.forget_worker("w2@host")
+    store.forget_worker("never-registered@host")
+    assert store.live_workers(within_s=30) == {"w1@host": 4}
+    assert store.revision() == rev and store.audit() == []  # not a plugin change

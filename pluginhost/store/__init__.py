@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Store
+from .base import Store, WorkerRegistry
 from .memory import MemoryStore
 from .migrate import migrate
 from .sql import SQLAlchemyStore
@@ -17,4 +17,4 @@ def open_store(url_or_store: str | Store) -> Store:
     return SQLAlchemyStore(url_or_store)
 
 
-__all__ = ["Store", "SQLAlchemyStore", "MemoryStore", "migrate", "open_store"]
+__all__ = ["Store", "WorkerRegistry", "SQLAlchemyStore", "MemoryStore", "migrate", "open_store"]

@@ -61,6 +61,25 @@ class Store(Protocol):
         """Release connections."""
 
 
+@runtime_checkable
+class WorkerRegistry(Protocol):
+    """What a store shared by every process may add: which workers are alive.
+
+    Optional (``MemoryStore`` lives in one process and has none). With it,
+    ``wait=True`` admin calls and ``PluginHost.workers()`` return as soon as every
+    registered worker has answered instead of waiting their whole timeout.
+    """
+
+    def report_worker(self, hostname: str, revision: int) -> None:
+        """Record that ``hostname`` is alive and has applied ``revision``."""
+
+    def forget_worker(self, hostname: str) -> None:
+        """Remove ``hostname`` (it is stopping)."""
+
+    def live_workers(self, within_s: float) -> dict[str, int]:
+        """``{hostname: revision}`` of the workers that reported in the last ``within_s`` seconds."""
+
+
 def next_version(current: Plugin, changes: dict[str, Any], expected_version: int | None) -> Plugin | None:
     """The record after ``changes`` (version + 1), or None if they change nothing.
 

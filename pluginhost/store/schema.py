@@ -52,3 +52,15 @@ revision = Table(
     Column("id", Integer, primary_key=True),
     Column("revision", BigInteger, nullable=False),
 )
+
+# Workers that are alive: each worker's main process reports itself here on
+# start and every ``pluginhost_heartbeat_interval`` seconds, and removes its row
+# when it stops. ``wait=True`` admin calls use it to know how many
+# acknowledgements to expect.
+workers = Table(
+    "pluginhost_workers",
+    metadata,
+    Column("hostname", String(255), primary_key=True),
+    Column("revision", BigInteger, nullable=False),
+    Column("seen_at", DateTime(timezone=True), nullable=False),
+)

@@ -6,11 +6,11 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, select, update
+from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -156,6 +156,33 @@ class SQLAlchemyStore:
             return [self._insert(conn, p, actor) for s, p in wanted.items() if s not in have]
 
         return self._write(write)
+
+    # -- the worker registry ---------------------------------------------------
+
+    def report_worker(self, hostname: str, revision: int) -> None:
+        def write(conn: Connection) -> None:
+            now = _now()
+            workers = schema.workers
+            done = conn.execute(
+                update(workers).where(workers.c.hostname == hostname).values(revision=revision, seen_at=now)
+            )
+            if done.rowcount == 0:
+                conn.execute(insert(workers).values(hostname=hostname, revision=revision, seen_at=now))
+
+        self._write(write)
+
+    def forget_worker(self, hostname: str) -> None:
+        self._write(lambda conn: conn.execute(delete(schema.workers).where(schema.workers.c.hostname == hostname)))
+
+    def live_workers(self, within_s: float) -> dict[str, int]:
+        cutoff = _now() - timedelta(seconds=within_s)
+        workers = schema.workers
+
+        def read(conn: Connection) -> dict[str, int]:
+            rows = conn.execute(select(workers.c.hostname, workers.c.revision).where(workers.c.seen_at >= cutoff))
+            return {name: int(rev) for name, rev in rows}
+
+        return self._read(read)
 
     def close(self) -> None:
         self._drop_raw()
