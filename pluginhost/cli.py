@@ -338,11 +338,16 @@ def _commands(group: click.Group) -> None:
         for col in ("worker", "revision", "current", "pool", "processes"):
             table.add_column(col)
         found = host.workers(timeout=timeout)
+        silent = 0
         for name, info in sorted(found.items()):
+            if "error" in info:  # registered but silent, or a worker without pluginhost
+                silent += 1
+                table.add_row(*row(name, "-", "NO", info["error"], "-"))
+                continue
             rev = info.get("revision")
             table.add_row(*row(name, str(rev), "yes" if rev == current else "NO", str(info.get("pool")), str(len(info.get("processes") or []) or 1)))
         console().print(table)
-        click.echo(f"{len(found)} worker(s); store revision {current}")
+        click.echo(f"{len(found) - silent} worker(s) answered" + (f", {silent} without a revision" if silent else "") + f"; store revision {current}")
 
     @group.command()
     @click.argument("slug", required=False)

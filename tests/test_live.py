@@ -234,7 +234,9 @@ def test_a_forged_refresh_broadcast_changes_nothing(core: ModuleType, workers: A
     assert host.run_capability("work", {"tag": "after-forgery"}).get(timeout=20)["config"]["level"] == 1
 
 
-def test_wait_returns_once_every_registered_worker_has_acknowledged(core: ModuleType, workers: Any) -> None:
+def test_wait_returns_once_every_registered_worker_has_acknowledged(
+    core: ModuleType, workers: Any, app_conf: dict[str, Any]
+) -> None:
     """Workers register in the store (worker registry), so ``wait=True`` and
     ``workers()`` stop waiting when every live worker has answered instead of at
     their timeout; a worker that stops leaves the registry, one that dies is
@@ -259,6 +261,13 @@ def test_wait_returns_once_every_registered_worker_has_acknowledged(core: Module
     w1.kill()  # SIGKILL: no goodbye; listed as silent until its heartbeats expire
     found = host.workers(timeout=0.5)
     assert list(found) == [w1.hostname] and found[w1.hostname]["error"] == "registered but did not answer"
+    env = {**os.environ, "PH_CONF": json.dumps(app_conf), "PLUGINHOST_APP": "tests.apps.core:app", "PYTHONPATH": str(ROOT)}
+    listing = subprocess.run(
+        [str(Path(sys.executable).with_name("pluginhost")), "workers", "--timeout", "0.5"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert "0 worker(s) answered, 1 without a revision" in listing.stdout
 
 
 def test_a_worker_started_after_a_toggle_starts_with_the_current_state(core: ModuleType, workers: Any) -> None:
