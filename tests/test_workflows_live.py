@@ -172,3 +172,16 @@ def test_plan_is_a_dry_run_under_current_toggles(core: ModuleType) -> None:
     core.host.disable("step_c")
     plan = {p.slug: p.outcome for p in core.flows.plan("planned")}
     assert plan == {"step_a": "run", "step_b": "run", "step_c": "fail"}
+
+
+@pytest.mark.parametrize("backend", ["embedded", "redis"], indirect=True)
+def test_a_definition_stored_again_after_the_tables_were_emptied_is_read_anew(
+    core: ModuleType, empty_store: Any
+) -> None:
+    """Definitions are parsed once per stored version; a store emptied and defined
+    again (same name, same version number, other steps) is not served from that cache."""
+    core.flows.define(Workflow("renewed", steps=[Step("step_a"), Step("step_b")]))
+    assert [p.slug for p in core.flows.plan("renewed")] == ["step_a", "step_b"]
+    empty_store()
+    assert core.flows.define(Workflow("renewed", steps=[Step("step_c")])) == 1
+    assert [p.slug for p in core.flows.plan("renewed")] == ["step_c"]

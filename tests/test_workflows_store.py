@@ -114,11 +114,14 @@ def test_finishing_a_run_twice_keeps_its_first_end_time(store: WorkflowStore) ->
     assert store.get_run(run_id).finished_at == first  # type: ignore[union-attr]
 
 
-def test_newest_version(store: WorkflowStore) -> None:
-    assert store.newest_version("flow") is None
+def test_newest_names_the_newest_stored_definition(store: WorkflowStore) -> None:
+    assert store.newest("flow") is None
     store.define("flow", {"name": "flow", "steps": ["a"]}, actor="ana")
+    first = store.newest("flow")
     store.define("flow", {"name": "flow", "steps": ["a", "b"]}, actor="ana")
-    assert store.newest_version("flow") == 2
+    newest = store.newest("flow")
+    assert first is not None and newest is not None
+    assert (first[0], newest[0]) == (1, 2) and newest[1] >= first[1]
 
 
 def _pg_store(request: pytest.FixtureRequest) -> WorkflowStore:

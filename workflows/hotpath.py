@@ -79,7 +79,10 @@ SELECT r.id, x.position, x.stage, x.slug, 'pending', 0
 FROM r, unnest(%(positions)s::int[], %(stages)s::int[], %(slugs)s::text[]) AS x(position, stage, slug)
 """
 
-_NEWEST_VERSION = "SELECT max(version) FROM workflows_definitions WHERE name = %(name)s"
+_NEWEST = """
+SELECT version, created_at FROM workflows_definitions
+WHERE name = %(name)s ORDER BY version DESC LIMIT 1
+"""
 
 StepRow = tuple[int, int, str, str, int, "dict[str, Any] | None"]
 
@@ -135,9 +138,9 @@ class PgHotPath:
         }
         return self._execute(_CREATE_RUN, params) > 0
 
-    def newest_version(self, name: str) -> int | None:
-        row = self._fetch(_NEWEST_VERSION, {"name": name})
-        return None if row is None or row[0] is None else int(row[0])
+    def newest(self, name: str) -> tuple[int, datetime] | None:
+        row = self._fetch(_NEWEST, {"name": name})
+        return None if row is None else (int(row[0]), row[1])
 
     # -- plumbing --------------------------------------------------------------
 

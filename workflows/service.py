@@ -38,7 +38,7 @@ class Workflows:
         self.host = host
         self.runtime = Runtime.for_host(host)
         self._migrated_for: Any = None
-        self._parsed: dict[tuple[str, int], Workflow] = {}
+        self._parsed: dict[tuple[str, int, Any], Workflow] = {}
 
     @property
     def store(self) -> WorkflowStore:
@@ -159,17 +159,18 @@ class Workflows:
 
     def _definition(self, name: str) -> tuple[int, Workflow]:
         """The newest version, parsed. A stored version never changes, so only
-        the version number is read per call and each version is parsed once."""
+        its number and time are read per call and each one is parsed once."""
         self._ready()
-        version = self.store.newest_version(name) if isinstance(name, str) else None
-        if version is None:
+        newest = self.store.newest(name) if isinstance(name, str) else None
+        if newest is None:
             raise WorkflowNotFound(f"no workflow named {name!r}")
-        wf = self._parsed.get((name, version))
+        version, stored_at = newest
+        wf = self._parsed.get((name, version, stored_at))
         if wf is None:
             found = self.store.definition(name, version)
             if found is None:
                 raise WorkflowNotFound(f"no workflow named {name!r}")
-            wf = self._parsed[(name, version)] = Workflow.model_validate(found[1])
+            wf = self._parsed[(name, version, stored_at)] = Workflow.model_validate(found[1])
         return version, wf
 
     def _ready(self) -> None:

@@ -181,13 +181,23 @@ class WorkflowStore:
 
         return self._one(read)
 
-    def newest_version(self, name: str) -> int | None:
-        """The newest version number of a definition (one indexed read)."""
+    def newest(self, name: str) -> tuple[int, datetime] | None:
+        """The newest version number of a definition and when it was stored (one
+        indexed read): together they name a stored definition, even across a store
+        that was emptied and defined again."""
         if self._hot is not None:
-            return self._hot.newest_version(name)
-        return self._read(
-            lambda conn: conn.execute(select(func.max(definitions.c.version)).where(definitions.c.name == name)).scalar()
-        )
+            return self._hot.newest(name)
+
+        def read(conn: Connection) -> tuple[int, datetime] | None:
+            row = conn.execute(
+                select(definitions.c.version, definitions.c.created_at)
+                .where(definitions.c.name == name)
+                .order_by(definitions.c.version.desc())
+                .limit(1)
+            ).first()
+            return (int(row.version), row.created_at) if row else None
+
+        return self._read(read)
 
     def latest_definitions(self) -> list[tuple[int, dict[str, Any]]]:
         def read(conn: Connection) -> list[tuple[int, dict[str, Any]]]:
