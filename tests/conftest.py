@@ -108,6 +108,18 @@ def harness_resources() -> Iterator[harness.SessionResources]:
     resources.close()
 
 
+@pytest.fixture
+def empty_pg_url(harness_resources: harness.SessionResources) -> str:
+    """The URL of this session's PostgreSQL database, emptied (skipped, or failed
+    under CI=true, when PostgreSQL is down)."""
+    problem = harness.check_service("postgres")
+    if problem:
+        pytest.skip(harness.service_down_message("postgres", problem))
+    url = harness.pg_url(harness_resources.pg_database())
+    harness.empty_store(url)
+    return url
+
+
 @pytest.fixture(params=harness.BACKEND_IDS)
 def backend(request: pytest.FixtureRequest) -> harness.Backend:
     """The (broker, result backend, store) combination of this test."""

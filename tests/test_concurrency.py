@@ -10,8 +10,6 @@ from typing import Any
 
 import pytest
 
-from tests import harness
-
 PROCESSES, UPDATES = 8, 200
 
 
@@ -55,12 +53,8 @@ def _reader(url: str, stop: Any, results: Any) -> None:
 
 
 @pytest.fixture
-def url(harness_resources: harness.SessionResources) -> str:
-    problem = harness.check_service("postgres")
-    if problem:
-        pytest.skip(harness.service_down_message("postgres", problem))
-    url = harness.pg_url(harness_resources.pg_database())
-    harness.empty_store(url)
+def url(empty_pg_url: str) -> str:
+    url = empty_pg_url
     from pluginhost import Plugin
 
     host = _host(url)

@@ -12,7 +12,6 @@ from sqlalchemy import text
 
 from pluginhost import ConcurrentUpdate, MemoryStore, Plugin, PluginNotFound, SQLAlchemyStore, Store
 from pluginhost.store import WorkerRegistry
-from tests import harness
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
@@ -23,12 +22,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'store.db'}"
     else:
-        problem = harness.check_service("postgres")
-        if problem:
-            pytest.skip(harness.service_down_message("postgres", problem))
-        resources = request.getfixturevalue("harness_resources")
-        url = harness.pg_url(resources.pg_database())
-        harness.empty_store(url)
+        url = request.getfixturevalue("empty_pg_url")
     s = SQLAlchemyStore(url)
     s.migrate()
     yield s

@@ -32,11 +32,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[WorkflowSt
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'flows.db'}"
     else:
-        problem = harness.check_service("postgres")
-        if problem:
-            pytest.skip(harness.service_down_message("postgres", problem))
-        url = harness.pg_url(request.getfixturevalue("harness_resources").pg_database())
-        harness.empty_store(url)
+        url = request.getfixturevalue("empty_pg_url")
     engine = create_engine(url, pool_pre_ping=True)
     s = WorkflowStore(engine)
     s.migrate()
@@ -124,19 +120,8 @@ def test_newest_names_the_newest_stored_definition(store: WorkflowStore) -> None
     assert (first[0], newest[0]) == (1, 2) and newest[1] >= first[1]
 
 
-def _pg_store(request: pytest.FixtureRequest) -> WorkflowStore:
-    problem = harness.check_service("postgres")
-    if problem:
-        pytest.skip(harness.service_down_message("postgres", problem))
-    url = harness.pg_url(request.getfixturevalue("harness_resources").pg_database())
-    harness.empty_store(url)
-    s = WorkflowStore(create_engine(url, pool_pre_ping=True))
-    s.migrate()
-    return s
-
-
-def test_postgres_hot_path_replaces_a_connection_that_died(request: pytest.FixtureRequest) -> None:
-    store = _pg_store(request)
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+def test_postgres_hot_path_replaces_a_connection_that_died(store: WorkflowStore) -> None:
     run_id = _run(store)
     store.begin_step(run_id, 0, "w1", first=True)
     pid = store._hot._local.raw.driver_connection.info.backend_pid  # type: ignore[union-attr]
@@ -144,7 +129,6 @@ def test_postgres_hot_path_replaces_a_connection_that_died(request: pytest.Fixtu
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     store.finish_step(run_id, 0, "succeeded", output={"a": 1})  # on a new connection
     assert store.get_run(run_id).steps[0].status == "succeeded"  # type: ignore[union-attr]
-    store.engine.dispose()
 
 
 def test_postgres_hot_path_fails_with_store_unavailable_when_the_server_is_unreachable() -> None:

@@ -69,8 +69,8 @@ class Workflows:
     def version(self, name: str) -> int | None:
         """The newest version number of a definition, or None."""
         self._ready()
-        found = self.store.definition(name)
-        return found[0] if found else None
+        newest = self.store.newest(name)
+        return newest[0] if newest else None
 
     def list(self) -> list[Workflow]:
         """The newest version of every definition, by name."""
