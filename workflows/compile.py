@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 
+#: Runtime.run_step's policy defaults (compile leaves these out of messages).
+STEP_DEFAULTS: dict[str, Any] = {
+    "on_disabled": "skip", "retries": 0, "retry_backoff": 1.0, "parallel": False, "first": False, "final": False,
+}
+
+
 def layout(workflow: Workflow) -> list[tuple[int, int, str]]:
     """(position, stage, slug) of every step."""
     rows = []
@@ -53,8 +59,7 @@ def build(
         options: dict[str, Any] = {}
         if step.timeout is not None:
             options["soft_time_limit"] = step.timeout
-        kwargs = {
-            "slug": step.slug,
+        policy = {
             "on_disabled": step.on_disabled,
             "retries": step.retries,
             "retry_backoff": step.retry_backoff,
@@ -62,6 +67,10 @@ def build(
             "first": pos in first_positions,
             "final": final,
         }
+        # Only what differs from Runtime.run_step's defaults: every message
+        # carries the rest of the chain, so each step's kwargs are sent again
+        # with every step before it.
+        kwargs = {"slug": step.slug, **{k: v for k, v in policy.items() if v != STEP_DEFAULTS[k]}}
         return rt.step_task.signature(args, kwargs, **options)
 
     for stage_index, (stage_def, steps) in enumerate(stages):
@@ -73,7 +82,7 @@ def build(
         todo = [(p, s) for p, s in zip(positions, steps) if p not in done]
         if isinstance(stage_def, Parallel):
             recorded = {str(p): done[p] for p in positions if p in done}
-            merge_kwargs = {"done": recorded, "final": final}
+            merge_kwargs = {k: v for k, v in (("done", recorded), ("final", final)) if v}
             if todo:
                 header = [step_sig(p, s, True, False) for p, s in todo]
                 links.append(chord(header, rt.merge_task.signature((run_id, stage_index), merge_kwargs)))

@@ -7,15 +7,27 @@ each write cost 1-2.5 ms on the benchmark machine, while the statement itself
 takes 0.15-0.35 ms. Here each write is one server-side prepared statement on a
 psycopg connection kept per thread in autocommit: one round trip, one commit.
 
+A step's outcome is sent without waiting for its answer (``post_step``) when a
+later task records it again: the step returns it with its context, and the
+next step's running mark (or the parallel stage's merge) writes it in the same
+statement, where it changes nothing if the first write landed. The answer is
+read before the connection's next statement. So a step costs one round trip
+the worker waits for, and an outcome is never only in a lost write: until the
+next task has recorded it, it travels in that task's message.
+
 Same tables, same semantics as the SQLAlchemy versions in ``store.py``, which
-SQLite uses.
+SQLite uses (there every write is waited for and nothing is carried).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import select
 import threading
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -42,6 +54,27 @@ WITH s AS (
 SELECT position, stage, slug, status, attempts, output FROM s
 """
 
+# An outcome of an earlier step, recorded again by the task that carries it (a
+# no-op where the step's own write landed). One such CTE per carried outcome:
+# plain primary-key updates (an unnest() join here was replanned on every call,
+# which cost more than the write).
+_CARRIED = """
+c{i} AS (
+    UPDATE workflows_steps
+    SET status = %(c{i}_status)s, output = %(c{i}_output)s::json, error = %(c{i}_error)s,
+        plugin_version = %(c{i}_version)s, finished_at = %(c{i}_finished)s
+    WHERE run_id = %(run_id)s AND position = %(c{i}_position)s AND status IN ('pending', 'running')
+)"""
+
+
+@functools.lru_cache(maxsize=64)
+def _carrying(n: int, statement: str) -> str:
+    """``statement`` (which may start with WITH) preceded by ``n`` carried outcomes."""
+    ctes = ", ".join(_CARRIED.format(i=i).strip() for i in range(n))
+    rest = statement.strip()
+    return f"WITH {ctes}, {rest.removeprefix('WITH ')}" if rest.startswith("WITH ") else f"WITH {ctes} {rest}"
+
+
 _STEP_ROW = """
 SELECT position, stage, slug, status, attempts, output FROM workflows_steps
 WHERE run_id = %(run_id)s AND position = %(position)s
@@ -65,6 +98,17 @@ RETURNING name
 # The last step's outcome and the run's success in one statement.
 _FINISH_LAST_STEP = f"WITH s AS ({_FINISH_STEP}) {_FINISH_RUN}"
 
+
+# ``post_step``'s statement, prepared once per connection and sent with libpq's
+# asynchronous calls (text parameters). Durable (synchronous_commit is on).
+_POST_STEP_NAME = b"workflows_post_step"
+_POST_STEP = """
+PREPARE workflows_post_step (text, text, text, bigint, timestamptz, text, int) AS
+UPDATE workflows_steps
+SET status = $1, output = $2::json, error = $3, plugin_version = $4, finished_at = $5
+WHERE run_id = $6 AND position = $7 AND status IN ('pending', 'running')
+"""
+
 # The run and its pending steps in one statement; no row inserted when the run
 # id exists already (a redelivered start).
 _CREATE_RUN = """
@@ -84,7 +128,34 @@ SELECT version, created_at FROM workflows_definitions
 WHERE name = %(name)s ORDER BY version DESC LIMIT 1
 """
 
+# A run of the definition the caller parsed, only if that is still the newest
+# one: returns the newest (version, created_at) and whether the run was inserted.
+_CREATE_NEWEST_RUN = f"""
+WITH d AS ({_NEWEST}),
+r AS (
+    INSERT INTO workflows_runs (id, name, version, status, input, context, created_at)
+    SELECT %(run_id)s, %(name)s, d.version, 'pending', %(input)s::json, %(input)s::json, %(now)s
+    FROM d WHERE d.version = %(version)s AND d.created_at = %(stored_at)s
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+), s AS (
+    INSERT INTO workflows_steps (run_id, position, stage, slug, status, attempts)
+    SELECT r.id, x.position, x.stage, x.slug, 'pending', 0
+    FROM r, unnest(%(positions)s::int[], %(stages)s::int[], %(slugs)s::text[]) AS x(position, stage, slug)
+)
+SELECT d.version, d.created_at, (SELECT count(*) FROM r) FROM d
+"""
+
+# How long reading the answer of an outcome sent without waiting may take
+# before the connection is given up (the next task records the outcome anyway).
+_POST_ANSWER_TIMEOUT_S = 10.0
+
 StepRow = tuple[int, int, str, str, int, "dict[str, Any] | None"]
+#: A step's outcome as a task carries it: position, status, output, error,
+#: plugin version, finished at (ISO 8601).
+Outcome = list[Any]
+
+log = logging.getLogger("workflows")
 
 
 class PgHotPath:
@@ -95,10 +166,48 @@ class PgHotPath:
         self._local = threading.local()
         self._pid = os.getpid()
 
-    def begin_step(self, run_id: str, position: int, worker: str | None, first: bool, now: datetime) -> StepRow | None:
+    def begin_step(
+        self, run_id: str, position: int, worker: str | None, first: bool, now: datetime,
+        carried: list[Outcome] | None = None,
+    ) -> StepRow | None:
         params = {"run_id": run_id, "position": position, "worker": worker, "first": first, "now": now}
-        row = self._fetch(_BEGIN_STEP, params)
+        if carried:
+            row = self._fetch(_carrying(len(carried), _BEGIN_STEP), {**params, **_carried_params(carried)})
+        else:
+            row = self._fetch(_BEGIN_STEP, params)
         return row if row is not None else self._fetch(_STEP_ROW, params)
+
+    def post_step(self, outcome: Outcome, run_id: str) -> None:
+        """Send a step's outcome and return without waiting for the answer (read
+        before this connection's next statement). A failure is logged, not
+        raised: the task that carries the outcome records it."""
+        position, status, output, error, plugin_version, finished_at = outcome
+        values = [
+            status.encode(), None if output is None else json.dumps(output).encode(),
+            None if error is None else error.encode(),
+            None if plugin_version is None else str(plugin_version).encode(),
+            finished_at.encode(), run_id.encode(), str(position).encode(),
+        ]
+        try:
+            self._cursor()  # drains an earlier answer; (re)connects if needed
+            local = self._local
+            if not local.post_prepared:
+                local.cursor.execute(_POST_STEP)
+                local.post_prepared = True
+            pgconn = local.raw.driver_connection.pgconn
+            pgconn.send_query_prepared(_POST_STEP_NAME, values)
+            deadline = time.monotonic() + _POST_ANSWER_TIMEOUT_S
+            while pgconn.flush():  # 1: not all sent yet (a nonblocking connection)
+                _wait(pgconn.socket, deadline, write=True)
+            local.pending = pgconn
+        except Exception as exc:  # noqa: BLE001 - the outcome is carried on; say why it was not sent
+            log.warning("step %d of run %s: outcome not sent (the next task records it): %s", position, run_id, _reason(exc))
+            self._drop()
+
+    def finish_stage(self, run_id: str, carried: list[Outcome], output: dict[str, Any], now: datetime) -> str:
+        """A last parallel stage: its branches' outcomes and the run's success."""
+        params = {"run_id": run_id, "context": json.dumps(output), "now": now, **_carried_params(carried)}
+        return self._name(_carrying(len(carried), _FINISH_RUN), params)
 
     def finish_step(
         self,
@@ -137,6 +246,21 @@ class PgHotPath:
             "positions": positions, "stages": stages, "slugs": slugs,
         }
         return self._execute(_CREATE_RUN, params) > 0
+
+    def create_newest_run(
+        self, run_id: str, name: str, version: int, stored_at: datetime, input: dict[str, Any],
+        layout: Iterable[tuple[int, int, str]], now: datetime,
+    ) -> tuple[int, datetime] | None:
+        """Insert a run of ``version`` (stored at ``stored_at``) if that is still the
+        newest definition; returns the newest (version, stored_at), or None if there
+        is none. The run was inserted (or existed) when they equal the arguments."""
+        positions, stages, slugs = (list(col) for col in zip(*layout))
+        params = {
+            "run_id": run_id, "name": name, "version": version, "stored_at": stored_at,
+            "input": json.dumps(input), "now": now, "positions": positions, "stages": stages, "slugs": slugs,
+        }
+        row = self._fetch(_CREATE_NEWEST_RUN, params)
+        return None if row is None else (int(row[0]), row[1])
 
     def newest(self, name: str) -> tuple[int, datetime] | None:
         row = self._fetch(_NEWEST, {"name": name})
@@ -179,6 +303,8 @@ class PgHotPath:
         if self._pid != os.getpid():  # a forked child: the parent's connections are not ours
             self._local = threading.local()
             self._pid = os.getpid()
+        if getattr(self._local, "pending", None) is not None:
+            self._drain()
         cursor = getattr(self._local, "cursor", None)
         if cursor is None:
             try:
@@ -189,9 +315,34 @@ class PgHotPath:
             driver.autocommit = True
             self._local.raw, cursor = raw, driver.cursor()
             self._local.cursor = cursor
+            self._local.post_prepared = False
         return cursor
 
+    def _drain(self) -> None:
+        """Read the answer of the outcome ``post_step`` sent (it has usually
+        arrived by now). A failed write is logged; a connection that does not
+        answer in time is given up."""
+        pgconn, self._local.pending = self._local.pending, None
+        from psycopg import pq
+
+        try:
+            deadline = time.monotonic() + _POST_ANSWER_TIMEOUT_S
+            while True:
+                while pgconn.is_busy():
+                    _wait(pgconn.socket, deadline)
+                    pgconn.consume_input()
+                result = pgconn.get_result()
+                if result is None:
+                    return
+                if result.status != pq.ExecStatus.COMMAND_OK:
+                    message = (result.error_message or b"").decode(errors="replace").strip()
+                    log.warning("a step outcome sent without waiting was not written (the next task records it): %s", message)
+        except Exception as exc:  # noqa: BLE001 - a broken connection: replaced on next use
+            log.warning("no answer to a step outcome sent without waiting (the next task records it): %s", _reason(exc))
+            self._drop()
+
     def _drop(self) -> None:
+        self._local.pending = None
         raw = getattr(self._local, "raw", None)
         self._local.raw = self._local.cursor = None
         if raw is not None:
@@ -199,6 +350,24 @@ class PgHotPath:
                 raw.invalidate()
             except Exception:  # already gone
                 pass
+
+
+def _carried_params(carried: list[Outcome]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for i, (position, status, output, error, plugin_version, finished_at) in enumerate(carried):
+        params.update({
+            f"c{i}_position": position, f"c{i}_status": status,
+            f"c{i}_output": None if output is None else json.dumps(output), f"c{i}_error": error,
+            f"c{i}_version": plugin_version, f"c{i}_finished": datetime.fromisoformat(finished_at),
+        })
+    return params
+
+
+def _wait(sock: int, deadline: float, write: bool = False) -> None:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("PostgreSQL did not answer")
+    select.select([] if write else [sock], [sock] if write else [], [], left)
 
 
 def _reason(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ from sqlalchemy import create_engine
 from pluginhost import CapabilityDisabled, InvalidInput, PluginHost, metrics
 
 from .errors import InvalidWorkflow
+from .hotpath import Outcome
 from .store import DONE, WorkflowStore
 
 log = logging.getLogger("workflows")
@@ -27,6 +28,24 @@ FINISH_TASK = "workflows.finish"
 TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True, "shared": False, "lazy": False}
 
 _RUNTIMES: weakref.WeakKeyDictionary[Celery, Runtime] = weakref.WeakKeyDictionary()
+
+# What a step returns when its outcome was sent without waiting (PostgreSQL):
+# [CARRIED, context, outcomes]. The next step (or the stage's merge) records the
+# outcomes again in its own first statement; contexts are always dicts, so a
+# list with this tag cannot be one.
+CARRIED = "workflows.carried"
+
+
+def carrying(context: dict[str, Any], outcomes: list[Outcome]) -> Any:
+    """``context`` with the outcomes the next task records (none: the context itself)."""
+    return [CARRIED, context, outcomes] if outcomes else context
+
+
+def unwrap(value: Any) -> tuple[Any, list[Outcome]]:
+    """(context, carried outcomes) of what the previous task returned."""
+    if isinstance(value, list) and len(value) == 3 and value[0] == CARRIED:
+        return value[1], list(value[2])
+    return value, []
 
 
 class Runtime:
@@ -46,7 +65,7 @@ class Runtime:
         @app.task(name=MERGE_TASK, **TASK_OPTIONS)
         def merge(
             results: Any, run_id: str, stage: int, *, done: dict[str, Any] | None = None, final: bool = False
-        ) -> dict[str, Any]:
+        ) -> Any:
             """Merge a parallel stage's branch outputs, in declaration order, into
             the context the stage started with."""
             return self.merge_stage(results, run_id, stage, done or {}, final)
@@ -111,10 +130,13 @@ class Runtime:
         first: bool = False,
         final: bool = False,
     ) -> Any:
-        """Returns the context for the next step, or ``[position, output, context]``
-        for a parallel branch (the merge combines them in declaration order)."""
+        """Returns the context for the next step (with this step's outcome when it
+        was sent without waiting: see ``carrying``), or ``[position, output,
+        context, outcome]`` for a parallel branch (the merge combines them in
+        declaration order)."""
         started = time.monotonic()
-        row = self.store.begin_step(run_id, position, worker=task.request.hostname, first=first)
+        context, carried = unwrap(context)
+        row = self.store.begin_step(run_id, position, worker=task.request.hostname, first=first, carried=carried)
         if row.status in DONE:
             # A redelivered step that already finished: reuse what it recorded.
             return self._outcome(run_id, position, context, row.output or {}, parallel, final)
@@ -159,48 +181,58 @@ class Runtime:
         parallel: bool,
         final: bool,
     ) -> Any:
-        """Record a step's outcome (and, for the last step, the run's success in
-        the same statement); returns what the step task returns."""
+        """Record a step's outcome; returns what the step task returns.
+
+        The last step waits for its write, which also records the run's success.
+        Any other step sends it without waiting and hands the outcome on to the
+        next task, which records it again in its own first statement."""
         if parallel:
-            self.store.finish_step(run_id, position, status, output=output, error=error, plugin_version=version)
-            return [position, output or {}, context]
+            outcome = self.store.post_step(run_id, position, status, output=output, error=error, plugin_version=version)
+            return [position, output or {}, context, outcome]
         merged = {**context, **(output or {})}
+        if not final:
+            outcome = self.store.post_step(run_id, position, status, output=output, error=error, plugin_version=version)
+            return carrying(merged, [outcome] if outcome else [])
         name = self.store.finish_step(
-            run_id, position, status, output=output, error=error, plugin_version=version,
-            run_output=merged if final else None,
+            run_id, position, status, output=output, error=error, plugin_version=version, run_output=merged
         )
-        if final:
-            metrics.run_finished(name or "", "succeeded")
+        metrics.run_finished(name or "", "succeeded")
         return merged
 
     def _outcome(
         self, run_id: str, position: int, context: dict[str, Any], output: dict[str, Any], parallel: bool, final: bool
     ) -> Any:
         if parallel:
-            return [position, output, context]
+            return [position, output, context, None]  # recorded already: nothing to carry
         merged = {**context, **output}
         return self.finish_run(run_id, merged) if final else merged
 
-    def merge_stage(
-        self, results: Any, run_id: str, stage: int, done: dict[str, Any], final: bool
-    ) -> dict[str, Any]:
+    def merge_stage(self, results: Any, run_id: str, stage: int, done: dict[str, Any], final: bool) -> Any:
         outputs = {int(p): o for p, o in done.items()}
         base: dict[str, Any] | None = None
+        results, carried = unwrap(results)
         if isinstance(results, dict):  # nothing ran in this stage: the context itself
             base = results
         else:
-            for position, output, context in results:
+            for position, output, context, *outcome in results:  # outcome: [] from workers before it existed
                 outputs[int(position)] = output
-                base = context
+                base, more = unwrap(context)
+                carried += more
+                if outcome and outcome[0]:
+                    carried.append(outcome[0])
         if base is None:
             raise InvalidWorkflow(f"run {run_id}: stage {stage} has no branch results to merge")
         merged = dict(base)
         for position in sorted(outputs):
             merged.update(outputs[position])
-        return self.finish_run(run_id, merged) if final else merged
+        if final:
+            metrics.run_finished(self.store.finish_stage(run_id, _unique(carried), merged), "succeeded")
+            return merged
+        return carrying(merged, _unique(carried))
 
-    def finish_run(self, run_id: str, context: dict[str, Any]) -> dict[str, Any]:
-        metrics.run_finished(self.store.finish_run(run_id, context), "succeeded")
+    def finish_run(self, run_id: str, context: Any) -> dict[str, Any]:
+        context, carried = unwrap(context)
+        metrics.run_finished(self.store.finish_stage(run_id, carried, context), "succeeded")
         return context
 
     def _disabled(
@@ -230,3 +262,8 @@ class Runtime:
         name = self.store.fail_run(run_id, position, error, plugin_version=version)
         metrics.step_finished(slug, "failed", time.monotonic() - started)
         metrics.run_finished(name, "failed")
+
+
+def _unique(outcomes: list[Outcome]) -> list[Outcome]:
+    """One outcome per step (branches all carry the step before their stage)."""
+    return list({int(o[0]): o for o in outcomes}.values())

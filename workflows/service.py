@@ -39,6 +39,7 @@ class Workflows:
         self.runtime = Runtime.for_host(host)
         self._migrated_for: Any = None
         self._parsed: dict[tuple[str, int, Any], Workflow] = {}
+        self._newest: dict[str, tuple[int, Any, Workflow]] = {}  # name -> the last version a start used
 
     @property
     def store(self) -> WorkflowStore:
@@ -79,7 +80,7 @@ class Workflows:
 
     def plan(self, name: str) -> builtins.list[PlannedStep]:
         """A dry run: what each step would do under the current toggles."""
-        wf = self._definition(name)[1]
+        wf = self._definition(name)[2]
         planned = []
         flat = wf.flat()
         for position, stage, slug in layout(wf):
@@ -101,10 +102,21 @@ class Workflows:
     def prepare(self, name: str, input: dict[str, Any] | None, *, run_id: str | None = None) -> tuple[str, Any]:
         """Record a new run (idempotent for a given ``run_id``) and build its canvas."""
         payload = check_json_object({} if input is None else input, owner=f"workflow '{name}' input", error=InvalidInput)
-        version, wf = self._definition(name)
         run_id = run_id or str(uuid.uuid4())
-        self.store.create_run(run_id, wf.name, version, payload, layout(wf))
-        return run_id, build(self.runtime, wf, run_id, payload)
+        self._ready()
+        known = self._newest.get(name) if isinstance(name, str) else None
+        while True:
+            if known is None:
+                known = self._definition(name)
+            version, stored_at, wf = known
+            # One statement: the run is inserted only if this is still the newest version.
+            newest = self.store.create_newest_run(run_id, wf.name, version, stored_at, payload, layout(wf))
+            if newest == (version, stored_at):
+                return run_id, build(self.runtime, wf, run_id, payload)
+            if newest is None:
+                self._newest.pop(name, None)
+                raise WorkflowNotFound(f"no workflow named {name!r}")
+            known = None  # defined again since: read the newest version
 
     def run(self, run_id: str) -> WorkflowRun | None:
         """A run with its steps, or None."""
@@ -157,9 +169,10 @@ class Workflows:
 
     # -- internals -------------------------------------------------------------
 
-    def _definition(self, name: str) -> tuple[int, Workflow]:
-        """The newest version, parsed. A stored version never changes, so only
-        its number and time are read per call and each one is parsed once."""
+    def _definition(self, name: str) -> tuple[int, Any, Workflow]:
+        """The newest version (number, time stored, parsed). A stored version never
+        changes, so only its number and time are read per call and each one is
+        parsed once."""
         self._ready()
         newest = self.store.newest(name) if isinstance(name, str) else None
         if newest is None:
@@ -171,12 +184,14 @@ class Workflows:
             if found is None:
                 raise WorkflowNotFound(f"no workflow named {name!r}")
             wf = self._parsed[(name, version, stored_at)] = Workflow.model_validate(found[1])
-        return version, wf
+        self._newest[name] = (version, stored_at, wf)
+        return version, stored_at, wf
 
     def _ready(self) -> None:
         store = self.store
         if self._migrated_for is not store:
             self._parsed.clear()
+            self._newest.clear()
             self.host.sync()
             store.migrate()
             self._migrated_for = store

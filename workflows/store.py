@@ -35,7 +35,7 @@ from pluginhost import StoreUnavailable
 from pluginhost.store import migrate
 
 from .errors import WorkflowNotFound
-from .hotpath import PgHotPath
+from .hotpath import Outcome, PgHotPath
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -245,17 +245,36 @@ class WorkflowStore:
         except IntegrityError:
             return False
 
-    def begin_step(self, run_id: str, position: int, worker: str | None, *, first: bool = False) -> StepRun:
+    def create_newest_run(
+        self, run_id: str, name: str, version: int, stored_at: datetime, input: dict[str, Any],
+        layout: Iterable[tuple[int, int, str]],
+    ) -> tuple[int, datetime] | None:
+        """Insert a run of ``version`` (the definition stored at ``stored_at``) and
+        its pending steps if that is still the newest version of ``name``. Returns
+        the newest (version, stored_at), None if there is none: the run was
+        inserted, or existed already, when they are the ones given."""
+        if self._hot is not None:
+            return self._hot.create_newest_run(run_id, name, version, stored_at, input, layout, _now())
+        newest = self.newest(name)
+        if newest == (version, stored_at):
+            self.create_run(run_id, name, version, input, layout)
+        return newest
+
+    def begin_step(
+        self, run_id: str, position: int, worker: str | None, *, first: bool = False,
+        carried: list[Outcome] | None = None,
+    ) -> StepRun:
         """Mark a step running (one more attempt) unless it already finished.
 
         One statement on the common path. The returned row says what to do: a
         ``succeeded``/``skipped`` row is a duplicate delivery, whose recorded
         output is reused instead of running again. ``first`` (a step of the
-        first stage) also moves the run from pending to running.
+        first stage) also moves the run from pending to running. ``carried``:
+        outcomes of earlier steps sent with ``post_step``, recorded here too.
         """
 
         if self._hot is not None:
-            found = self._hot.begin_step(run_id, position, worker, first, _now())
+            found = self._hot.begin_step(run_id, position, worker, first, _now(), carried)
             if found is None:
                 raise WorkflowNotFound(f"run {run_id!r} has no step at position {position}")
             pos, stage, slug, status, attempts, output = found
@@ -265,6 +284,7 @@ class WorkflowStore:
 
         def write(conn: Connection) -> StepRun:
             now = _now()
+            _record_carried(conn, run_id, carried or [])
             row = conn.execute(
                 update(steps)
                 .where(steps.c.run_id == run_id, steps.c.position == position)
@@ -307,6 +327,37 @@ class WorkflowStore:
             )
         )
         return None if run_output is None else self.finish_run(run_id, run_output)
+
+    def post_step(
+        self,
+        run_id: str,
+        position: int,
+        status: str,
+        *,
+        output: dict[str, Any] | None = None,
+        error: str | None = None,
+        plugin_version: int | None = None,
+    ) -> Outcome | None:
+        """Record a step's outcome without waiting for the write where the store
+        allows it (PostgreSQL). Returns the outcome then, which the next task
+        records again (``begin_step``/``finish_stage`` ``carried=``); None when it
+        is recorded already (SQLite: written here)."""
+        if self._hot is None:
+            self.finish_step(run_id, position, status, output=output, error=error, plugin_version=plugin_version)
+            return None
+        outcome: Outcome = [position, status, output, error, plugin_version, _now().isoformat()]
+        self._hot.post_step(outcome, run_id)
+        return outcome
+
+    def finish_stage(self, run_id: str, carried: list[Outcome], output: dict[str, Any]) -> str:
+        """A last parallel stage done: its branches' carried outcomes and the run's
+        success (one statement on PostgreSQL); returns the workflow's name."""
+        if not carried:
+            return self.finish_run(run_id, output)
+        if self._hot is not None:
+            return self._hot.finish_stage(run_id, carried, output, _now())
+        self._write(lambda conn: _record_carried(conn, run_id, carried))
+        return self.finish_run(run_id, output)
 
     def retry_step(self, run_id: str, position: int, error: str) -> None:
         """A failed attempt that will be retried: back to pending, error kept."""
@@ -516,6 +567,20 @@ class WorkflowStore:
         except DBAPIError as exc:
             reason = str(getattr(exc, "orig", exc)).strip().splitlines()
             raise StoreUnavailable(f"workflow store unreachable: {reason[0] if reason else exc}") from None
+
+
+def _record_carried(conn: Connection, run_id: str, carried: list[Outcome]) -> None:
+    """Outcomes sent by ``post_step``, recorded unless the step moved on already."""
+    for position, status, output, error, plugin_version, finished_at in carried:
+        conn.execute(
+            update(steps)
+            .where(steps.c.run_id == run_id, steps.c.position == position)
+            .where(steps.c.status.in_(("pending", "running")))
+            .values(
+                status=status, output=output, error=error, plugin_version=plugin_version,
+                finished_at=datetime.fromisoformat(finished_at),
+            )
+        )
 
 
 def _now() -> datetime:
