@@ -56,6 +56,22 @@ def test_workflow_capability_runs_through_run_capability(core: ModuleType, worke
         core.host.run_capability("run_flow", {})
 
 
+def test_one_stage_workflows_run_through_start_and_run_capability(core: ModuleType, workers: Any) -> None:
+    """A workflow of one parallel stage is a chord on its own, one of one step a
+    single task: the result id is still the run id and the rows are recorded."""
+    workers("tests.apps.core", pool="prefork")
+    core.flows.define(core.FAN)
+    core.flows.define(core.SINGLE)
+    fan = core.host.run_capability("run_fan", {"tag": "fan"})
+    single = core.flows.start("single", {"tag": "single"})
+    assert fan.get(timeout=60) == {"tag": "fan", "b": 2, "c": 3, "shared": "c"}
+    assert single.get(timeout=60) == {"tag": "single", "a": 1, "order": ["a"]}
+    for res, slugs in ((fan, ["step_b", "step_c"]), (single, ["step_a"])):
+        run = core.flows.run(res.id)
+        assert run is not None and run.status == "succeeded" and run.output == res.get()
+        assert [(s.slug, s.status, s.attempts) for s in run.steps] == [(slug, "succeeded", 1) for slug in slugs]
+
+
 def test_disabling_a_middle_step_while_runs_are_in_flight(core: ModuleType, workers: Any) -> None:
     workers("tests.apps.core", pool="prefork", concurrency=2)
     flows, host = core.flows, core.host

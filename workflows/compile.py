@@ -44,7 +44,7 @@ def build(
     *,
     from_stage: int = 0,
     done: dict[int, dict[str, Any]] | None = None,
-) -> chain:
+) -> Signature:
     """The canvas for ``workflow`` from ``from_stage`` on. ``done`` holds the
     recorded outputs of steps of that stage that already finished (a resumed
     parallel stage reruns only the rest)."""
@@ -56,7 +56,10 @@ def build(
 
     def step_sig(pos: int, step: Step, parallel: bool, final: bool) -> Signature:
         args: tuple[Any, ...] = (run_id, pos) if links else (context, run_id, pos)
-        options: dict[str, Any] = {}
+        # A step that only feeds the next one keeps no result in the backend: its
+        # output is in its step row (errors are still stored: the task sets
+        # store_errors_even_if_ignored). Chord branches and the last step keep theirs.
+        options: dict[str, Any] = {} if parallel or final else {"ignore_result": True}
         if step.timeout is not None:
             options["soft_time_limit"] = step.timeout
         policy = {
@@ -83,14 +86,18 @@ def build(
         if isinstance(stage_def, Parallel):
             recorded = {str(p): done[p] for p in positions if p in done}
             merge_kwargs = {k: v for k, v in (("done", recorded), ("final", final)) if v}
+            merge_options = {} if final else {"ignore_result": True}
             if todo:
                 header = [step_sig(p, s, True, False) for p, s in todo]
-                links.append(chord(header, rt.merge_task.signature((run_id, stage_index), merge_kwargs)))
+                merge = rt.merge_task.signature((run_id, stage_index), merge_kwargs, **merge_options)
+                links.append(chord(header, merge))
             else:
                 args = (run_id, stage_index) if links else (context, run_id, stage_index)
-                links.append(rt.merge_task.signature(args, merge_kwargs))
+                links.append(rt.merge_task.signature(args, merge_kwargs, **merge_options))
         elif todo:
             links.append(step_sig(todo[0][0], todo[0][1], False, final))
     if not links:
         links.append(rt.finish_task.signature((context, run_id)))
-    return chain(*links)
+    # One link (one step, or one parallel stage) goes as it is: a chain around a
+    # chord costs the producer another canvas pass, with the same result id.
+    return links[0] if len(links) == 1 else chain(*links)

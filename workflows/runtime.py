@@ -25,7 +25,12 @@ FINISH_TASK = "workflows.finish"
 
 # Steps are at-least-once: a step whose worker dies is redelivered, and the
 # step row (not the message) decides whether it still has to run.
-TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True, "shared": False, "lazy": False}
+# Results a step need not keep (compile.py sets ignore_result per message) still
+# record their errors, so a failure reaches the run's result.
+TASK_OPTIONS: dict[str, Any] = {
+    "acks_late": True, "reject_on_worker_lost": True, "store_errors_even_if_ignored": True,
+    "shared": False, "lazy": False,
+}
 
 _RUNTIMES: weakref.WeakKeyDictionary[Celery, Runtime] = weakref.WeakKeyDictionary()
 

@@ -164,4 +164,9 @@ FLOW = Workflow("flow", steps=[
     Step("step_e"),
 ])
 
+# One stage each: their canvas is a chord, or one task, with no chain around it.
+FAN = Workflow("fan", steps=[Parallel(Step("step_b"), Step("step_c"))])
+SINGLE = Workflow("single", steps=[Step("step_a")])
+
 host.register_capability("run_flow", WorkflowCapability(host, "flow"))
+host.register_capability("run_fan", WorkflowCapability(host, "fan"))
