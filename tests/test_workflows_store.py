@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psycopg
@@ -145,3 +146,86 @@ def test_postgres_hot_path_fails_with_store_unavailable_when_the_server_is_unrea
     with pytest.raises(StoreUnavailable):
         store.begin_step("r", 0, "w1")
     assert time.monotonic() - started < 4
+
+
+def _steps(store: WorkflowStore, run_id: str) -> list[tuple[int, str, int, dict | None, str | None]]:
+    run = store.get_run(run_id)
+    assert run is not None
+    return [(s.position, s.status, s.attempts, s.output, s.error) for s in run.steps]
+
+
+def test_a_posted_outcome_is_recorded_and_carrying_it_again_changes_nothing(store: WorkflowStore) -> None:
+    """post_step writes without waiting (PostgreSQL) or at once (SQLite); the next
+    step's running mark records the carried outcome again only where it is missing."""
+    run_id = _run(store)
+    store.begin_step(run_id, 0, "w1", first=True)
+    carried = store.post_step(run_id, 0, "succeeded", output={"a": 1}, plugin_version=3)
+    assert (carried is None) == (store._hot is None)  # SQLite: written, nothing to carry
+    store.begin_step(run_id, 1, "w1", carried=[carried] if carried else None)  # reads the posted answer first
+    before = store.get_run(run_id).steps[0]  # type: ignore[union-attr]
+    assert (before.status, before.output, before.plugin_version, before.attempts) == ("succeeded", {"a": 1}, 3, 1)
+    if carried:
+        late = [0, "skipped", None, "carried twice", None, carried[5]]
+        store.begin_step(run_id, 2, "w1", carried=[late])  # a step that finished is not rewritten
+    assert store.get_run(run_id).steps[0] == before  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+def test_an_outcome_whose_write_was_lost_is_recorded_by_the_task_that_carries_it(
+    store: WorkflowStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kept connection dies just before an outcome is posted: a warning, and
+    the next step's running mark (on a new connection) records the outcome."""
+    run_id = _run(store)
+    store.begin_step(run_id, 0, "w1", first=True)
+    first = store.post_step(run_id, 0, "succeeded", output={"a": 1})  # prepares the statement
+    store.begin_step(run_id, 1, "w1", carried=[first] if first else None)
+    pid = store._hot._local.raw.driver_connection.info.backend_pid  # type: ignore[union-attr]
+    with psycopg.connect(harness.pg_conninfo(store.engine.url.database or ""), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.2)
+        carried = store.post_step(run_id, 1, "succeeded", output={"b": 2})
+        assert carried is not None
+        row = admin.execute("SELECT status FROM workflows_steps WHERE run_id = %s AND position = 1", (run_id,))
+        assert row.fetchone() == ("running",)
+    store.begin_step(run_id, 2, "w2", carried=[carried])
+    assert "the next task records it" in caplog.text
+    assert _steps(store, run_id)[:3] == [
+        (0, "succeeded", 1, {"a": 1}, None), (1, "succeeded", 1, {"b": 2}, None), (2, "running", 1, None, None)
+    ]
+
+
+def test_a_last_parallel_stage_records_its_branches_and_the_run_in_one_write(store: WorkflowStore) -> None:
+    run_id = _run(store)
+    for position in (0, 1, 2):
+        store.begin_step(run_id, position, "w1", first=position == 0)
+    store.finish_step(run_id, 0, "succeeded", output={"a": 1})
+    outcomes = [
+        [1, "succeeded", {"b": 2}, None, 1, "2026-12-01T10:00:00+00:00"],
+        [2, "skipped", None, "plugin 'c' is disabled", None, "2026-12-01T10:00:01+00:00"],
+    ]
+    assert store.finish_stage(run_id, outcomes, {"user": "ana", "a": 1, "b": 2}) == "flow"
+    run = store.get_run(run_id)
+    assert run is not None and (run.status, run.output) == ("succeeded", {"user": "ana", "a": 1, "b": 2})
+    assert _steps(store, run_id)[1:3] == [
+        (1, "succeeded", 1, {"b": 2}, None), (2, "skipped", 1, None, "plugin 'c' is disabled")
+    ]
+    assert run.steps[2].finished_at is not None and run.steps[2].finished_at.second == 1
+
+
+def test_a_run_is_created_only_for_the_newest_definition(store: WorkflowStore) -> None:
+    assert store.create_newest_run(str(uuid.uuid4()), "flow", 1, datetime.now(timezone.utc), {}, LAYOUT) is None  # none defined
+    store.define("flow", {"name": "flow", "steps": [{"slug": "a"}]}, actor="t")
+    v1 = store.newest("flow")
+    assert v1 is not None
+    run_id = str(uuid.uuid4())
+    assert store.create_newest_run(run_id, "flow", v1[0], v1[1], {"n": 1}, LAYOUT) == v1
+    assert store.create_newest_run(run_id, "flow", v1[0], v1[1], {"n": 2}, LAYOUT) == v1  # again: kept as it was
+    store.define("flow", {"name": "flow", "steps": [{"slug": "b"}]}, actor="t")
+    v2 = store.newest("flow")
+    stale = str(uuid.uuid4())
+    assert store.create_newest_run(stale, "flow", v1[0], v1[1], {}, LAYOUT) == v2  # not inserted: v1 is old
+    assert store.get_run(stale) is None
+    run = store.get_run(run_id)
+    assert run is not None and (run.version, run.input, len(run.steps)) == (1, {"n": 1}, 4)
+

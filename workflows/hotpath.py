@@ -130,8 +130,10 @@ WHERE name = %(name)s ORDER BY version DESC LIMIT 1
 
 # A run of the definition the caller parsed, only if that is still the newest
 # one: returns the newest (version, created_at) and whether the run was inserted.
-_CREATE_NEWEST_RUN = f"""
-WITH d AS ({_NEWEST}),
+# The steps are a VALUES list (one statement text per step count): an unnest()
+# of array parameters was planned again on every call.
+_CREATE_NEWEST_RUN = """
+WITH d AS ({newest}),
 r AS (
     INSERT INTO workflows_runs (id, name, version, status, input, context, created_at)
     SELECT %(run_id)s, %(name)s, d.version, 'pending', %(input)s::json, %(input)s::json, %(now)s
@@ -141,10 +143,17 @@ r AS (
 ), s AS (
     INSERT INTO workflows_steps (run_id, position, stage, slug, status, attempts)
     SELECT r.id, x.position, x.stage, x.slug, 'pending', 0
-    FROM r, unnest(%(positions)s::int[], %(stages)s::int[], %(slugs)s::text[]) AS x(position, stage, slug)
+    FROM r, (VALUES {values}) AS x(position, stage, slug)
 )
 SELECT d.version, d.created_at, (SELECT count(*) FROM r) FROM d
 """
+
+
+@functools.lru_cache(maxsize=64)
+def _create_newest_run(steps: int) -> str:
+    values = ", ".join(f"(%(p{i})s::int, %(g{i})s::int, %(s{i})s::text)" for i in range(steps))
+    return _CREATE_NEWEST_RUN.format(newest=_NEWEST.strip(), values=values)
+
 
 # How long reading the answer of an outcome sent without waiting may take
 # before the connection is given up (the next task records the outcome anyway).
@@ -192,7 +201,12 @@ class PgHotPath:
             self._cursor()  # drains an earlier answer; (re)connects if needed
             local = self._local
             if not local.post_prepared:
-                local.cursor.execute(_POST_STEP)
+                from psycopg.errors import DuplicatePreparedStatement
+
+                try:
+                    local.cursor.execute(_POST_STEP)
+                except DuplicatePreparedStatement:  # a pooled connection that prepared it before
+                    pass
                 local.post_prepared = True
             pgconn = local.raw.driver_connection.pgconn
             pgconn.send_query_prepared(_POST_STEP_NAME, values)
@@ -254,12 +268,14 @@ class PgHotPath:
         """Insert a run of ``version`` (stored at ``stored_at``) if that is still the
         newest definition; returns the newest (version, stored_at), or None if there
         is none. The run was inserted (or existed) when they equal the arguments."""
-        positions, stages, slugs = (list(col) for col in zip(*layout))
         params = {
             "run_id": run_id, "name": name, "version": version, "stored_at": stored_at,
-            "input": json.dumps(input), "now": now, "positions": positions, "stages": stages, "slugs": slugs,
+            "input": json.dumps(input), "now": now,
         }
-        row = self._fetch(_CREATE_NEWEST_RUN, params)
+        steps = list(layout)
+        for i, (position, stage, slug) in enumerate(steps):
+            params.update({f"p{i}": position, f"g{i}": stage, f"s{i}": slug})
+        row = self._fetch(_create_newest_run(len(steps)), params)
         return None if row is None else (int(row[0]), row[1])
 
     def newest(self, name: str) -> tuple[int, datetime] | None:

@@ -219,9 +219,11 @@ def install_profiling() -> None:
 
     for name in (
         "begin_step",
+        "post_step",
         "finish_step",
+        "finish_stage",
         "finish_run",
-        "create_run",
+        "create_newest_run",
         "definition",
     ):
         labelled(name)
