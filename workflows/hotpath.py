@@ -39,7 +39,9 @@ from pluginhost import StoreUnavailable
 # The running mark does not wait for the WAL flush (set_config(..., true) sets
 # synchronous_commit for this statement's own transaction only): a PostgreSQL
 # server crash can lose it, which leaves the step pending with its message
-# unacknowledged (redelivered). Outcomes below are durable.
+# unacknowledged (redelivered). Outcomes are durable where they are first
+# written; one that this statement carries because its own write failed is
+# durable from the next durable commit (the run's last write at the latest).
 _BEGIN_STEP = """
 WITH s AS (
     UPDATE workflows_steps
@@ -110,7 +112,7 @@ WHERE run_id = $6 AND position = $7 AND status IN ('pending', 'running')
 """
 
 # The run and its pending steps in one statement; no row inserted when the run
-# id exists already (a redelivered start).
+# id exists already (a redelivered start). Starts use _CREATE_NEWEST_RUN.
 _CREATE_RUN = """
 WITH r AS (
     INSERT INTO workflows_runs (id, name, version, status, input, context, created_at)

@@ -221,8 +221,7 @@ class Runtime:
         else:
             for position, output, context, *outcome in results:  # outcome: [] from workers before it existed
                 outputs[int(position)] = output
-                base, more = unwrap(context)
-                carried += more
+                base = context
                 if outcome and outcome[0]:
                     carried.append(outcome[0])
         if base is None:
