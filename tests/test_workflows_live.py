@@ -7,9 +7,11 @@ import time
 from types import ModuleType
 from typing import Any
 
+import psycopg
 import pytest
 
 from pluginhost import CapabilityDisabled, InvalidInput
+from tests import harness
 from workflows import InvalidRunState, InvalidWorkflow, Parallel, Step, Workflow, WorkflowNotFound
 
 
@@ -70,6 +72,39 @@ def test_one_stage_workflows_run_through_start_and_run_capability(core: ModuleTy
         run = core.flows.run(res.id)
         assert run is not None and run.status == "succeeded" and run.output == res.get()
         assert [(s.slug, s.status, s.attempts) for s in run.steps] == [(slug, "succeeded", 1) for slug in slugs]
+
+
+def test_outcomes_lost_with_the_workers_database_connections_are_recorded_by_the_next_task(
+    core: ModuleType, workers: Any, app_conf: dict[str, Any]
+) -> None:
+    """Fault (PostgreSQL store): while runs are in their parallel stage (step_b
+    sleeps), every other connection to the store database is terminated. A step
+    whose outcome write died with its connection says so in the worker log; the task
+    that carries the outcome (the merge, then step_d's running mark) records it. Every
+    run succeeds and every step row is complete."""
+    store_url = app_conf["pluginhost_store"]
+    if not store_url.startswith("postgresql"):
+        pytest.skip("outcomes are carried on PostgreSQL only (SQLite waits for every write)")
+    worker = workers("tests.apps.core", pool="prefork", concurrency=2)
+    results = [core.flows.start("flow", {"tag": f"cut{i}", "b_sleep": 0.8}) for i in range(3)]
+    time.sleep(0.4)
+    dbname = store_url.rsplit("/", 1)[1].split("?")[0]
+    with psycopg.connect(harness.pg_conninfo(dbname), autocommit=True) as admin:
+        cut = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert cut and cut[0] > 0
+    outputs = [r.get(timeout=60) for r in results]
+    assert all(out["d"] == 4 and out["e"] == 1 for out in outputs)
+    for res in results:
+        run = core.flows.run(res.id)
+        assert run.status == "succeeded", (run.status, run.error)
+        assert [(s.slug, s.status) for s in run.steps] == [
+            (slug, "succeeded") for slug in ("step_a", "step_b", "step_c", "step_d", "step_e")
+        ]
+        assert all(s.output and s.finished_at and s.started_at and s.attempts >= 1 for s in run.steps)
+    assert "the next task records it" in worker.log_path.read_text(errors="replace")
 
 
 def test_disabling_a_middle_step_while_runs_are_in_flight(core: ModuleType, workers: Any) -> None:

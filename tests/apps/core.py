@@ -43,10 +43,14 @@ _tables_ready: set[int] = set()
 def _engine() -> Any:
     engine = host.store.engine  # type: ignore[attr-defined]
     if id(engine) not in _tables_ready:
-        # pluginhost_write: take SQLite's write lock up front (BEGIN IMMEDIATE),
-        # so processes creating the tables at once wait instead of failing
+        # pluginhost_write: take SQLite's write lock up front (BEGIN IMMEDIATE), and
+        # on PostgreSQL a transaction lock, so processes creating the tables at once
+        # wait instead of failing (CREATE TABLE IF NOT EXISTS races on PostgreSQL)
         with engine.connect() as conn:
-            meta.create_all(conn.execution_options(pluginhost_write=True))
+            conn = conn.execution_options(pluginhost_write=True)
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7311)")
+            meta.create_all(conn)
             conn.commit()
         _tables_ready.add(id(engine))
     return engine
