@@ -111,8 +111,17 @@ SET status = $1, output = $2::json, error = $3, plugin_version = $4, finished_at
 WHERE run_id = $6 AND position = $7 AND status IN ('pending', 'running')
 """
 
+# The pending steps of the run inserted by CTE ``r``, as a VALUES list (one
+# statement text per step count: an unnest() of array parameters was planned
+# again on every call). Parameters: ``_layout_params``.
+_INSERT_STEPS = """
+INSERT INTO workflows_steps (run_id, position, stage, slug, status, attempts)
+SELECT r.id, x.position, x.stage, x.slug, 'pending', 0
+FROM r, (VALUES {values}) AS x(position, stage, slug)
+"""
+
 # The run and its pending steps in one statement; no row inserted when the run
-# id exists already (a redelivered start). Starts use _CREATE_NEWEST_RUN.
+# id exists already (a redelivered start).
 _CREATE_RUN = """
 WITH r AS (
     INSERT INTO workflows_runs (id, name, version, status, input, context, created_at)
@@ -120,9 +129,7 @@ WITH r AS (
     ON CONFLICT (id) DO NOTHING
     RETURNING id
 )
-INSERT INTO workflows_steps (run_id, position, stage, slug, status, attempts)
-SELECT r.id, x.position, x.stage, x.slug, 'pending', 0
-FROM r, unnest(%(positions)s::int[], %(stages)s::int[], %(slugs)s::text[]) AS x(position, stage, slug)
+{insert_steps}
 """
 
 _NEWEST = """
@@ -130,31 +137,33 @@ SELECT version, created_at FROM workflows_definitions
 WHERE name = %(name)s ORDER BY version DESC LIMIT 1
 """
 
-# A run of the definition the caller parsed, only if that is still the newest
-# one: returns the newest (version, created_at) and whether the run was inserted.
-# The steps are a VALUES list (one statement text per step count): an unnest()
-# of array parameters was planned again on every call.
-_CREATE_NEWEST_RUN = """
-WITH d AS ({newest}),
+# The same, only if the definition the caller parsed is still the newest one:
+# returns the newest (version, created_at) and how many runs were inserted.
+_CREATE_NEWEST_RUN = f"""
+WITH d AS ({_NEWEST.strip()}),
 r AS (
     INSERT INTO workflows_runs (id, name, version, status, input, context, created_at)
     SELECT %(run_id)s, %(name)s, d.version, 'pending', %(input)s::json, %(input)s::json, %(now)s
     FROM d WHERE d.version = %(version)s AND d.created_at = %(stored_at)s
     ON CONFLICT (id) DO NOTHING
     RETURNING id
-), s AS (
-    INSERT INTO workflows_steps (run_id, position, stage, slug, status, attempts)
-    SELECT r.id, x.position, x.stage, x.slug, 'pending', 0
-    FROM r, (VALUES {values}) AS x(position, stage, slug)
-)
+), s AS ({{insert_steps}})
 SELECT d.version, d.created_at, (SELECT count(*) FROM r) FROM d
 """
 
 
-@functools.lru_cache(maxsize=64)
-def _create_newest_run(steps: int) -> str:
+@functools.lru_cache(maxsize=128)
+def _with_steps(statement: str, steps: int) -> str:
+    """``statement`` with its ``{insert_steps}`` for ``steps`` steps."""
     values = ", ".join(f"(%(p{i})s::int, %(g{i})s::int, %(s{i})s::text)" for i in range(steps))
-    return _CREATE_NEWEST_RUN.format(newest=_NEWEST.strip(), values=values)
+    return statement.format(insert_steps=_INSERT_STEPS.format(values=values).strip())
+
+
+def _layout_params(layout: list[tuple[int, int, str]]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for i, (position, stage, slug) in enumerate(layout):
+        params.update({f"p{i}": position, f"g{i}": stage, f"s{i}": slug})
+    return params
 
 
 # How long reading the answer of an outcome sent without waiting may take
@@ -256,12 +265,12 @@ class PgHotPath:
         self, run_id: str, name: str, version: int, input: dict[str, Any],
         layout: Iterable[tuple[int, int, str]], now: datetime,
     ) -> bool:
-        positions, stages, slugs = (list(col) for col in zip(*layout))
+        steps = list(layout)
         params = {
             "run_id": run_id, "name": name, "version": version, "input": json.dumps(input), "now": now,
-            "positions": positions, "stages": stages, "slugs": slugs,
+            **_layout_params(steps),
         }
-        return self._execute(_CREATE_RUN, params) > 0
+        return self._execute(_with_steps(_CREATE_RUN, len(steps)), params) > 0
 
     def create_newest_run(
         self, run_id: str, name: str, version: int, stored_at: datetime, input: dict[str, Any],
@@ -270,14 +279,12 @@ class PgHotPath:
         """Insert a run of ``version`` (stored at ``stored_at``) if that is still the
         newest definition; returns the newest (version, stored_at), or None if there
         is none. The run was inserted (or existed) when they equal the arguments."""
+        steps = list(layout)
         params = {
             "run_id": run_id, "name": name, "version": version, "stored_at": stored_at,
-            "input": json.dumps(input), "now": now,
+            "input": json.dumps(input), "now": now, **_layout_params(steps),
         }
-        steps = list(layout)
-        for i, (position, stage, slug) in enumerate(steps):
-            params.update({f"p{i}": position, f"g{i}": stage, f"s{i}": slug})
-        row = self._fetch(_create_newest_run(len(steps)), params)
+        row = self._fetch(_with_steps(_CREATE_NEWEST_RUN, len(steps)), params)
         return None if row is None else (int(row[0]), row[1])
 
     def newest(self, name: str) -> tuple[int, datetime] | None:
