@@ -5,6 +5,7 @@ from .errors import (
     CapabilityDisabled,
     CapabilityNotFound,
     ConcurrentUpdate,
+    InvalidArgument,
     InvalidConfig,
     InvalidInput,
     InvalidPlugin,
@@ -35,6 +36,7 @@ __all__ = [
     "InvalidPlugin",
     "InvalidConfig",
     "InvalidInput",
+    "InvalidArgument",
     "ConcurrentUpdate",
     "StoreUnavailable",
 ]

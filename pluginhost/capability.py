@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery import Task
+from celery.exceptions import Reject, Retry
 from pydantic import BaseModel, ValidationError
 
 from . import metrics
-from .errors import CapabilityDisabled, InvalidInput, InvalidPlugin
+from .errors import CapabilityDisabled, InvalidInput, InvalidPlugin, StoreUnavailable
 from .model import Plugin, check_json_object, check_slug, describe_validation_error
 
 if TYPE_CHECKING:
@@ -24,6 +26,8 @@ log = logging.getLogger("pluginhost.capability")
 
 TASK_PREFIX = "pluginhost.capability."
 POLICIES = ("fail", "skip", "defer")
+#: The longest wait between tries of a run whose worker cannot load the current view.
+STALE_RETRY_MAX_S = 30.0
 
 # At-least-once by default: a run whose worker dies is redelivered, not dropped.
 DEFAULT_TASK_OPTIONS: dict[str, Any] = {
@@ -161,7 +165,14 @@ def check_input(cap: Capability, input: Any) -> dict[str, Any]:
 
 def _execute_in_worker(host: PluginHost, cap: Capability, task: CapabilityTask, payload: Any) -> Any:
     """The worker side: re-check enablement just before running (G2)."""
-    host._fresh()
+    try:
+        host._fresh()
+    except StoreUnavailable:
+        # This process knows its view is behind and cannot load the new one: the
+        # body must not run on it, and the run must not be lost. Wait and retry.
+        waits = int(task.request.get("pluginhost_stale_waits") or 0)
+        base = float(host.app.conf.get("pluginhost_stale_retry_s", 1.0))
+        _send_again(task, min(base * 2**waits, STALE_RETRY_MAX_S), pluginhost_stale_waits=waits + 1)
     plugin = host.plugin_for(cap)
     if plugin is None or not plugin.enabled:
         return _on_disabled(host, cap, task)
@@ -177,19 +188,50 @@ def _on_disabled(host: PluginHost, cap: Capability, task: CapabilityTask) -> Any
         task.send_event("task-skipped", reason=f"plugin '{cap.plugin}' is disabled")
         return None
     if cap.on_disabled == "defer":
+        since = float(task.request.get("pluginhost_deferred_since") or time.time())
+        limit = host.app.conf.get("pluginhost_defer_max_s")
+        waited = time.time() - since
+        if limit is not None and waited >= float(limit):
+            raise CapabilityDisabled(
+                f"{_disabled_reason(cap, 'is disabled')}; deferred for {waited:.1f} s,"
+                f" past pluginhost_defer_max_s={float(limit):g}"
+            )
         metrics.deferred(cap.slug)
         countdown = float(host.app.conf.get("pluginhost_defer_interval", 2.0))
         log.info("capability '%s' deferred %.1fs: plugin '%s' is disabled", cap.slug, countdown, cap.plugin)
-        raise task.retry(countdown=countdown, max_retries=None)
+        _send_again(task, countdown, pluginhost_deferred_since=since)
     _refuse_if_disabled(host, cap)
+
+
+def _send_again(task: CapabilityTask, countdown: float, **headers: Any) -> NoReturn:
+    """Send this run again in ``countdown`` seconds, then end this delivery as RETRY.
+
+    Unlike ``task.retry`` this spends none of the task's own ``max_retries``
+    (waiting for a plugin or for the store is not a failure of the body), so it
+    waits as long as it has to. If the new message cannot be sent, this delivery
+    is rejected back to the queue rather than lost.
+    """
+    request = task.request
+    sig = task.signature_from_request(
+        request, countdown=countdown, headers={**(request.headers or {}), **headers}
+    )
+    try:
+        sig.apply_async()
+    except Exception as exc:  # broker unreachable: keep the delivery itself
+        raise Reject(exc, requeue=True) from None
+    raise Retry(when=countdown, sig=sig)
 
 
 def _refuse_if_disabled(host: PluginHost, cap: Capability) -> None:
     plugin = host.plugin_for(cap)
     if plugin is None:
-        raise CapabilityDisabled(f"capability '{cap.slug}' is disabled: plugin '{cap.plugin}' is not in the store")
+        raise CapabilityDisabled(_disabled_reason(cap, "is not in the store"))
     if not plugin.enabled:
-        raise CapabilityDisabled(f"capability '{cap.slug}' is disabled: plugin '{cap.plugin}' is disabled")
+        raise CapabilityDisabled(_disabled_reason(cap, "is disabled"))
+
+
+def _disabled_reason(cap: Capability, why: str) -> str:
+    return f"capability '{cap.slug}' is disabled: plugin '{cap.plugin}' {why}"
 
 
 def _call(host: PluginHost, cap: Capability, plugin: Plugin, payload: dict[str, Any], task: Any) -> Any:

@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,7 @@ class WorkerLink:
         self.hostname: str | None = None
         self._outage = False
         self._registry_broken = False
+        self._publish = threading.Lock()
 
     @property
     def active(self) -> bool:
@@ -76,35 +78,45 @@ class WorkerLink:
             self.shared.value = self.host._revision
             log.info("pluginhost: loaded %d plugins at revision %d", len(self.host._plugins), self.host._revision)
         except StoreUnavailable as exc:
-            # Fail closed: with no view every capability counts as disabled
-            # until the store answers (the poll keeps trying).
+            # Fail closed: with no view, pool processes load one themselves before
+            # a task, and capability runs wait (retried) until one loads.
             self._report(exc)
 
     def follow(self) -> None:
-        """Before a task: reload if the main process published a newer revision."""
-        published = self.shared.value
+        """Before a task: bring this process's view to the revision the main process
+        published. Raises ``StoreUnavailable`` when the view is behind (or was never
+        loaded) and cannot be loaded: the caller must not run on it (G2)."""
         host = self.host
-        if published == host._revision or published < 0:
+        published = self.shared.value
+        if host._ready and published <= host._revision:
             return
         try:
-            if not host._ready:
+            if host._ready:
+                host._reload()
+            else:
                 host._ready_or_raise()
-            host._reload()
-            self._recovered()
         except StoreUnavailable as exc:
-            self._report(exc)  # keep executing with the last known view
+            self._report(exc, behind=published)
+            raise
+        self._recovered()
 
     def sync(self) -> int:
-        """In the main process: read the store revision and publish it."""
+        """In the main process: read the store revision and publish it.
+
+        Returns the published revision. It only moves forward: the poll (a timer,
+        on some transports in a thread of its own) and the broadcast handler both
+        call this, and a read that started earlier may finish later.
+        """
         try:
             revision = self.host.store.revision()
         except StoreUnavailable as exc:
             self._report(exc)
             return int(self.shared.value)
         self._recovered()
-        if revision != self.shared.value:
-            self.shared.value = revision
-        return revision
+        with self._publish:
+            if revision > self.shared.value:
+                self.shared.value = revision
+            return int(self.shared.value)
 
     def heartbeat(self) -> None:
         """In the main process: report this worker alive, at the revision it applied."""
@@ -126,10 +138,17 @@ class WorkerLink:
                 self._registry_broken = True
                 log.info("pluginhost: worker registry not updated (%s); wait=True calls wait their whole timeout", exc)
 
-    def _report(self, exc: Exception) -> None:
-        if not self._outage:
-            self._outage = True
-            log.warning("pluginhost: store unavailable, running on the last known state: %s", exc)
+    def _report(self, exc: Exception, behind: int | None = None) -> None:
+        if self._outage:
+            return  # once per outage, not once per task
+        self._outage = True
+        if behind is None:
+            log.warning("pluginhost: store unavailable: %s", exc)
+        else:
+            log.warning(
+                "pluginhost: cannot load revision %d (view at %d): %s; capability runs wait and are retried",
+                behind, self.host._revision, exc,
+            )
 
     def _recovered(self) -> None:
         if self._outage:
@@ -272,37 +291,51 @@ def pluginhost_revision(state: Any, **_: Any) -> dict[str, Any]:
 
 
 def broadcast_refresh(
-    app: Celery, revision: int, *, wait: bool = False, timeout: float = 1.0, expect: int | None = None
+    app: Celery,
+    revision: int,
+    *,
+    wait: bool = False,
+    timeout: float = 1.0,
+    destination: list[str] | None = None,
 ) -> list[str]:
-    """Broadcast ``pluginhost_refresh``; with ``wait``, the hostnames that applied ``revision``
-    (collected until ``expect`` workers answered, or ``timeout``).
+    """Broadcast ``pluginhost_refresh`` (to ``destination`` only, if given); with
+    ``wait``, the hostnames that applied ``revision`` (collected until every
+    destination answered, or ``timeout``).
 
     A failed broadcast is logged, not raised: the store already holds the
     change, and workers converge by polling.
     """
+    limit = len(destination) if wait and destination else None
     try:
         replies = app.control.broadcast(
-            REFRESH_COMMAND, arguments={"revision": revision}, reply=wait, timeout=timeout, limit=expect
+            REFRESH_COMMAND, arguments={"revision": revision}, reply=wait, timeout=timeout,
+            destination=destination, limit=limit,
         )
     except Exception as exc:  # broker down: the change is committed, polling delivers it
         log.warning("pluginhost: refresh broadcast failed (%s); workers will converge by polling", exc)
         return []
     if not wait:
         return []
+    wanted = set(destination) if destination else None
     return sorted(
         name
         for reply in replies or []
         for name, body in reply.items()
-        if isinstance(body, dict) and int(body.get("revision", -1)) >= revision
+        if (wanted is None or name in wanted)
+        and isinstance(body, dict)
+        and int(body.get("revision", -1)) >= revision
     )
 
 
 def worker_revisions(
-    app: Celery, *, timeout: float = 1.0, expect: int | None = None
+    app: Celery, *, timeout: float = 1.0, destination: list[str] | None = None
 ) -> dict[str, dict[str, Any]]:
     """``{hostname: {"revision": ..., "pool": ..., ...}}`` for every worker that
-    answers (until ``expect`` answered, or ``timeout``)."""
-    replies = app.control.broadcast(REVISION_COMMAND, reply=True, timeout=timeout, limit=expect)
+    answers (of ``destination``, if given: until all of them answered, or ``timeout``)."""
+    limit = len(destination) if destination else None
+    replies = app.control.broadcast(
+        REVISION_COMMAND, reply=True, timeout=timeout, destination=destination, limit=limit
+    )
     return {name: body for reply in replies or [] for name, body in reply.items()}
 
 

@@ -39,6 +39,11 @@ class InvalidInput(PluginHostError):
     """A capability input is not a JSON object or fails its input model."""
 
 
+class InvalidArgument(PluginHostError):
+    """A call argument is malformed or out of range: a negative ``limit``, an
+    ``actor`` that is not text PostgreSQL can store (a NUL byte, a lone surrogate)."""
+
+
 class ConcurrentUpdate(PluginHostError):
     """The record changed since the version the caller expected."""
 
@@ -55,6 +60,7 @@ __all__ = [
     "InvalidPlugin",
     "InvalidConfig",
     "InvalidInput",
+    "InvalidArgument",
     "ConcurrentUpdate",
     "StoreUnavailable",
 ]

@@ -29,6 +29,7 @@ from .model import (
     describe_validation_error,
 )
 from .store import SQLAlchemyStore, Store, open_store
+from .store.base import Written
 
 if TYPE_CHECKING:
     from celery.result import AsyncResult
@@ -299,8 +300,10 @@ class PluginHost:
         Returns once every worker in the store's registry has answered (else after
         ``timeout``). A registered worker that did not answer is listed with an
         ``error`` and the revision it last reported."""
-        registered = control.registered_workers(self) or {}
-        found = control.worker_revisions(self.app, timeout=timeout, expect=len(registered) or None)
+        registered = control.registered_workers(self)
+        destination = sorted(registered) if registered else None
+        found = control.worker_revisions(self.app, timeout=timeout, destination=destination)
+        registered = registered or {}
         for name, revision in registered.items():
             if name not in found:
                 found[name] = {"error": "registered but did not answer", "reported_revision": revision}
@@ -323,24 +326,39 @@ class PluginHost:
             timeout,
         )
 
-    def _admin(self, write: Callable[[], tuple[Plugin, int]], wait: bool, timeout: float) -> Plugin | builtins.list[str]:
+    def _admin(self, write: Callable[[], Written], wait: bool, timeout: float) -> Plugin | builtins.list[str]:
         self._ready_or_raise()
-        plugin, revision = write()
+        written = write()
         with self._lock:
-            if revision == self._revision + 1:
-                self._plugins = {**self._plugins, plugin.slug: plugin}
-                self._revision = revision
-                metrics.applied_revision(revision)
-            elif revision != self._revision:
+            if written.changed and written.revision == self._revision + 1:
+                # This call's own statement is the only change since the view was
+                # loaded: the view plus this row is exactly the store at that revision.
+                self._plugins = {**self._plugins, written.plugin.slug: written.plugin}
+                self._revision = written.revision
+                metrics.applied_revision(written.revision)
+            elif written.revision != self._revision:
+                # A no-op, or other writers in between: the revision we were handed
+                # covers rows we have not read. Never label a view with it; load.
                 self._reload()
-        acks = self._broadcast(revision, wait, timeout)
-        return acks if wait else plugin
+        acks = self._broadcast(written.revision, wait, timeout)
+        return acks if wait else written.plugin
 
     def _broadcast(self, revision: int, wait: bool, timeout: float) -> builtins.list[str]:
-        """Tell every worker to re-read the store; with ``wait``, the workers that
-        applied ``revision`` (collected until every registered worker answered)."""
-        expect = len(control.registered_workers(self) or {}) or None if wait else None
-        return control.broadcast_refresh(self.app, revision, wait=wait, timeout=timeout, expect=expect)
+        """Tell every worker to re-read the store; with ``wait``, the workers of this
+        deployment (the store's registry) that applied ``revision``."""
+        if not wait:
+            return control.broadcast_refresh(self.app, revision)
+        registered = control.registered_workers(self)
+        if registered is None:  # no registry (MemoryStore): every answer counts
+            return control.broadcast_refresh(self.app, revision, wait=True, timeout=timeout)
+        # Workers outside the registry (another deployment on this broker, or one
+        # whose registration failed) get the refresh too, but only ours can ack.
+        control.broadcast_refresh(self.app, revision)
+        if not registered:
+            return []
+        return control.broadcast_refresh(
+            self.app, revision, wait=True, timeout=timeout, destination=sorted(registered)
+        )
 
     def _validated_config(self, slug: str, config: Any) -> dict[str, Any]:
         check_json_object(config, owner=f"plugin '{slug}'")

@@ -14,8 +14,11 @@ class TcpProxy:
 
     ``cut()`` resets every open connection and refuses new ones (the database
     "goes away"); ``blackhole()`` accepts connections and never answers (an
-    unreachable host: clients wait for their timeout); ``restore()`` forwards
-    again on the same port.
+    unreachable host: clients wait for their timeout); ``stall()`` keeps every
+    open connection and accepts new ones but forwards nothing in either direction
+    (a hung network path or pgbouncer: no reset, no FIN, the kernel still acks
+    what clients send); ``restore()`` forwards again on the same port, and
+    stalled connections resume where they stopped.
     """
 
     def __init__(self, target: tuple[str, int]) -> None:
@@ -46,6 +49,12 @@ class TcpProxy:
         with self._lock:
             self.mode = "blackhole"
             self._reset_all()
+            if self._listener is None:
+                self._listen()
+
+    def stall(self) -> None:
+        with self._lock:
+            self.mode = "stall"
             if self._listener is None:
                 self._listen()
 
@@ -99,7 +108,7 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns.append(client)
-                if self.mode == "blackhole":
+                if self.mode in ("blackhole", "stall"):
                     continue
                 try:
                     upstream = socket.create_connection(self.target, timeout=2)
@@ -113,6 +122,9 @@ class TcpProxy:
         pair = {a: b, b: a}
         try:
             while not self._stopped.is_set():
+                if self.mode == "stall":
+                    self._stopped.wait(0.02)  # hold the bytes: nothing read, nothing sent
+                    continue
                 ready, _, _ = select.select(list(pair), [], [], 0.2)
                 for sock in ready:
                     data = sock.recv(65536)

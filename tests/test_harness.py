@@ -191,7 +191,7 @@ def test_empty_store_leaves_a_migrated_store_usable(
 
         assert store.revision() == fresh
         assert store.load()[1] == []
-        _, revision = store.upsert(Plugin(slug="email"))
+        _, revision, _ = store.upsert(Plugin(slug="email"))
         assert revision > fresh
     finally:
         store.close()

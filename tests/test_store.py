@@ -31,9 +31,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 def test_every_write_bumps_the_revision_and_is_audited(store: Store) -> None:
     start = store.revision()
-    p, rev = store.upsert(Plugin(slug="email", label_ar="بريد الترحيب"), actor="ana")
+    p, rev, _ = store.upsert(Plugin(slug="email", label_ar="بريد الترحيب"), actor="ana")
     assert p.version == 1 and rev == store.revision() > start
-    p2, rev2 = store.update("email", {"enabled": False}, action="disable", actor="ben")
+    p2, rev2, _ = store.update("email", {"enabled": False}, action="disable", actor="ben")
     assert (p2.enabled, p2.version, rev2) == (False, 2, store.revision())
     assert rev2 > rev
     entries = store.audit("email")
@@ -45,8 +45,8 @@ def test_every_write_bumps_the_revision_and_is_audited(store: Store) -> None:
 def test_an_update_that_changes_nothing_writes_nothing(store: Store) -> None:
     store.upsert(Plugin(slug="email"))
     rev = store.revision()
-    p, rev2 = store.update("email", {"enabled": True}, action="enable")
-    assert p.version == 1 and rev2 == rev and len(store.audit("email")) == 1
+    p, rev2, changed = store.update("email", {"enabled": True}, action="enable")
+    assert p.version == 1 and rev2 == rev and not changed and len(store.audit("email")) == 1
 
 
 def test_load_orders_by_sort_then_slug(store: Store) -> None:

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from ..errors import ConcurrentUpdate
 from ..model import AuditEntry, Plugin, mask_secrets
 
 #: Fields an admin may change with ``update``; the store bumps ``version`` itself.
 MUTABLE_FIELDS = frozenset({"kind", "enabled", "config", "sort", "label_en", "label_ar"})
+
+
+class Written(NamedTuple):
+    """What an admin write did: the record as it now is, the store revision after
+    the call, and whether this call changed anything. A call that changed nothing
+    reports the store's current revision, which may include other processes'
+    changes: only a write that ``changed`` the record moved the revision by its own
+    statement."""
+
+    plugin: Plugin
+    revision: int
+    changed: bool
 
 
 @runtime_checkable
@@ -34,8 +46,8 @@ class Store(Protocol):
 
     def upsert(
         self, plugin: Plugin, *, actor: str | None = None, expected_version: int | None = None
-    ) -> tuple[Plugin, int]:
-        """Insert or replace a record's admin fields; returns it and the new revision."""
+    ) -> Written:
+        """Insert or replace a record's admin fields."""
 
     def update(
         self,
@@ -45,9 +57,9 @@ class Store(Protocol):
         action: str,
         actor: str | None = None,
         expected_version: int | None = None,
-    ) -> tuple[Plugin, int]:
+    ) -> Written:
         """Apply ``changes`` to one record (``PluginNotFound`` if missing).
-        A change that alters nothing writes nothing and returns the current revision."""
+        A change that alters nothing writes nothing (``changed=False``)."""
 
     def ensure(self, plugins: Iterable[Plugin], *, actor: str | None = None) -> list[Plugin]:
         """Insert the records that are missing, never touching existing ones; returns those created."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConcurrentUpdate, PluginNotFound
 from ..model import AuditEntry, Plugin
-from .base import MUTABLE_FIELDS, next_version, snapshot
+from .base import MUTABLE_FIELDS, Written, next_version, snapshot
 
 
 class MemoryStore:
@@ -38,7 +38,7 @@ class MemoryStore:
 
     def upsert(
         self, plugin: Plugin, *, actor: str | None = None, expected_version: int | None = None
-    ) -> tuple[Plugin, int]:
+    ) -> Written:
         with self._lock:
             current = self._plugins.get(plugin.slug)
             if current is None:
@@ -47,7 +47,7 @@ class MemoryStore:
                         f"plugin '{plugin.slug}': expected version {expected_version}, but it does not exist"
                     )
                 new = plugin.model_copy(update={"version": 1, "updated_at": _now()})
-                return new.model_copy(), self._write(None, new, "create", actor)
+                return Written(new.model_copy(), self._write(None, new, "create", actor), True)
             fields = {f: getattr(plugin, f) for f in MUTABLE_FIELDS}
             return self._apply(current, fields, "register", actor, expected_version)
 
@@ -59,7 +59,7 @@ class MemoryStore:
         action: str,
         actor: str | None = None,
         expected_version: int | None = None,
-    ) -> tuple[Plugin, int]:
+    ) -> Written:
         with self._lock:
             current = self._plugins.get(slug)
             if current is None:
@@ -97,11 +97,11 @@ class MemoryStore:
         action: str,
         actor: str | None,
         expected_version: int | None,
-    ) -> tuple[Plugin, int]:
+    ) -> Written:
         new = next_version(current, changes, expected_version)
         if new is None:
-            return current.model_copy(), self._revision
-        return new.model_copy(), self._write(current, new, action, actor)
+            return Written(current.model_copy(), self._revision, False)
+        return Written(new.model_copy(), self._write(current, new, action, actor), True)
 
     def _write(self, before: Plugin | None, after: Plugin, action: str, actor: str | None) -> int:
         self._plugins[after.slug] = after

@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from ..errors import ConcurrentUpdate, PluginNotFound, StoreUnavailable
 from ..model import AuditEntry, Kind, Plugin
 from . import schema
-from .base import MUTABLE_FIELDS, next_version, snapshot
+from .base import MUTABLE_FIELDS, Written, next_version, snapshot
 from .migrate import migrate
 
 log = logging.getLogger("pluginhost.store")
@@ -110,8 +110,8 @@ class SQLAlchemyStore:
 
     def upsert(
         self, plugin: Plugin, *, actor: str | None = None, expected_version: int | None = None
-    ) -> tuple[Plugin, int]:
-        def write(conn: Connection) -> tuple[Plugin, int]:
+    ) -> Written:
+        def write(conn: Connection) -> Written:
             current = self._locked(conn, plugin.slug)
             if current is None:
                 if expected_version not in (None, 0):
@@ -119,7 +119,7 @@ class SQLAlchemyStore:
                         f"plugin '{plugin.slug}': expected version {expected_version}, but it does not exist"
                     )
                 new = self._insert(conn, plugin, actor)
-                return new, self._current_revision(conn)
+                return Written(new, self._current_revision(conn), True)
             fields = {f: getattr(plugin, f) for f in MUTABLE_FIELDS}
             return self._apply(conn, current, fields, "register", actor, expected_version)
 
@@ -133,8 +133,8 @@ class SQLAlchemyStore:
         action: str,
         actor: str | None = None,
         expected_version: int | None = None,
-    ) -> tuple[Plugin, int]:
-        def write(conn: Connection) -> tuple[Plugin, int]:
+    ) -> Written:
+        def write(conn: Connection) -> Written:
             current = self._locked(conn, slug)
             if current is None:
                 raise PluginNotFound(f"plugin '{slug}' not found")
@@ -217,10 +217,10 @@ class SQLAlchemyStore:
         action: str,
         actor: str | None,
         expected_version: int | None,
-    ) -> tuple[Plugin, int]:
+    ) -> Written:
         new = next_version(current, changes, expected_version)
         if new is None:
-            return current, self._current_revision(conn)
+            return Written(current, self._current_revision(conn), False)
         # The version predicate makes the write conditional even where the row
         # lock is weak (SQLite serialises writers instead): no lost update.
         done = conn.execute(
@@ -232,7 +232,7 @@ class SQLAlchemyStore:
         if done.rowcount != 1:
             raise ConcurrentUpdate(f"plugin '{current.slug}' changed during the update; try again")
         self._log(conn, current, new, action, actor)
-        return new, self._current_revision(conn)
+        return Written(new, self._current_revision(conn), True)
 
     def _log(
         self, conn: Connection, before: Plugin | None, after: Plugin, action: str, actor: str | None
