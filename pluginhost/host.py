@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
@@ -13,7 +13,7 @@ from celery import Celery
 from pydantic import BaseModel, ValidationError
 
 from . import control, metrics
-from .capability import Capability, CapabilityContext, declare, dispatch, execute_inline
+from .capability import Capability, CapabilityContext, declare, dispatch, dispatch_many, execute_inline
 from .errors import (
     CapabilityNotFound,
     InvalidConfig,
@@ -32,7 +32,7 @@ from .store import SQLAlchemyStore, Store, open_store
 from .store.base import Written
 
 if TYPE_CHECKING:
-    from celery.result import AsyncResult
+    from celery.result import AsyncResult, GroupResult
 
 log = logging.getLogger("pluginhost")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -187,6 +187,12 @@ class PluginHost:
         """Enqueue a run. Raises (and enqueues nothing) if the slug is unknown, the
         input is invalid or the plugin is disabled in the store."""
         return dispatch(self, self._capability(slug), input, apply_async_options)
+
+    def run_capability_many(self, slug: str, inputs: Iterable[dict[str, Any]], **apply_async_options: Any) -> GroupResult:
+        """Enqueue one run per input. Every input is validated first (one bad input
+        rejects the batch, naming its index) and the store is checked once; nothing
+        is enqueued unless all pass. Published on one producer connection."""
+        return dispatch_many(self, self._capability(slug), inputs, apply_async_options)
 
     def call_capability(self, slug: str, input: dict[str, Any] | None = None) -> Any:
         """Run a capability in this process with the same checks; returns its result."""

@@ -44,8 +44,8 @@ _dispatched = lru_cache(maxsize=None)(DISPATCHED.labels)
 _executed = lru_cache(maxsize=None)(EXECUTED.labels)
 
 
-def dispatched(capability: str) -> None:
-    _dispatched(capability).inc()
+def dispatched(capability: str, count: int = 1) -> None:
+    _dispatched(capability).inc(count)
 
 
 def refused(capability: str, where: str) -> None:

@@ -850,8 +850,8 @@ class Worker:
         Start workers from the main thread, or from a thread that outlives them, or
         pass ``False``.
         """
-        if pool not in ("prefork", "solo", "threads"):
-            raise ValueError(f"pool must be prefork, solo or threads, not {pool!r}")
+        if pool not in ("prefork", "solo", "threads", "gevent"):
+            raise ValueError(f"pool must be prefork, solo, threads or gevent, not {pool!r}")
         from celery.utils.nodenames import host_format
 
         become_child_subreaper()

@@ -125,7 +125,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(cli: Any, core: ModuleType, a
 
 def test_a_disabled_capability_is_refused_by_the_cli(cli: Any, core: ModuleType) -> None:
     core.host.disable("work")
-    one_line_error(cli("run", "work"), "CapabilityDisabled: capability 'work' is disabled")
+    one_line_error(cli("run", "work"), "CapabilityDisabled: plugin 'work' is disabled")
 
 
 def test_missing_or_broken_app(cli: Any) -> None:

@@ -51,7 +51,7 @@ def test_capability_runs_on_a_worker_and_errors_round_trip(core: ModuleType, wor
     # A run that bypasses dispatch (task.delay) is still checked by the worker,
     # and the error comes back as the same class with the same message.
     host.disable("work", wait=True)
-    with pytest.raises(CapabilityDisabled, match="capability 'work' is disabled: plugin 'work' is disabled"):
+    with pytest.raises(CapabilityDisabled, match="^plugin 'work' is disabled$"):
         host.task("work").delay({"tag": "bypass"}).get(timeout=20)
     with pytest.raises(InvalidInput, match="field 'name' is required"):
         host.task("named").delay({"nom": "x"}).get(timeout=20)
