@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery import Task
+from celery.exceptions import Reject, Retry
 from celery.result import GroupResult
 from celery.utils import uuid
-from celery.exceptions import Reject, Retry
 from pydantic import BaseModel, ValidationError
 
 from . import metrics
@@ -123,12 +123,7 @@ def declare(
 def dispatch(host: PluginHost, cap: Capability, input: Any, options: dict[str, Any]) -> AsyncResult:
     """The producer side: validate, check the store, then enqueue (G1, G5)."""
     payload = check_input(cap, input)
-    host.fresh_from_store()
-    try:
-        _refuse_if_disabled(host, cap)
-    except CapabilityDisabled:
-        metrics.refused(cap.slug, "dispatch")
-        raise
+    _check_before_dispatch(host, cap)
     result = cap.task.apply_async(args=(payload,), **options)
     metrics.dispatched(cap.slug)
     return result
@@ -151,17 +146,22 @@ def dispatch_many(host: PluginHost, cap: Capability, inputs: Any, options: dict[
             payloads.append(check_input(cap, item))
         except InvalidInput as exc:
             raise InvalidInput(f"input {index}: {exc}") from None
+    _check_before_dispatch(host, cap)
+    task = cap.task
+    with host.app.producer_or_acquire() as producer:
+        results = [task.apply_async(args=(payload,), producer=producer, **options) for payload in payloads]
+    metrics.dispatched(cap.slug, len(results))
+    return GroupResult(uuid(), results, app=host.app)
+
+
+def _check_before_dispatch(host: PluginHost, cap: Capability) -> None:
+    """The producer-side store check (G1): read the store's revision, refuse if disabled."""
     host.fresh_from_store()
     try:
         _refuse_if_disabled(host, cap)
     except CapabilityDisabled:
         metrics.refused(cap.slug, "dispatch")
         raise
-    task = cap.task
-    with host.app.producer_or_acquire() as producer:
-        results = [task.apply_async(args=(payload,), producer=producer, **options) for payload in payloads]
-    metrics.dispatched(cap.slug, len(results))
-    return GroupResult(uuid(), results, app=host.app)
 
 
 def execute_inline(host: PluginHost, cap: Capability, input: Any) -> Any:
