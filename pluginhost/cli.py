@@ -149,6 +149,20 @@ def _json_arg(text: str, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise CLIError(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except ValueError:  # Python refuses to read longer integers
+        raise CLIError(f"{what} is not valid JSON: integer of more than {sys.get_int_max_str_digits()} digits") from None
+    except RecursionError:
+        raise CLIError(f"{what} is not valid JSON: nested too deeply") from None
+
+
+def _pair_value(key: str, text: str) -> Any:
+    """VALUE parsed as JSON if it is JSON, else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    except (ValueError, RecursionError):
+        return _json_arg(text, f"value of {key!r}")
 
 
 def _wait_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -214,34 +228,33 @@ def _commands(group: click.Group) -> None:
     @group.command()
     @click.argument("slug")
     @click.argument("pairs", nargs=-1)
-    @click.option("--json", "json_text", default=None, help="Replace the whole config with this JSON object.")
+    @click.option("--json", "json_text", default=None, help="The config as a JSON object (instead of KEY=VALUE pairs).")
+    @click.option("--merge", is_flag=True, help="Change only the keys given; the others keep their stored values.")
     @_wait_opts
     @click.pass_context
-    def configure(ctx: click.Context, slug: str, pairs: tuple[str, ...], json_text: str | None, actor: str | None, wait: bool, timeout: float) -> None:
-        """Set config: KEY=VALUE pairs (merged; VALUE parsed as JSON if it parses) or --json (replaced)."""
+    def configure(ctx: click.Context, slug: str, pairs: tuple[str, ...], json_text: str | None, merge: bool, actor: str | None, wait: bool, timeout: float) -> None:
+        """Set a plugin's config from KEY=VALUE pairs (VALUE read as JSON if it is
+        JSON, else as text) or --json '{...}'.
+
+        Without --merge the config given replaces the stored one: keys left out go
+        back to their defaults, except stored secrets, which are kept (set one to
+        null to clear it). With --merge only the keys given change. Unknown keys and
+        invalid values are refused and nothing is written (as host.configure)."""
         host = host_from_context(ctx)
         if json_text is not None and pairs:
             raise click.UsageError("give KEY=VALUE pairs or --json, not both")
         if json_text is not None:
             config = _json_arg(json_text, "--json")
         elif pairs:
-            current = host.get(slug)
-            if current is None:
-                from .errors import PluginNotFound
-
-                raise PluginNotFound(f"plugin '{slug}' not found")
-            config = dict(current.config)
+            config = {}
             for pair in pairs:
                 key, sep, value = pair.partition("=")
                 if not sep or not key:
                     raise click.UsageError(f"expected KEY=VALUE, got {pair!r}")
-                try:
-                    config[key] = json.loads(value)
-                except json.JSONDecodeError:
-                    config[key] = value
+                config[key] = _pair_value(key, value)
         else:
             raise click.UsageError("give KEY=VALUE pairs or --json '{...}'")
-        result = host.configure(slug, config, actor=_actor(actor), wait=wait, timeout=timeout)
+        result = host.configure(slug, config, merge=merge, actor=_actor(actor), wait=wait, timeout=timeout)
         if wait:
             _admin_result(result, wait)
         else:

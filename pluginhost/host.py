@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import builtins
+import itertools
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
@@ -16,6 +19,7 @@ from . import control, metrics
 from .capability import Capability, CapabilityContext, declare, dispatch, dispatch_many, execute_inline
 from .errors import (
     CapabilityNotFound,
+    ConcurrentUpdate,
     InvalidConfig,
     InvalidPlugin,
     PluginNotFound,
@@ -24,9 +28,18 @@ from .model import (
     AuditEntry,
     Kind,
     Plugin,
+    check_actor,
+    check_config_model,
     check_json_object,
+    check_known_keys,
+    check_limit,
     check_slug,
+    check_sort,
+    config_keys,
     describe_validation_error,
+    dump_config,
+    keep_secrets,
+    secret_fields,
 )
 from .store import SQLAlchemyStore, Store, open_store
 from .store.base import Written
@@ -37,6 +50,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pluginhost")
 F = TypeVar("F", bound=Callable[..., Any])
 OnDisabled = Literal["fail", "skip", "defer"]
+#: A configure that read the stored config is retried for this long when other
+#: writers keep changing the plugin in between (then ``ConcurrentUpdate``).
+_CONFIGURE_RETRY_S = 5.0
 
 
 class PluginHost:
@@ -154,6 +170,7 @@ class PluginHost:
             known = self._config_models.get(plugin_slug)
             if known is not None and known is not config_model:
                 raise InvalidPlugin(f"plugin '{plugin_slug}' already has config model {known.__name__}")
+            check_config_model(plugin_slug, config_model)
         cap = declare(
             self,
             slug,
@@ -232,7 +249,14 @@ class PluginHost:
         return found.config.get(key, default) if found else default
 
     def audit(self, slug: str | None = None, *, actor: str | None = None, limit: int = 100) -> builtins.list[AuditEntry]:
-        """Admin changes, newest first."""
+        """Admin changes, newest first (at most ``limit``, 1 or more; of plugin
+        ``slug`` and by ``actor`` if given). Secrets are masked as the entries were
+        written: ``********`` set, ``******** (changed)`` set to a new value by that
+        change, null unset. Bad arguments raise ``InvalidPlugin``/``InvalidArgument``."""
+        if slug is not None:
+            check_slug(slug)
+        check_actor(actor)
+        check_limit(limit)
         self._ready_or_raise()
         return self.store.audit(slug, actor=actor, limit=limit)
 
@@ -251,7 +275,9 @@ class PluginHost:
     @overload
     def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = ..., wait: bool, timeout: float = ..., expected_version: int | None = ...) -> Plugin | builtins.list[str]: ...
     def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Plugin | builtins.list[str]:
-        """Insert or update a plugin record, then refresh everywhere."""
+        """Insert or update a plugin record (the whole record, config included:
+        ``configure`` is the call that keeps stored secrets), then refresh everywhere."""
+        check_actor(actor)
         record = Plugin.parse(plugin)
         record = record.model_copy(update={"config": self._validated_config(record.slug, record.config)})
         return self._admin(lambda: self.store.upsert(record, actor=actor, expected_version=expected_version), wait, timeout)
@@ -276,15 +302,54 @@ class PluginHost:
         """Disable a plugin: persisted, audited, applied here and broadcast to workers."""
         return self._update(slug, {"enabled": False}, "disable", actor, wait, timeout, expected_version)
 
-    def configure(self, slug: str, config: dict[str, Any], *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Any:
-        """Replace a plugin's config after validating it (against its config model if declared)."""
+    def configure(self, slug: str, config: dict[str, Any], *, merge: bool = False, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Any:
+        """Set a plugin's config; returns the plugin (the acknowledging workers with ``wait``).
+
+        By default ``config`` replaces the stored config: a key left out goes back
+        to its config-model default (or is gone, without a model), except a stored
+        secret, which is kept (clear one by setting it, e.g. to null). With
+        ``merge=True`` only the top-level keys given change (an object given
+        replaces the stored one, its secrets kept likewise). Either way the result
+        is validated before anything is written: ``InvalidConfig`` names unknown
+        keys (where a config model is declared) or the failing field, never a
+        secret's value. Reading the stored config and writing the new one is
+        atomic: retried if another writer got in between, ``ConcurrentUpdate`` if
+        ``expected_version`` is given and is not the stored version.
+        """
         check_slug(slug)
-        return self._update(slug, {"config": self._validated_config(slug, config)}, "configure", actor, wait, timeout, expected_version)
+        owner = f"plugin '{slug}'"
+        check_json_object(config, owner=owner)
+        model = self._config_models.get(slug)
+        keys = config_keys(model) if model is not None else None
+        secrets = secret_fields(model) if model is not None else frozenset()
+        self._ready_or_raise()
+        give_up = time.monotonic() + _CONFIGURE_RETRY_S
+        for attempt in itertools.count():
+            stored = self.store.get(slug)
+            if stored is None:
+                raise PluginNotFound(f"plugin '{slug}' not found")
+            if expected_version is not None and expected_version != stored.version:
+                raise ConcurrentUpdate(f"{owner}: expected version {expected_version}, found {stored.version}")
+            given = config
+            if merge:
+                given = {**{k: v for k, v in stored.config.items() if keys is None or k in keys}, **config}
+            wanted = keep_secrets(given, stored.config, secret=secrets, keys=keys)
+            new_config = self._validated_config(slug, wanted)
+            # The write depends on what was read: it applies only to that version.
+            depends = merge or wanted != config
+            guard = expected_version if expected_version is not None else stored.version if depends else None
+            try:
+                return self._update(slug, {"config": new_config}, "configure", actor, wait, timeout, guard)
+            except ConcurrentUpdate:
+                if expected_version is not None or guard is None or time.monotonic() > give_up:
+                    raise
+                time.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))  # writers spread out
+        raise AssertionError("unreachable")
 
     def set_sort(self, slug: str, sort: int, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Any:
-        """Move a plugin in the navigation order."""
-        if isinstance(sort, bool) or not isinstance(sort, int):
-            raise InvalidPlugin(f"plugin '{slug}': sort must be an integer, got {sort!r}")
+        """Move a plugin in the navigation order (``sort`` is a 32-bit integer)."""
+        check_slug(slug)
+        check_sort(slug, sort)
         return self._update(slug, {"sort": sort}, "sort", actor, wait, timeout, expected_version)
 
     def refresh(self, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0) -> builtins.list[str] | None:
@@ -326,6 +391,7 @@ class PluginHost:
 
     def _update(self, slug: str, changes: dict[str, Any], action: str, actor: str | None, wait: bool, timeout: float, expected_version: int | None) -> Any:
         check_slug(slug)
+        check_actor(actor)
         return self._admin(
             lambda: self.store.update(slug, changes, action=action, actor=actor, expected_version=expected_version),
             wait,
@@ -367,14 +433,19 @@ class PluginHost:
         )
 
     def _validated_config(self, slug: str, config: Any) -> dict[str, Any]:
-        check_json_object(config, owner=f"plugin '{slug}'")
+        """``config`` as it is stored: a JSON object the store can hold, validated
+        by the plugin's config model if one is declared (unknown keys refused,
+        secrets kept in clear)."""
+        owner = f"plugin '{slug}'"
+        check_json_object(config, owner=owner)
         model = self._config_models.get(slug)
         if model is None:
             return dict(config)
+        check_known_keys(model, config, owner=owner)
         try:
-            return model.model_validate(config).model_dump(mode="json")
+            return dump_config(model.model_validate(config))
         except ValidationError as exc:
-            raise InvalidConfig(describe_validation_error(exc, owner=f"plugin '{slug}'")) from None
+            raise InvalidConfig(describe_validation_error(exc, owner=owner, secret=secret_fields(model))) from None
 
     def config_for(self, plugin: Plugin) -> Any:
         """A plugin's live config as its config model (or the dict if none was declared)."""
@@ -384,7 +455,9 @@ class PluginHost:
         try:
             return model.model_validate(plugin.config)
         except ValidationError as exc:
-            raise InvalidConfig(describe_validation_error(exc, owner=f"plugin '{plugin.slug}'")) from None
+            raise InvalidConfig(
+                describe_validation_error(exc, owner=f"plugin '{plugin.slug}'", secret=secret_fields(model))
+            ) from None
 
     def _ready_or_raise(self) -> builtins.list[Plugin]:
         if self._ready:
@@ -447,7 +520,7 @@ def _seed_record(
     config: dict[str, Any] = {}
     if config_model is not None:
         try:
-            config = config_model().model_dump(mode="json")
+            config = dump_config(config_model())
         except ValidationError:
             config = {}  # the model has required fields: the admin configures it
     try:

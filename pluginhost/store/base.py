@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from ..errors import ConcurrentUpdate
-from ..model import AuditEntry, Plugin, mask_secrets
+from ..model import AuditEntry, Plugin, mask_change, mask_secrets
 
 #: Fields an admin may change with ``update``; the store bumps ``version`` itself.
 MUTABLE_FIELDS = frozenset({"kind", "enabled", "config", "sort", "label_en", "label_ar"})
@@ -115,3 +115,15 @@ def snapshot(plugin: Plugin) -> dict[str, Any]:
     # Secrets never reach the audit log: the key is kept, the value masked.
     record["config"] = mask_secrets(record["config"])
     return record
+
+
+def audit_records(before: Plugin | None, after: Plugin) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The audited views of a change: as ``snapshot``, except that a secret the
+    change set to a new value is ``******** (changed)`` in ``after`` (a rotation
+    is a change in the log; neither value is in it)."""
+    if before is None:
+        return None, snapshot(after)
+    old = before.model_dump(mode="json", exclude={"updated_at"})
+    new = after.model_dump(mode="json", exclude={"updated_at"})
+    old["config"], new["config"] = mask_change(old["config"], new["config"])
+    return old, new

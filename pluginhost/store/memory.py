@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConcurrentUpdate, PluginNotFound
 from ..model import AuditEntry, Plugin
-from .base import MUTABLE_FIELDS, Written, next_version, snapshot
+from .base import MUTABLE_FIELDS, Written, audit_records, next_version
 
 
 class MemoryStore:
@@ -104,6 +104,7 @@ class MemoryStore:
         return Written(new.model_copy(), self._write(current, new, action, actor), True)
 
     def _write(self, before: Plugin | None, after: Plugin, action: str, actor: str | None) -> int:
+        before_record, after_record = audit_records(before, after)
         self._plugins[after.slug] = after
         self._revision += 1
         self._audit.append(
@@ -113,8 +114,8 @@ class MemoryStore:
                 actor=actor,
                 slug=after.slug,
                 action=action,
-                before=snapshot(before) if before else None,
-                after=snapshot(after),
+                before=before_record,
+                after=after_record,
             )
         )
         return self._revision

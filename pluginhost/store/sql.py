@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from ..errors import ConcurrentUpdate, PluginNotFound, StoreUnavailable
 from ..model import AuditEntry, Kind, Plugin
 from . import schema
-from .base import MUTABLE_FIELDS, Written, next_version, snapshot
+from .base import MUTABLE_FIELDS, Written, audit_records, next_version
 from .migrate import migrate
 
 log = logging.getLogger("pluginhost.store")
@@ -237,14 +237,15 @@ class SQLAlchemyStore:
     def _log(
         self, conn: Connection, before: Plugin | None, after: Plugin, action: str, actor: str | None
     ) -> None:
+        before_record, after_record = audit_records(before, after)
         conn.execute(
             insert(schema.audit).values(
                 at=after.updated_at,
                 actor=actor,
                 slug=after.slug,
                 action=action,
-                before=snapshot(before) if before else None,
-                after=snapshot(after),
+                before=before_record,
+                after=after_record,
             )
         )
 
