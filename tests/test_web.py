@@ -37,6 +37,10 @@ USERS = {"ops": "ops-pass", "admin": "admin-pass"}
 AUTH = WebAuth(users=USERS, token=TOKEN, secret=b"a-fixed-secret-for-the-tests-000")
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 HOSTILE = "<script>alert(1)</script>"
+#: What a browser on the console's own page sends with every POST (TestClient's host is "testserver").
+ORIGIN = "http://testserver"
+EVIL = "http://attacker.example"
+LOCAL = "http://127.0.0.1:8000"
 
 
 # -- fixtures and helpers ---------------------------------------------------------
@@ -71,9 +75,22 @@ def web_live(app_conf: dict[str, Any], configure_app: Any) -> Iterator[ModuleTyp
     module.host.store.close()
 
 
+def browser(app: Any, origin: str | None = ORIGIN, **options: Any) -> TestClient:
+    """A client that behaves like a browser on the console's page: it sends ``Origin``."""
+    headers = {"Origin": origin} if origin else {}
+    return TestClient(app, headers=headers, **options)
+
+
 def console(module: ModuleType, **options: Any) -> TestClient:
     options = {"auth": AUTH, "ack_timeout_s": 0.2, "workers_timeout_s": 0.2, **options}
-    return TestClient(create_app(module.host, flows=module.flows, **options))
+    return browser(create_app(module.host, flows=module.flows, **options))
+
+
+def without_origin(source: TestClient, **options: Any) -> TestClient:
+    """Another client on the same app with the same cookies but no ``Origin`` header."""
+    bare = TestClient(source.app, **options)
+    bare.cookies = source.cookies
+    return bare
 
 
 @dataclass
@@ -174,15 +191,54 @@ def test_create_app_refuses_to_start_without_credentials(web: ModuleType) -> Non
         create_app(web.host)  # neither configuration nor environment has credentials
 
 
+def local_console(module: ModuleType, host_name: str = "127.0.0.1:8000", origin: str | None = LOCAL) -> TestClient:
+    """A ``--insecure-local`` console, asked from the loopback address for ``host_name``."""
+    app = create_app(module.host, flows=module.flows, auth=WebAuth.local(), ack_timeout_s=0.2, workers_timeout_s=0.2)
+    return browser(app, origin, base_url=f"http://{host_name}", client=("127.0.0.1", 40000))
+
+
 def test_local_mode_serves_loopback_clients_only(web: ModuleType) -> None:
-    app = create_app(web.host, flows=web.flows, auth=WebAuth.local())
-    assert TestClient(app).get("/api/plugins").status_code == 401  # client "testclient"
-    local = TestClient(app, client=("127.0.0.1", 40000))
+    local = local_console(web)
+    assert browser(local.app, LOCAL, base_url=LOCAL).get("/api/plugins").status_code == 401  # client "testclient"
     assert local.get("/api/session").json()["user"] == "local"
     assert local.post("/api/plugins/greet/disable").status_code == 403  # CSRF still applies
     csrf = local.get("/api/session").json()["csrf_token"]
     assert local.post("/api/plugins/greet/disable", headers={"X-CSRF-Token": csrf}).status_code == 200
     assert web.host.audit("greet", limit=1)[0].actor == "local"
+
+
+@pytest.mark.parametrize("host_name", ["127.0.0.1:8000", "127.0.0.1", "localhost:8000", "LocalHost", "[::1]:8000", "127.0.0.2:9"])
+def test_local_mode_accepts_loopback_host_names_with_any_port(web: ModuleType, host_name: str) -> None:
+    local = local_console(web, host_name, origin=f"http://{host_name}")
+    assert local.get("/api/session").json()["user"] == "local"
+    csrf = local.get("/api/session").json()["csrf_token"]
+    assert local.post("/api/plugins/greet/disable", headers={"X-CSRF-Token": csrf}).status_code == 200
+    assert not web.host.is_enabled("greet")
+
+
+@pytest.mark.parametrize(
+    "host_name", ["attacker.example", "attacker.example:8000", "127.0.0.1.nip.io:8000", "app.localhost:8000",
+                  "localhost.attacker.example", "0.0.0.0:8000", "", "127.0.0.1:8000@attacker.example"],
+)
+def test_local_mode_refuses_a_rebound_host_name(web: ModuleType, host_name: str) -> None:
+    """DNS rebinding: attacker.example resolves to 127.0.0.1, so the browser's requests
+    come from loopback, same-origin for the attacker's page (Origin matches Host)."""
+    before = audit_ids(web)
+    legit = local_console(web)
+    csrf = legit.get("/api/session").json()["csrf_token"]  # the worst case: a valid cookie and token
+    rebound = local_console(web, "placeholder", origin=f"http://{host_name}")
+    rebound.cookies = legit.cookies
+    headers = {"Host": host_name}
+    for path in ("/api/session", "/plugins", "/login", "/static/console.css"):
+        response = without_origin(rebound, client=("127.0.0.1", 40000)).get(path, headers=headers)
+        assert response.status_code == 421, (path, response.status_code)
+        assert "set-cookie" not in response.headers and "csrf" not in response.text.lower()
+        assert "loopback" in response.text
+    api = rebound.post("/api/plugins/greet/disable", headers={**headers, "X-CSRF-Token": csrf})
+    assert api.status_code == 421 and api.json()["error"] == "HostNotAllowed"
+    form = rebound.post("/plugins/greet/enabled", headers=headers, data={"enabled": "false", "csrf_token": csrf})
+    assert form.status_code == 421 and "set-cookie" not in form.headers
+    assert web.host.is_enabled("greet") and audit_ids(web) == before
 
 
 def test_login_sets_a_signed_session_and_logout_ends_it(web: ModuleType) -> None:
@@ -292,6 +348,40 @@ def test_bad_input_is_422_and_writes_nothing(web: ModuleType, ops: Operator) -> 
     assert audit_ids(web) == before and web.host.get("mailer").config == config
 
 
+@pytest.mark.parametrize("value", [str(2**40), str(2**31), str(-(2**31) - 1), "1.5", "abc", ""])
+def test_a_bad_sort_on_the_page_or_the_api_is_4xx_and_writes_nothing(web: ModuleType, ops: Operator, value: str) -> None:
+    before = audit_ids(web)
+    page = ops.form("/plugins/greet/sort", {"sort": value})
+    assert 400 <= page.status_code < 500, (page.status_code, page.text[:200])
+    assert "sort" in page.text and "Internal Server Error" not in page.text
+    api = ops.post("/api/plugins/greet/sort", json={"sort": int(value) if value.lstrip("-").isdigit() else value})
+    assert 400 <= api.status_code < 500 and api.json()["error"] == "InvalidInput", api.text
+    assert web.host.get("greet").sort == 10 and audit_ids(web) == before
+
+
+def test_every_plugin_host_error_maps_to_an_explicit_status() -> None:
+    from pluginhost import errors as ph
+    from pluginhost.web.errors import RunNotFound, WorkflowsNotConfigured, status_for
+    from workflows.errors import InvalidRunState, InvalidWorkflow, WorkflowNotFound
+
+    class InvalidArgument(ph.PluginHostError):
+        """A bad-input error someone adds later, mapped by nobody yet."""
+
+    class SlugGone(ph.PluginNotFound):
+        pass
+
+    class StoreTimedOut(ph.StoreUnavailable):
+        pass
+
+    expected = {
+        ph.PluginNotFound: 404, ph.CapabilityNotFound: 404, RunNotFound: 404, WorkflowNotFound: 404,
+        WorkflowsNotConfigured: 404, ph.InvalidPlugin: 422, ph.InvalidConfig: 422, ph.InvalidInput: 422,
+        InvalidWorkflow: 422, InvalidRunState: 422, ph.ConcurrentUpdate: 409, ph.CapabilityDisabled: 409,
+        ph.StoreUnavailable: 503, StoreTimedOut: 503, SlugGone: 404, InvalidArgument: 400, ph.PluginHostError: 400,
+    }
+    assert {cls: status_for(cls("x")) for cls in expected} == expected
+
+
 def test_invalid_config_on_the_page_is_shown_next_to_the_field(web: ModuleType, ops: Operator) -> None:
     before = audit_ids(web)
     response = ops.form("/plugins/mailer/config", {"config": '{"smtp_port": "abc"}', "version": "1"})
@@ -316,6 +406,91 @@ def test_missing_csrf_token_is_403_and_writes_nothing(web: ModuleType, ops: Oper
     assert client.post("/plugins/greet/sort", data={"sort": "5", "csrf_token": "guess"}).status_code == 403
     assert client.post("/api/plugins/mailer/configure", json={"config": {}}).json()["error"] == "CsrfFailed"
     assert audit_ids(web) == before and web.host.is_enabled("greet")
+
+
+FOREIGN_ORIGINS = [
+    {"Origin": EVIL},
+    {"Origin": "null"},  # sandboxed frames, data: URLs
+    {"Origin": "https://testserver"},  # same host, other scheme
+    {"Origin": "http://testserver:8080"},  # same host, other port
+    {"Origin": "http://testserver.attacker.example"},
+    {"Referer": f"{EVIL}/page"},  # no Origin: the Referer's origin counts
+]
+
+
+def poster(mode: str, module: ModuleType) -> tuple[Any, str]:
+    """A POST function for one auth mode (valid credentials and CSRF token) and its own origin."""
+    if mode == "token":
+        client = TestClient(create_app(module.host, flows=module.flows, auth=AUTH, ack_timeout_s=0.2, workers_timeout_s=0.2))
+        return (lambda path, headers, **kw: client.post(path, headers={**BEARER, **headers}, **kw)), ORIGIN
+    if mode == "local":
+        local = local_console(module)
+        csrf = local.get("/api/session").json()["csrf_token"]
+        client, own = without_origin(local, base_url=LOCAL, client=("127.0.0.1", 40000)), LOCAL
+    else:
+        operator = log_in(console(module))
+        client, own, csrf = without_origin(operator.client), ORIGIN, operator.csrf
+    if mode.endswith("form"):
+        return (lambda path, headers, data=None, **kw: client.post(
+            path.replace("/api/plugins/greet/disable", "/plugins/greet/enabled"), headers=headers,
+            data={"enabled": "false", "csrf_token": csrf, **(data or {})}, **kw)), own
+    return (lambda path, headers, **kw: client.post(path, headers={"X-CSRF-Token": csrf, **headers}, **kw)), own
+
+
+@pytest.mark.parametrize("mode", ["session", "session-form", "token", "local", "local-form"])
+def test_a_cross_origin_post_is_refused_in_every_auth_mode(web: ModuleType, mode: str) -> None:
+    post, own = poster(mode, web)
+    before = audit_ids(web)
+    for headers in FOREIGN_ORIGINS:
+        response = post("/api/plugins/greet/disable", headers)
+        assert response.status_code == 403, (headers, response.status_code, response.text[:200])
+        assert "OriginRefused" in response.text and "does not match" in response.text
+    assert web.host.is_enabled("greet") and audit_ids(web) == before
+    assert post("/api/plugins/greet/disable", {"Origin": own}, follow_redirects=False).status_code in (200, 303)
+    assert not web.host.is_enabled("greet") and len(audit_ids(web)) == len(before) + 1
+
+
+@pytest.mark.parametrize("mode", ["session", "session-form", "local", "local-form"])
+def test_a_cookie_post_needs_origin_or_referer_but_a_token_needs_neither(web: ModuleType, mode: str) -> None:
+    post, own = poster(mode, web)
+    before = audit_ids(web)
+    refused = post("/api/plugins/greet/disable", {})
+    assert refused.status_code == 403 and "OriginRefused" in refused.text and "no Origin" in refused.text
+    assert web.host.is_enabled("greet") and audit_ids(web) == before
+    # a same-origin page whose browser sent only the Referer
+    assert post("/api/plugins/greet/disable", {"Referer": f"{own}/plugins?x=1"}, follow_redirects=False).status_code in (200, 303)
+    assert not web.host.is_enabled("greet")
+    script, _ = poster("token", web)
+    assert script("/api/plugins/greet/enable", {}).status_code == 200 and web.host.is_enabled("greet")
+
+
+def test_a_cross_origin_login_is_refused(web: ModuleType) -> None:
+    client = console(web)
+    token = form_token(client.get("/login").text)
+    data = {"username": "ops", "password": USERS["ops"], "csrf_token": token}
+    for sender, headers in ((client, {"Origin": EVIL}), (without_origin(client), {"Referer": f"{EVIL}/"})):
+        response = sender.post("/login", data=data, headers=headers, follow_redirects=False)
+        assert response.status_code == 403 and "OriginRefused" in response.text
+        assert client.get("/api/session").status_code == 401  # not logged in
+    assert without_origin(client).post("/login", data=data, follow_redirects=False).status_code == 403
+    assert client.post("/login", data=data, follow_redirects=False).status_code == 303
+
+
+def test_a_configured_origin_is_accepted_as_well(web: ModuleType) -> None:
+    """Behind a proxy that terminates TLS the app sees http://, the browser sends https://."""
+    auth = WebAuth(users=USERS, secret=AUTH.secret, origins=["https://Console.Example:443"])
+    operator = log_in(console(web, auth=auth))
+    proxied = operator.post("/api/plugins/greet/disable", headers={"Origin": "https://console.example"})
+    assert proxied.status_code == 200 and not web.host.is_enabled("greet")
+    assert operator.post("/api/plugins/greet/enable", headers={"Origin": "http://console.example"}).status_code == 403
+    assert operator.post("/api/plugins/greet/enable").status_code == 200  # its own origin still counts
+    configured = Celery("configured", set_as_current=False)
+    configured.conf.pluginhost_web_users = {"u": "pw"}
+    configured.conf.pluginhost_web_origins = ["https://a.example"]
+    env = {"PLUGINHOST_WEB_ORIGINS": "https://b.example:8443, http://c.example"}
+    assert WebAuth.from_app(configured, environ=env).origins == ("https://a.example", "https://b.example:8443", "http://c.example")
+    with pytest.raises(NoCredentials, match="'console.example/path'"):
+        WebAuth(users=USERS, origins=["console.example/path"])
 
 
 def test_a_masked_secret_sent_back_keeps_the_stored_secret(web: ModuleType, ops: Operator) -> None:
@@ -378,7 +553,7 @@ def test_workers_view_compares_revisions(web: ModuleType, ops: Operator) -> None
 
 
 def test_audit_filters_by_plugin_and_actor_and_shows_changes(web: ModuleType, ops: Operator) -> None:
-    admin = log_in(TestClient(ops.client.app), "admin")
+    admin = log_in(browser(ops.client.app), "admin")
     ops.post("/api/plugins/greet/disable")
     admin.post("/api/plugins/greet/enable")
     ops.post("/api/plugins/report/sort", json={"sort": 5})
@@ -438,7 +613,7 @@ def test_runs_are_listed_filtered_and_shown(web: ModuleType, ops: Operator) -> N
 
 
 def test_a_console_without_workflows_hides_them(web: ModuleType) -> None:
-    client = TestClient(create_app(web.host, auth=AUTH, ack_timeout_s=0.2, workers_timeout_s=0.2))
+    client = browser(create_app(web.host, auth=AUTH, ack_timeout_s=0.2, workers_timeout_s=0.2))
     assert client.get("/api/workflows", headers=BEARER).status_code == 404
     assert client.get("/api/plugins", headers=BEARER).status_code == 200
     ops = log_in(client)
@@ -493,7 +668,7 @@ def test_metrics_merge_a_multiprocess_folder(web: ModuleType, ops: Operator, tmp
 def test_the_console_works_mounted_under_a_prefix(web: ModuleType) -> None:
     site = FastAPI()
     site.mount("/console", create_app(web.host, flows=web.flows, auth=AUTH, ack_timeout_s=0.2, workers_timeout_s=0.2))
-    client = TestClient(site)
+    client = browser(site)
     assert client.get("/console/plugins", follow_redirects=False).headers["location"] == "/console/login?next=%2Fplugins"
     page = client.get("/console/login")
     assert 'action="/console/login"' in page.text and 'href="/console/static/console.css"' in page.text
@@ -617,5 +792,10 @@ def test_the_web_command_serves_the_console(tmp_path: Path) -> None:
     try:
         local.wait_ready()
         assert httpx.get(f"{local.url}/api/session").json()["user"] == "local"
+        rebound = {"Host": f"attacker.example:{local.port}", "Origin": f"http://attacker.example:{local.port}"}
+        refused = httpx.get(f"{local.url}/api/session", headers=rebound)
+        assert refused.status_code == 421 and "set-cookie" not in refused.headers and "csrf" not in refused.text
+        assert httpx.post(f"{local.url}/api/plugins/greet/disable", headers=rebound).status_code == 421
+        assert httpx.get(f"{local.url}/api/plugins/greet").json()["enabled"] is True
     finally:
         local.stop()

@@ -190,3 +190,77 @@ def test_a_script_label_renders_as_text(web: ModuleType, server: ConsoleProcess,
     page.goto(f"{server.url}/nav")
     assert page.locator(".menu-en li.nav-item").first.inner_text() == HOSTILE
     assert page.dialogs == []
+
+
+@pytest.fixture
+def local_server(web: ModuleType, app_conf: dict[str, Any], tmp_path: Path) -> Iterator[ConsoleProcess]:
+    """``pluginhost web --insecure-local`` (no credentials), stopped at teardown."""
+    process = ConsoleProcess(app_conf, "--insecure-local", log_path=tmp_path / "local.log")
+    try:
+        yield process.wait_ready()
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def rebinding_browser(browser: Any) -> Iterator[Any]:
+    """A second Chromium whose resolver answers 127.0.0.1 for attacker.example: the state
+    of a victim's browser after a DNS-rebinding attacker switched its record.
+
+    Chromium's own Private Network Access block is switched off, as browsers without
+    it are (Firefox, Safari, older Chromium): the console must not depend on it."""
+    rebinding = [
+        "--host-resolver-rules=MAP attacker.example 127.0.0.1",
+        "--disable-features=BlockInsecurePrivateNetworkRequests,PrivateNetworkAccessSendPreflights,"
+        "PrivateNetworkAccessRespectPreflightResults,LocalNetworkAccessChecks",
+    ]
+    chromium = browser.browser_type.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *rebinding])
+    yield chromium
+    chromium.close()
+
+
+ATTACKER_PAGE = """<!doctype html><title>cute cats</title><script>
+window.attack = async () => {
+  const session = await fetch('/api/session');
+  const text = await session.text();
+  let token = '';
+  try { token = JSON.parse(text).csrf_token || ''; } catch (e) {}
+  const post = await fetch('/api/plugins/greet/disable', {method: 'POST', headers: {'X-CSRF-Token': token}});
+  const form = await fetch('/plugins/greet/enabled', {method: 'POST', body: new URLSearchParams({enabled: 'false', csrf_token: token})});
+  return {session: session.status, text, post: post.status, form: form.status, cookie: document.cookie};
+};
+</script>"""
+
+
+def test_a_dns_rebinding_page_gets_nothing_from_a_local_console(
+    web: ModuleType, local_server: ConsoleProcess, rebinding_browser: Any
+) -> None:
+    before = [e.id for e in web.host.audit(limit=1000)]
+    context = rebinding_browser.new_context()
+    tab = context.new_page()
+    evil = f"http://attacker.example:{local_server.port}"
+    # the attacker's own server serves this page; then its DNS record points at 127.0.0.1
+    tab.route(f"{evil}/cats.html", lambda route: route.fulfill(status=200, content_type="text/html", body=ATTACKER_PAGE))
+    tab.goto(f"{evil}/cats.html")
+    result = tab.evaluate("window.attack()")
+    assert (result["session"], result["post"], result["form"]) == (421, 421, 421), result
+    assert "csrf" not in result["text"] and "loopback" in result["text"]
+    assert context.cookies() == [] and result["cookie"] == ""
+    direct = tab.goto(f"{evil}/plugins")  # the console's page itself, asked by that name
+    assert direct is not None and direct.status == 421 and context.cookies() == []
+    assert web.host.is_enabled("greet") and [e.id for e in web.host.audit(limit=1000)] == before
+    context.close()
+
+
+def test_local_mode_works_in_a_browser_on_loopback_names(
+    web: ModuleType, local_server: ConsoleProcess, browser: Any
+) -> None:
+    context = browser.new_context()
+    tab = context.new_page()
+    for name, slug in (("127.0.0.1", "greet"), ("localhost", "report")):
+        tab.goto(f"http://{name}:{local_server.port}/plugins")
+        tab.locator(f"#plugin-{slug} button[role=switch]").click()
+        tab.wait_for_selector(".flash")
+        assert not web.host.is_enabled(slug)
+        assert web.host.audit(slug, limit=1)[0].actor == "local"
+    context.close()

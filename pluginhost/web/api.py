@@ -2,7 +2,8 @@
 
 Authenticate with ``Authorization: Bearer <token>`` (no CSRF token needed), or
 with the login session cookie plus ``X-CSRF-Token`` (from ``GET /api/session``)
-on POSTs. Errors are ``{"error": "ClassName", "detail": "..."}``.
+and the console's ``Origin`` on POSTs (a token request may omit ``Origin``; a
+foreign one is refused either way). Errors are ``{"error": "ClassName", "detail": "..."}``.
 """
 
 from __future__ import annotations

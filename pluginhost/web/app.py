@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -12,8 +13,9 @@ from ..host import PluginHost
 from . import api, errors, metrics, pages
 from .auth import WebAuth, require_identity
 from .console import Console, FlowsLike
+from .origin import LOOPBACK_NAMES, is_loopback_host
 from .session import SignedSessionMiddleware
-from .templating import HERE
+from .templating import HERE, is_api
 
 SECURITY_HEADERS = [
     # no inline script or style anywhere: a label that smuggles markup past the
@@ -38,7 +40,8 @@ def create_app(
     serve with uvicorn or mount in an existing ASGI site (``site.mount("/console", app)``).
 
     ``auth`` defaults to ``WebAuth.from_app(host.app)``; without any credentials
-    this raises ``NoCredentials`` unless ``auth=WebAuth.local()``. Admin changes
+    this raises ``NoCredentials`` unless ``auth=WebAuth.local()``, which answers only
+    requests to a loopback Host name (anything else: 421). Admin changes
     wait ``ack_timeout_s`` for worker acknowledgements; the workers table waits
     ``workers_timeout_s`` for replies.
     """
@@ -68,8 +71,43 @@ def create_app(
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     errors.install(app)
     app.add_middleware(SignedSessionMiddleware, secret=auth.secret)
+    if auth.insecure_local:
+        app.add_middleware(LoopbackHostOnly)  # outside the session: a refusal sets no cookie
     app.add_middleware(SecurityHeaders)
     return app
+
+
+class LoopbackHostOnly:
+    """Local mode: 421 for any request whose Host header is not a loopback name.
+
+    Local mode trusts the client address, and a DNS-rebinding page's requests come
+    from 127.0.0.1 too; only their ``Host: attacker.example`` gives them away.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        connection = HTTPConnection(scope)
+        host = connection.headers.get("host", "")
+        if is_loopback_host(host):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        shown = host if len(host) <= 100 else host[:100] + "..."
+        detail = (f"this console runs in local mode (--insecure-local) and answers only loopback "
+                  f"host names ({LOOPBACK_NAMES}, any port), not {shown!r}")
+        response: Response = (
+            JSONResponse({"error": "HostNotAllowed", "detail": detail}, status_code=421)
+            if is_api(Request(scope))
+            else PlainTextResponse(f"421 Misdirected Request: {detail}\n", status_code=421)
+        )
+        await response(scope, receive, send)
 
 
 class SecurityHeaders:

@@ -13,11 +13,17 @@ from starlette.exceptions import HTTPException
 
 from ..errors import (
     CapabilityDisabled,
+    CapabilityNotFound,
     ConcurrentUpdate,
+    InvalidConfig,
+    InvalidInput,
+    InvalidPlugin,
     PluginHostError,
+    PluginNotFound,
     StoreUnavailable,
 )
 from .auth import CsrfFailed, NotAuthenticated
+from .origin import OriginRefused
 from .templating import is_api, local_path, render, root
 
 
@@ -29,23 +35,38 @@ class WorkflowsNotConfigured(PluginHostError):
     """The console was created without a Workflows service."""
 
 
-def status_for(exc: PluginHostError) -> int:
-    """404 for ``*NotFound``, 422 for ``Invalid*``, 409 for conflicts, 503 when the store is down.
+#: The HTTP status of each error class. An error takes the status of the nearest
+#: class of its MRO listed here, so a subclass answers like its parent and any other
+#: ``PluginHostError`` (bad input nobody mapped yet) answers 400: never a 500.
+STATUS: dict[type, int] = {
+    PluginHostError: 400,
+    PluginNotFound: 404,
+    CapabilityNotFound: 404,
+    RunNotFound: 404,
+    WorkflowsNotConfigured: 404,
+    InvalidPlugin: 422,
+    InvalidConfig: 422,
+    InvalidInput: 422,
+    ConcurrentUpdate: 409,
+    CapabilityDisabled: 409,
+    StoreUnavailable: 503,
+}
+#: The same for the workflows package's errors, by qualified name: pluginhost does not
+#: import workflows (it depends on pluginhost, not the reverse).
+STATUS_BY_NAME: dict[str, int] = {
+    "workflows.errors.WorkflowNotFound": 404,
+    "workflows.errors.InvalidWorkflow": 422,
+    "workflows.errors.InvalidRunState": 422,
+}
 
-    Named by rule rather than by class so errors of extensions (the workflows
-    package's ``WorkflowNotFound``, ``InvalidWorkflow``) map without this module
-    importing them.
-    """
-    if isinstance(exc, StoreUnavailable):
-        return 503
-    if isinstance(exc, (ConcurrentUpdate, CapabilityDisabled)):
-        return 409
-    name = type(exc).__name__
-    if name.endswith("NotFound") or isinstance(exc, WorkflowsNotConfigured):
-        return 404
-    if name.startswith("Invalid"):
-        return 422
-    return 400
+
+def status_for(exc: PluginHostError) -> int:
+    """The HTTP status for ``exc``, from ``STATUS`` / ``STATUS_BY_NAME``."""
+    for cls in type(exc).__mro__:
+        status = STATUS.get(cls) or STATUS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if status:
+            return status
+    return STATUS[PluginHostError]
 
 
 def error_response(request: Request, status: int, error: str, detail: str) -> Response:
@@ -72,6 +93,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(CsrfFailed)
     async def csrf_failed(request: Request, exc: CsrfFailed) -> Response:
         return error_response(request, 403, "CsrfFailed", str(exc))
+
+    @app.exception_handler(OriginRefused)
+    async def origin_refused(request: Request, exc: OriginRefused) -> Response:
+        return error_response(request, 403, "OriginRefused", str(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:

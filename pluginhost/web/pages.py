@@ -17,10 +17,18 @@ from fastapi.responses import RedirectResponse, Response
 from ..errors import PluginHostError
 from . import diagram
 from .api import ConsoleDep, RunStatus, User
-from .auth import auth_of, authenticate, check_csrf, log_in, log_out, require_identity
+from .auth import (
+    auth_of,
+    authenticate,
+    check_csrf,
+    check_request_origin,
+    log_in,
+    log_out,
+    require_identity,
+)
 from .console import RUN_STATES
 from .errors import status_for
-from .schemas import AdminResult
+from .schemas import SORT_END, SORT_MIN, AdminResult
 from .templating import render, root
 
 public = APIRouter(include_in_schema=False)
@@ -58,6 +66,7 @@ async def login(
     password: Annotated[str, Form()] = "",
     next: Annotated[str, Form()] = "/plugins",
 ) -> Response:
+    check_request_origin(request)
     await check_csrf(request)
     if not auth_of(request).check_password(username, password):
         await asyncio.sleep(0.25)  # slows password guessing a little; real limits belong to the proxy
@@ -127,7 +136,10 @@ def configure(request: Request, slug: str, console: ConsoleDep, user: User, conf
 
 
 @router.post("/plugins/{slug}/sort")
-def set_sort(request: Request, slug: str, console: ConsoleDep, user: User, sort: Annotated[int, Form()], version: Version = None) -> Response:
+def set_sort(
+    request: Request, slug: str, console: ConsoleDep, user: User,
+    sort: Annotated[int, Form(ge=SORT_MIN, lt=SORT_END)], version: Version = None,
+) -> Response:
     change = lambda: console.set_sort(slug, sort, actor=user, expected_version=version)  # noqa: E731
     return after_change(request, console, slug, f"Sort {sort} for", change)
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from ..model import Kind, Plugin
 
 # -- requests ------------------------------------------------------------------
+
+#: A plugin's sort position: the store keeps it in 32 bits (``Plugin.sort``).
+SORT_MIN, SORT_END = -(2**31), 2**31
+Sort = Annotated[int, Field(ge=SORT_MIN, lt=SORT_END)]
 
 
 class VersionBody(BaseModel):
@@ -25,7 +29,7 @@ class ConfigureBody(VersionBody):
 
 
 class SortBody(VersionBody):
-    sort: int = Field(ge=-(2**31), lt=2**31)
+    sort: Sort
 
 
 class MoveBody(BaseModel):
