@@ -23,6 +23,7 @@ from .errors import (
     InvalidConfig,
     InvalidPlugin,
     PluginNotFound,
+    StoreUnavailable,
 )
 from .model import (
     AuditEntry,
@@ -411,9 +412,23 @@ class PluginHost:
             elif written.revision != self._revision:
                 # A no-op, or other writers in between: the revision we were handed
                 # covers rows we have not read. Never label a view with it; load.
-                self._reload()
+                self._reload_after_commit(written.revision)
         acks = self._broadcast(written.revision, wait, timeout)
         return acks if wait else written.plugin
+
+    def _reload_after_commit(self, revision: int) -> None:
+        """Load the view after this call's write committed. If the store cannot be
+        read now, the change still stands (raising would say nothing was written):
+        the view keeps its older revision, so the next read reloads it."""
+        try:
+            self._reload()
+        except StoreUnavailable as exc:
+            log.warning(
+                "pluginhost: revision %s is committed, but this process cannot load it yet (%s);"
+                " the next read loads it",
+                revision,
+                exc,
+            )
 
     def _broadcast(self, revision: int, wait: bool, timeout: float) -> builtins.list[str]:
         """Tell every worker to re-read the store; with ``wait``, the workers of this

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -259,3 +260,80 @@ def test_acknowledgements_count_only_this_deployments_workers(
         theirs.kill()
     finally:
         harness.drop_pg_database(other_db)
+
+
+# -- G6: an admin call that raises wrote nothing; one that wrote does not raise -------
+
+
+def _wait_until_someone_waits_for(conn: Any, relation: str, timeout_s: float = 10) -> None:
+    """Return once a backend waits for a lock on ``relation`` (seen in pg_locks)."""
+    query = text(
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+        " WHERE NOT l.granted AND c.relname = :rel"
+    )
+    give_up = time.monotonic() + timeout_s
+    while conn.execute(query, {"rel": relation}).scalar_one() == 0:
+        assert time.monotonic() < give_up, f"nobody waits for a lock on {relation}"
+        time.sleep(0.005)
+
+
+def test_an_admin_call_whose_write_committed_returns_although_the_reload_after_it_fails(
+    empty_pg_url: str,
+) -> None:
+    """The write commits; a migration then takes an ACCESS EXCLUSIVE lock on the
+    revision table before the call reloads its view (stale: another process wrote
+    first), and the reload fails at the server's lock_timeout. The change and its
+    audit row are committed, so the call must return the record, not raise
+    ``StoreUnavailable`` ("nothing was written"), and the view must not be
+    labelled with a revision it has not loaded."""
+    url = empty_pg_url + "?options=-c%20lock_timeout%3D3000"  # every store connection
+    a = _pg_host(url)
+    a.sync()
+    _in_other_process(empty_pg_url, "host.disable('x', actor='b')\n")  # A's view is stale
+
+    admin = create_engine(empty_pg_url, isolation_level="AUTOCOMMIT")
+    blocker = admin.connect()  # holds the audit table: A's write waits inside its transaction
+    migration = admin.connect()  # queues for the revision table behind A's write
+    probe = admin.connect()
+    outcome: dict[str, Any] = {}
+
+    def disable_y() -> None:
+        try:
+            outcome["result"] = a.disable("y", actor="a")
+        except Exception as exc:  # the assertion below shows it
+            outcome["error"] = exc
+
+    def take_revision_table() -> None:
+        migration.execute(text("SET lock_timeout = 0"))
+        migration.execute(text("BEGIN"))
+        migration.execute(text("LOCK TABLE pluginhost_revision IN ACCESS EXCLUSIVE MODE"))
+
+    call = threading.Thread(target=disable_y)
+    lock = threading.Thread(target=take_revision_table)
+    try:
+        blocker.execute(text("BEGIN"))
+        blocker.execute(text("LOCK TABLE pluginhost_audit IN SHARE MODE"))
+        call.start()
+        _wait_until_someone_waits_for(probe, "pluginhost_audit")
+        lock.start()
+        _wait_until_someone_waits_for(probe, "pluginhost_revision")
+        blocker.execute(text("COMMIT"))  # A's write commits; the migration gets its lock
+        call.join(timeout=20)
+        assert not call.is_alive()
+    finally:
+        for conn in (blocker, migration):
+            with contextlib.suppress(Exception):
+                conn.execute(text("ROLLBACK"))
+        lock.join(timeout=10)
+        for conn in (blocker, migration, probe):
+            conn.close()
+        admin.dispose()
+
+    assert "error" not in outcome, f"the committed change raised: {outcome.get('error')!r}"
+    assert outcome["result"].enabled is False and outcome["result"].slug == "y"
+    assert [e.action for e in a.audit("y")][:1] == ["disable"]  # committed and audited
+    # The view was never labelled current: both changes are seen now.
+    assert a.is_enabled("x") is False and a.is_enabled("y") is False
+    with pytest.raises(CapabilityDisabled):
+        a.run_capability("x")
+    a.store.close()
