@@ -13,7 +13,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY pluginhost ./pluginhost
 COPY workflows ./workflows
-RUN pip install ".[postgres,redis]" flower
+# Flower 2.x: the README's notes on its API and authentication are about 2.x
+RUN pip install ".[postgres,redis]" "flower>=2,<3"
 
 # the example is imported from /app (PYTHONPATH), not installed
 COPY examples ./examples

@@ -20,9 +20,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -32,20 +34,30 @@ os.environ["PLUGINHOST_DATA"] = str(DATA)
 os.environ.pop("PLUGINHOST_BROKER_URL", None)
 sys.path.insert(0, str(ROOT))
 
+from rich import box  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from examples.onboarding.app import ONBOARDING, accounts, flows, host, rows  # noqa: E402
 from pluginhost import CapabilityDisabled  # noqa: E402
 
-console = Console()
+# The terminal's width (COLUMNS, else the terminal, else 80 when piped); every
+# line is laid out to fit it rather than left for the terminal to break.
+WIDTH = shutil.get_terminal_size((80, 24)).columns
+console = Console(width=WIDTH)
 failures: list[str] = []
 STARTED = time.monotonic()
 
 
 def say(step: str, text: str) -> None:
-    console.print(f"[dim]{time.monotonic() - STARTED:6.2f}s[/] [bold cyan]{step}[/] {text}")
+    head = f"{time.monotonic() - STARTED:6.2f}s {step:<8} "
+    # wrapped here at word boundaries; continuation lines start under the text
+    lines = textwrap.wrap(text, width=max(WIDTH - len(head), 20)) or [""]
+    console.print(f"[dim]{head[:8]}[/][bold cyan]{head[8:]}[/]{escape(lines[0])}")
+    for more in lines[1:]:
+        console.print(" " * len(head) + escape(more))
 
 
 def expect(ok: bool, what: str) -> None:
@@ -72,16 +84,27 @@ def start_worker() -> subprocess.Popen[bytes]:
     raise SystemExit("worker did not answer within 60 s")
 
 
-def stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    # Nothing is running any more: a cold shutdown (SIGQUIT) is immediate.
-    try:
-        os.killpg(proc.pid, signal.SIGQUIT)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
-    except ProcessLookupError:
-        pass
+def stop_worker(proc: subprocess.Popen[bytes]) -> float:
+    """Stop the worker with Celery's remote-control ``shutdown``; return the seconds taken.
+
+    Not a signal: the filesystem transport has no event loop, so the worker drains
+    its queue for up to 2 s before it looks at a signal's shutdown flag, and a
+    SIGQUIT sent to the process group kills a pool child that may hold the pool's
+    queue lock, after which the main process waits on that lock for ever. The
+    ``shutdown`` command is read like a task message (10 ms polling) and starts a
+    warm shutdown at once; the rest is the prefork pool's own stop (billiard's
+    threads wake once a second), about 2 s.
+    """
+    started = time.monotonic()
+    if proc.poll() is None:
+        host.app.control.shutdown(destination=["demo@" + socket.gethostname()])
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+            expect(False, "the worker stopped by itself (it had to be killed)")
+    return time.monotonic() - started
 
 
 def part_one() -> None:
@@ -126,11 +149,14 @@ def wait_runs(ids: list[str], label: str) -> None:
 
 
 def step_table(ids: list[str]) -> Table:
-    table = Table(title="onboarding runs (one row per run, one column per step)")
-    table.add_column("run")
+    # light borders and two-line headers: the table is 70 columns wide, and narrower
+    # terminals get wrapped headers rather than cut-off statuses
+    table = Table(title="onboarding runs (one row per run, one column per step)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("run", no_wrap=True)
     for step in ONBOARDING.flat():
-        table.add_column(step.slug.replace("_", " "), no_wrap=False)
-    table.add_column("status")
+        table.add_column(step.slug.replace("_", "\n", 1))
+    table.add_column("status", no_wrap=True)
     shown = {"succeeded": "[green]ok[/]", "skipped": "[yellow]skip[/]", "failed": "[red]FAIL[/]", "cancelled": "[red]cancel[/]"}
     for run_id in ids:
         run = flows.run(run_id)
@@ -170,15 +196,16 @@ def part_two() -> None:
 
 
 def main() -> int:
-    console.print(f"[bold]pluginhost demo[/] (embedded default in {DATA})")
+    console.print("[bold]pluginhost demo[/] on the embedded default (no servers); its files:")
+    console.print(f"  {DATA}", overflow="fold")
     worker = start_worker()
     try:
         say("worker", f"started: {', '.join(host.workers())}")
         part_one()
         part_two()
     finally:
-        stop_worker(worker)
-        say("worker", "stopped")
+        took = stop_worker(worker)
+        say("worker", f"stopped in {took:.1f} s (remote-control shutdown)")
     if failures:
         console.print(f"[red]{len(failures)} expectation(s) failed[/]; worker log: {DATA / 'worker.log'}")
         return 1

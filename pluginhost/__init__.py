@@ -1,6 +1,7 @@
 """pluginhost: a database-driven runtime plugin/capability registry for Celery."""
 
 from .capability import CapabilityContext
+from .embedded import embedded_app, embedded_conf
 from .errors import (
     CapabilityDisabled,
     CapabilityNotFound,
@@ -39,4 +40,6 @@ __all__ = [
     "InvalidArgument",
     "ConcurrentUpdate",
     "StoreUnavailable",
+    "embedded_app",
+    "embedded_conf",
 ]
