@@ -44,7 +44,11 @@ def load_host(spec: str | None) -> PluginHost:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise CLIError(f"cannot import app module {module_name!r}: {exc}") from None
+        raise CLIError(
+            f"cannot import app module {module_name!r}: {exc} (looked in the working directory"
+            f" {os.getcwd()} and PYTHONPATH: run from the folder that holds it, or add that"
+            " folder to PYTHONPATH)"
+        ) from None
     names = [attr] if attr else ["host", "app", "celery"]
     for name in names:
         obj = getattr(module, name, None)
@@ -176,11 +180,23 @@ def _actor(actor: str | None) -> str:
     return actor or os.environ.get("USER") or "cli"
 
 
-def _admin_result(result: Any, wait: bool) -> None:
+def _admin_result(host: PluginHost, slug: str, result: Any, wait: bool, *, config: bool = False) -> None:
+    """What every plugin mutation prints: the plugin's state after it (its config
+    too for ``configure``, secrets masked) and, with ``--wait``, the workers that
+    acknowledged it."""
+    plugin = host.get(slug) if wait else result
+    if plugin is None:  # deleted in between by someone else
+        raise host.not_found(slug)
+    state = f"enabled={'yes' if plugin.enabled else 'no'} sort={plugin.sort} version={plugin.version}"
+    click.echo(f"{plugin.slug}: {state}")
+    if config:
+        click.echo(f"config: {json.dumps(mask_secrets(plugin.config), ensure_ascii=False)}")
     if wait:
-        click.echo(f"acknowledged by {len(result)} worker(s): {', '.join(result) or '-'}")
-    elif result is not None:
-        click.echo(f"{result.slug}: enabled={'yes' if result.enabled else 'no'} version={result.version}")
+        _acks(result)
+
+
+def _acks(names: list[str]) -> None:
+    click.echo(f"acknowledged by {len(names)} worker(s): {', '.join(names) or '-'}")
 
 
 def _commands(group: click.Group) -> None:
@@ -201,12 +217,12 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def show(ctx: click.Context, slug: str) -> None:
         """One plugin as JSON."""
-        from .errors import PluginNotFound
         from .model import check_slug
 
-        plugin = host_from_context(ctx).get(check_slug(slug))
+        host = host_from_context(ctx)
+        plugin = host.get(check_slug(slug))
         if plugin is None:
-            raise PluginNotFound(f"plugin '{slug}' not found")
+            raise host.not_found(slug)
         click.echo(json.dumps({**plugin.to_json(), "config": mask_secrets(plugin.config)}, ensure_ascii=False, indent=2))
 
     @group.command()
@@ -215,7 +231,8 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def enable(ctx: click.Context, slug: str, actor: str | None, wait: bool, timeout: float) -> None:
         """Enable a plugin everywhere."""
-        _admin_result(host_from_context(ctx).enable(slug, actor=_actor(actor), wait=wait, timeout=timeout), wait)
+        host = host_from_context(ctx)
+        _admin_result(host, slug, host.enable(slug, actor=_actor(actor), wait=wait, timeout=timeout), wait)
 
     @group.command()
     @click.argument("slug")
@@ -223,7 +240,8 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def disable(ctx: click.Context, slug: str, actor: str | None, wait: bool, timeout: float) -> None:
         """Disable a plugin everywhere."""
-        _admin_result(host_from_context(ctx).disable(slug, actor=_actor(actor), wait=wait, timeout=timeout), wait)
+        host = host_from_context(ctx)
+        _admin_result(host, slug, host.disable(slug, actor=_actor(actor), wait=wait, timeout=timeout), wait)
 
     @group.command()
     @click.argument("slug")
@@ -255,10 +273,7 @@ def _commands(group: click.Group) -> None:
         else:
             raise click.UsageError("give KEY=VALUE pairs or --json '{...}'")
         result = host.configure(slug, config, merge=merge, actor=_actor(actor), wait=wait, timeout=timeout)
-        if wait:
-            _admin_result(result, wait)
-        else:
-            click.echo(json.dumps(mask_secrets(result.config), ensure_ascii=False))
+        _admin_result(host, slug, result, wait, config=True)
 
     @group.command("sort")
     @click.argument("slug")
@@ -267,7 +282,8 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def sort_(ctx: click.Context, slug: str, position: int, actor: str | None, wait: bool, timeout: float) -> None:
         """Set a plugin's sort weight (navigation order)."""
-        _admin_result(host_from_context(ctx).set_sort(slug, position, actor=_actor(actor), wait=wait, timeout=timeout), wait)
+        host = host_from_context(ctx)
+        _admin_result(host, slug, host.set_sort(slug, position, actor=_actor(actor), wait=wait, timeout=timeout), wait)
 
     @group.command()
     @click.argument("slug")
@@ -275,14 +291,14 @@ def _commands(group: click.Group) -> None:
     @click.pass_context
     def config(ctx: click.Context, slug: str, key: str) -> None:
         """One config value as JSON."""
-        from .errors import PluginNotFound
+        from .model import did_you_mean
 
         host = host_from_context(ctx)
         plugin = host.get(slug)
         if plugin is None:
-            raise PluginNotFound(f"plugin '{slug}' not found")
+            raise host.not_found(slug)
         if key not in plugin.config:
-            raise CLIError(f"plugin '{slug}' has no config key {key!r}")
+            raise CLIError(f"plugin '{slug}' has no config key {key!r}{did_you_mean(key, plugin.config)}")
         click.echo(json.dumps(mask_secrets({key: plugin.config[key]})[key], ensure_ascii=False))
 
     @group.command()
@@ -296,9 +312,13 @@ def _commands(group: click.Group) -> None:
 
         if kind is not None and kind not in {k.value for k in Kind}:
             raise InvalidPlugin(f"unknown kind {kind!r}: expected one of {', '.join(k.value for k in Kind)}")
+        table = Table()
+        for col in ("sort", "slug", "kind", "label"):
+            table.add_column(col, justify="right" if col == "sort" else "left")
         for p in host_from_context(ctx).nav(kind):
             label = (p.label_ar if lang == "ar" else p.label_en) or p.slug
-            click.echo(f"{p.sort:>5}  {p.slug}  {label}")
+            table.add_row(*row(p.sort, p.slug, p.kind.value, label))
+        console().print(table)
 
     @group.command()
     @click.pass_context
@@ -338,7 +358,7 @@ def _commands(group: click.Group) -> None:
         acks = host.refresh(actor=_actor(actor), wait=wait, timeout=timeout)
         click.echo(f"revision {host.revision}")
         if wait:
-            _admin_result(acks, wait)
+            _acks(acks)
 
     @group.command()
     @click.option("--timeout", default=1.0, show_default=True, type=float)

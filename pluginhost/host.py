@@ -38,6 +38,7 @@ from .model import (
     check_sort,
     config_keys,
     describe_validation_error,
+    did_you_mean,
     dump_config,
     keep_secrets,
     secret_fields,
@@ -259,7 +260,10 @@ class PluginHost:
         check_actor(actor)
         check_limit(limit)
         self._ready_or_raise()
-        return self.store.audit(slug, actor=actor, limit=limit)
+        entries = self.store.audit(slug, actor=actor, limit=limit)
+        if not entries and slug is not None and self.store.get(slug) is None:
+            raise self.not_found(slug)  # a typo, not a plugin without changes
+        return entries
 
     @property
     def revision(self) -> int:
@@ -328,7 +332,7 @@ class PluginHost:
         for attempt in itertools.count():
             stored = self.store.get(slug)
             if stored is None:
-                raise PluginNotFound(f"plugin '{slug}' not found")
+                raise self.not_found(slug)
             if expected_version is not None and expected_version != stored.version:
                 raise ConcurrentUpdate(f"{owner}: expected version {expected_version}, found {stored.version}")
             given = config
@@ -387,17 +391,26 @@ class PluginHost:
         cap = self._caps.get(slug) if isinstance(slug, str) else None
         if cap is None:
             known = ", ".join(self.capabilities()) or "none"
-            raise CapabilityNotFound(f"capability {slug!r} is not declared on this host (declared: {known})")
+            hint = did_you_mean(slug, self._caps) if isinstance(slug, str) else ""
+            raise CapabilityNotFound(f"capability {slug!r} is not declared on this host{hint} (declared: {known})")
         return cap
+
+    def not_found(self, slug: str) -> PluginNotFound:
+        """The ``PluginNotFound`` for ``slug``, naming the closest known slugs."""
+        known = {p.slug for p in self._plugins.values()} | {c.plugin for c in self._caps.values()}
+        return PluginNotFound(f"plugin '{slug}' not found{did_you_mean(slug, known)}")
 
     def _update(self, slug: str, changes: dict[str, Any], action: str, actor: str | None, wait: bool, timeout: float, expected_version: int | None) -> Any:
         check_slug(slug)
         check_actor(actor)
-        return self._admin(
-            lambda: self.store.update(slug, changes, action=action, actor=actor, expected_version=expected_version),
-            wait,
-            timeout,
-        )
+
+        def write() -> Written:
+            try:
+                return self.store.update(slug, changes, action=action, actor=actor, expected_version=expected_version)
+            except PluginNotFound:
+                raise self.not_found(slug) from None
+
+        return self._admin(write, wait, timeout)
 
     def _admin(self, write: Callable[[], Written], wait: bool, timeout: float) -> Plugin | builtins.list[str]:
         self._ready_or_raise()

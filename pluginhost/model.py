@@ -3,6 +3,7 @@ objects, text, secrets and their masks, and the config-model rules."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -57,6 +58,14 @@ def check_slug(slug: object, what: str = "slug") -> str:
             " starting with a letter or digit"
         )
     return slug
+
+
+def did_you_mean(word: str, known: Collection[str]) -> str:
+    """``"; did you mean 'x'?"`` for the names in ``known`` closest to ``word``, or ``""``."""
+    close = difflib.get_close_matches(word, list(known), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
 
 
 def text_problem(text: str) -> str | None:
@@ -346,9 +355,13 @@ def describe_validation_error(exc: ValidationError, *, owner: str, secret: Colle
 
     The value is not shown when the field is a secret (a name in ``secret`` or a
     secret-looking one anywhere on its path); containers are shown masked."""
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    missing = [_loc(e) for e in errors if e.get("type") == "missing"]
+    if len(missing) > 1 and len(missing) == len(errors):
+        return f"{owner}: fields {', '.join(repr(m) for m in missing)} are required"
+    err = errors[0]
     path = err.get("loc", ())
-    loc = ".".join(str(p) for p in path) or "."
+    loc = _loc(err)
     msg = err.get("msg", "invalid")
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -360,6 +373,10 @@ def describe_validation_error(exc: ValidationError, *, owner: str, secret: Colle
     else:
         shown = _short(mask_secrets(value) if isinstance(value, (dict, list)) else value)
     return f"{owner}: field '{loc}' {_lower_first(msg)}, got {shown}"
+
+
+def _loc(err: Any) -> str:
+    return ".".join(str(p) for p in err.get("loc", ())) or "."
 
 
 def _lower_first(text: str) -> str:

@@ -396,7 +396,8 @@ def test_cli_configure_replaces_unless_merge_and_keeps_secrets(cli: Any, secrets
     secrets.host.configure("welcome_email", {"sender": "a@b.c", "port": 2525, "api_key": "real-key", "smtp_password": "hunter2"})
     merged = cli("configure", "welcome_email", "--merge", "port=587")
     assert merged.returncode == 0, merged.stderr
-    assert json.loads(merged.stdout) == {"sender": "a@b.c", "port": 587, "api_key": MASK, "smtp_password": MASK}
+    shown = merged.stdout.splitlines()[1].removeprefix("config: ")
+    assert json.loads(shown) == {"sender": "a@b.c", "port": 587, "api_key": MASK, "smtp_password": MASK}
     replaced = cli("configure", "welcome_email", "sender=x@y.z")
     assert replaced.returncode == 0, replaced.stderr
     assert secrets.host.store.get("welcome_email").config == {"sender": "x@y.z", "port": 25, "api_key": "real-key", "smtp_password": "hunter2"}

@@ -56,7 +56,10 @@ def test_enable_disable_configure_config_and_audit(cli: Any, core: ModuleType) -
     assert cli("enable", "work").returncode == 0
     assert core.host.is_enabled("work")
     done = cli("configure", "work", "level=3", "colour=red")
-    assert done.returncode == 0 and json.loads(done.stdout) == {"colour": "red", "level": 3}
+    assert done.returncode == 0
+    state, config = done.stdout.splitlines()
+    assert state.startswith("work: enabled=yes sort=")
+    assert json.loads(config.removeprefix("config: ")) == {"colour": "red", "level": 3}
     assert cli("config", "work", "level").stdout.strip() == "3"
     assert cli("configure", "work", "--json", '{"level": 4}').returncode == 0
     assert core.host.get("work").config == {"colour": "blue", "level": 4}
@@ -68,8 +71,8 @@ def test_enable_disable_configure_config_and_audit(cli: Any, core: ModuleType) -
 
 def test_nav_sort_capabilities_and_sync(cli: Any, core: ModuleType) -> None:
     assert cli("sort", "step_b", "--", "-5").returncode == 0
-    nav = cli("nav").stdout.splitlines()
-    assert nav[0].split()[1] == "step_b"
+    nav = [line for line in cli("nav").stdout.splitlines() if "│" in line]
+    assert [cell.strip() for cell in nav[0].split("│")][1:3] == ["-5", "step_b"]
     assert "الخطوة أ" in cli("nav", "--lang", "ar").stdout
     caps = cli("capabilities").stdout
     assert "pluginhost.capability.work" in caps and "skip" in caps
@@ -109,6 +112,15 @@ def test_the_same_commands_as_a_celery_subcommand(cli: Any, core: ModuleType) ->
         (("configure", "work"), "give KEY=VALUE pairs"),
         (("configure", "work", "novalue"), "expected KEY=VALUE"),
         (("config", "work", "missing"), "has no config key 'missing'"),
+        (("config", "work", "levl"), "has no config key 'levl'; did you mean 'level'?"),
+        (("show", "wrk"), "PluginNotFound: plugin 'wrk' not found; did you mean 'work'?"),
+        (("disable", "wrok"), "plugin 'wrok' not found; did you mean 'work'?"),
+        (("configure", "wrok", "level=1"), "plugin 'wrok' not found; did you mean 'work'?"),
+        (("sort", "wrok", "3"), "plugin 'wrok' not found; did you mean 'work'?"),
+        (("audit", "wrok"), "plugin 'wrok' not found; did you mean 'work'?"),
+        (("audit", "ghost"), "PluginNotFound: plugin 'ghost' not found"),
+        (("run", "nmaed"), "capability 'nmaed' is not declared on this host; did you mean 'named'?"),
+        (("run", "named"), "InvalidInput: capability 'named' input: field 'name' is required"),
         (("run", "work", "--input", "{not json"), "--input is not valid JSON"),
         (("run", "named", "--input", '{"nom": 1}'), "InvalidInput: capability 'named' input: field 'name' is required"),
         (("run", "ghost"), "CapabilityNotFound"),
@@ -121,6 +133,39 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(cli: Any, core: ModuleType, a
     before = [(p.slug, p.version) for p in core.host.list()]
     one_line_error(cli(*args), fragment)
     assert [(p.slug, p.version) for p in core.host.list()] == before
+
+
+def test_every_mutation_prints_the_new_state_and_with_wait_the_acks(
+    cli: Any, core: ModuleType, workers: Any
+) -> None:
+    def state() -> str:
+        p = core.host.get("work")
+        return f"work: enabled={'yes' if p.enabled else 'no'} sort={p.sort} version={p.version}"
+
+    for args in (("disable", "work"), ("enable", "work"), ("sort", "work", "7")):
+        done = cli(*args)
+        assert done.returncode == 0 and done.stdout.splitlines() == [state()], (args, done.stdout)
+    assert "sort=7" in state()
+    workers("tests.apps.core", pool="solo")
+    for args in (("disable", "work", "--wait", "--timeout", "5"), ("sort", "work", "2", "--wait", "--timeout", "5")):
+        lines = cli(*args).stdout.splitlines()
+        assert lines[0] == state() and lines[1].startswith("acknowledged by 1 worker(s): "), (args, lines)
+    lines = cli("configure", "work", "level=9", "--wait", "--timeout", "5").stdout.splitlines()
+    assert lines[0] == state() and json.loads(lines[1].removeprefix("config: "))["level"] == 9
+    assert lines[2].startswith("acknowledged by 1 worker(s): ")
+
+
+def test_run_without_input_names_every_missing_field_and_enqueues_nothing(
+    cli: Any, core: ModuleType
+) -> None:
+    done = cli("run", "two_fields")
+    one_line_error(done, "InvalidInput: capability 'two_fields' input: fields 'name', 'email' are required")
+
+
+def test_an_app_module_that_cannot_be_imported_gets_a_hint(cli: Any, core: ModuleType) -> None:
+    done = cli("list", app="no_such_shop:app")
+    one_line_error(done, "cannot import app module 'no_such_shop'")
+    assert "working directory" in done.stderr and "PYTHONPATH" in done.stderr
 
 
 def test_a_disabled_capability_is_refused_by_the_cli(cli: Any, core: ModuleType) -> None:

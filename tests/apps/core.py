@@ -104,6 +104,17 @@ def named(payload: Named) -> str:
     return f"hello {payload.name}"
 
 
+class Contact(BaseModel):
+    name: str
+    email: str
+
+
+@host.capability("two_fields", plugin="named", input_model=Contact)
+def two_fields(payload: Contact) -> str:
+    record("two_fields")
+    return payload.email
+
+
 @host.capability("skipper", on_disabled="skip")
 def skipper(payload: dict[str, Any]) -> str:
     record("skipper", payload.get("tag"))
