@@ -199,6 +199,46 @@ def _acks(names: list[str]) -> None:
     click.echo(f"acknowledged by {len(names)} worker(s): {', '.join(names) or '-'}")
 
 
+def _read_lines(source: Any) -> list[Any]:
+    """The JSON value of every line of a JSON Lines file (a blank line only at the end)."""
+    name = getattr(source, "name", "input")
+    lines = source.read().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise CLIError(f"{name} has no lines: nothing to run")
+    values = []
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            raise CLIError(f"{name} line {number} is blank: one JSON object per line")
+        values.append(_json_arg(text, f"{name} line {number}"))
+    return values
+
+
+def _run_many(host: PluginHost, slug: str, source: Any, wait: bool, timeout: float) -> None:
+    from .errors import InvalidInput
+
+    inputs = _read_lines(source)
+    try:
+        results = host.run_capability_many(slug, inputs)
+    except InvalidInput as exc:
+        found = re.match(r"input (\d+): ", str(exc))
+        where = f" ({getattr(source, 'name', 'input')} line {int(found[1]) + 1})" if found else ""
+        raise InvalidInput(f"{exc}{where}; nothing was enqueued") from None
+    if not wait:
+        click.echo("\n".join(r.id for r in results.results))
+        return
+    failed = 0
+    for result in results.results:
+        value = result.get(timeout=timeout, propagate=False)
+        if result.failed():
+            failed += 1
+            value = {"error": f"{type(value).__name__}: {value}", "task_id": result.id}
+        click.echo(json.dumps(value, ensure_ascii=False, default=str))
+    if failed:
+        raise CLIError(f"{failed} of {len(results.results)} run(s) failed")
+
+
 def _commands(group: click.Group) -> None:
     @group.command("list")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -335,14 +375,31 @@ def _commands(group: click.Group) -> None:
 
     @group.command()
     @click.argument("slug")
-    @click.option("--input", "input_text", default="{}", help="The input as a JSON object.")
+    @click.option("--input", "input_text", default=None, help="The input as a JSON object (default {}).")
+    @click.option(
+        "--input-file",
+        type=click.File("r", encoding="utf-8"),
+        default=None,
+        help="One run per line: a file of JSON objects (JSON Lines; - for stdin).",
+    )
     @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
     @click.option("--timeout", default=30.0, show_default=True, type=float)
     @click.pass_context
-    def run(ctx: click.Context, slug: str, input_text: str, wait: bool, timeout: float) -> None:
-        """Enqueue a capability run (prints the task id, or the result with --wait)."""
-        payload = _json_arg(input_text, "--input")
-        result = host_from_context(ctx).run_capability(slug, payload)
+    def run(ctx: click.Context, slug: str, input_text: str | None, input_file: Any, wait: bool, timeout: float) -> None:
+        """Enqueue a capability run (prints the task id, or the result with --wait).
+
+        With --input-file, every line is validated first and the batch is checked
+        once (host.run_capability_many): one bad line enqueues nothing. Prints one
+        task id per line (with --wait one result per line, in the file's order;
+        exit 1 if any run failed)."""
+        host = host_from_context(ctx)
+        if input_file is not None:
+            if input_text is not None:
+                raise click.UsageError("give --input or --input-file, not both")
+            _run_many(host, slug, input_file, wait, timeout)
+            return
+        payload = _json_arg(input_text or "{}", "--input")
+        result = host.run_capability(slug, payload)
         if not wait:
             click.echo(result.id)
             return

@@ -168,6 +168,29 @@ def test_an_app_module_that_cannot_be_imported_gets_a_hint(cli: Any, core: Modul
     assert "working directory" in done.stderr and "PYTHONPATH" in done.stderr
 
 
+def test_run_input_file_validates_every_line_first_then_runs_each_once(
+    cli: Any, core: ModuleType, workers: Any, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"name": "a"}\n{"name": "b"}\n{"nom": "c"}\n', encoding="utf-8")
+    one_line_error(cli("run", "named", "--input-file", str(bad)), "input 2: capability 'named' input: field 'name' is required")
+    assert f"{bad} line 3" in cli("run", "named", "--input-file", str(bad)).stderr
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"name": "a"}\n{"name": \n', encoding="utf-8")
+    one_line_error(cli("run", "named", "--input-file", str(broken)), f"{broken} line 2 is not valid JSON")
+
+    workers("tests.apps.core", pool="solo")  # only now: whatever was enqueued above would run
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(f'{{"name": "n{i}"}}\n' for i in range(5)) + "\n", encoding="utf-8")
+    done = cli("run", "named", "--input-file", str(good), "--wait")
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines()] == [f"hello n{i}" for i in range(5)]
+    assert core.executions_of("named") == 5  # the refused batches enqueued nothing
+    ids = cli("run", "named", "--input-file", str(good)).stdout.split()
+    assert len(ids) == 5 and len(set(ids)) == 5
+    one_line_error(cli("run", "named", "--input", "{}", "--input-file", str(good)), "not both")
+
+
 def test_a_disabled_capability_is_refused_by_the_cli(cli: Any, core: ModuleType) -> None:
     core.host.disable("work")
     one_line_error(cli("run", "work"), "CapabilityDisabled: plugin 'work' is disabled")
