@@ -1,13 +1,17 @@
 """Run every benchmark of the project, one after the other, and print one summary table.
 
-    python -m benchmarks [--quick] [--only dispatch,execution,propagation,workflow,scale]
+    python -m benchmarks [--quick] [--only dispatch,execution,propagation,workflow,scale,bulk]
                          [--verbose] [--log-dir DIR]
+    python benchmarks/readme_table.py LOG_DIR   (the README's summary table from a run)
 
 Each script (``benchmarks/<name>.py``) runs as a subprocess, never two at once (they
 measure the machine), with ``--json-out`` to a file in the log directory; its own
 detailed report goes to ``<log dir>/<job>.log``. The summary table has one row per
 figure: figure, bare Celery, pluginhost, ratio, target, pass/fail. Propagation runs
-three times: 4 mixed workers on Redis, the same on RabbitMQ, 16 solo workers on Redis.
+three times: 4 mixed workers on Redis, the same on RabbitMQ, 16 solo workers on Redis;
+bulk twice, on Redis and on RabbitMQ. ``summary.json`` in the log directory holds the
+rows and the run's date, load and machine, which ``benchmarks/readme_table.py``
+turns into the README's table.
 
 ``--quick``: small N / runs / toggles for every script (a smoke run of a few
 minutes); its ratios are noisy and are not the project's figures.
@@ -56,6 +60,8 @@ JOBS = [
     Job("workflow", "workflow.py", ["--db", "pluginhost_wfbench_suite"],
         ["--runs", "20", "--warmup", "3", "--pools", "prefork", "--profile-runs", "0"]),
     Job("scale", "scale.py", [], ["--plugins", "2000", "--history", "40000"]),
+    Job("bulk-redis", "bulk.py", ["--broker", "redis"], ["--n", "2000", "--rounds", "2"]),
+    Job("bulk-amqp", "bulk.py", ["--broker", "amqp"], ["--n", "2000", "--rounds", "2"]),
 ]  # fmt: skip
 
 # command-line fragments of benchmark processes (scripts, their workers, other runners)
@@ -64,7 +70,7 @@ COLUMNS = ("figure", "bare Celery", "pluginhost", "ratio", "target", "pass/fail"
 
 
 def selected(only: str) -> list[Job]:
-    """``--only a,b``: jobs named a or b, or whose name starts with "a-" (propagation)."""
+    """``--only a,b``: jobs named a or b, or whose name starts with "a-" (propagation, bulk)."""
     wanted = [w.strip() for w in only.split(",") if w.strip()]
     if not wanted:
         return list(JOBS)
@@ -241,7 +247,7 @@ def loadavg() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small N/runs/toggles for every script (smoke run)")
-    p.add_argument("--only", default="", help="comma list of: " + ", ".join(j.name for j in JOBS) + " (propagation: all three)")
+    p.add_argument("--only", default="", help="comma list of: " + ", ".join(j.name for j in JOBS) + " (propagation, bulk: all of each)")
     p.add_argument("--verbose", "-v", action="store_true", help="also stream each script's output here")
     p.add_argument("--log-dir", type=Path, help="where the logs and JSON go (default: a new temporary directory)")
     p.add_argument("--timeout", type=float, help="seconds per script before it is interrupted (default 600 quick, 3600)")
@@ -260,6 +266,8 @@ def main() -> int:
     leftovers: dict[int, str] = {}
     disturbed: list[str] = []
     t_all = time.monotonic()
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
+    load_start = loadavg()
     try:
         for i, job in enumerate(jobs, 1):
             quick = " ".join(job.quick) if args.quick else ""
@@ -308,7 +316,18 @@ def main() -> int:
         print("processes of these scripts left running: "
               + "; ".join(f"{p} {c[:100]}" for p, c in sorted(leftovers.items())))  # fmt: skip
     (log_dir / "summary.txt").write_text(out + "\n\n" + summary + "\n")
-    (log_dir / "summary.json").write_text(json.dumps(rows, indent=1))
+    run = {
+        "started": started,
+        "seconds": round(time.monotonic() - t_all),
+        "load_start": load_start,
+        "load_end": loadavg(),
+        "cpus": os.cpu_count(),
+        "quick": args.quick,
+        "disturbed": disturbed,
+        "scripts": [j.name for j in jobs],
+        "errors": failed,
+    }
+    (log_dir / "summary.json").write_text(json.dumps({"run": run, "rows": rows}, indent=1))
     return 1 if failed else 0
 
 
