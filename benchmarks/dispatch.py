@@ -8,7 +8,7 @@ and with the same function behind both tasks.
 
 Configurations (each against bare ``delay`` in the same rounds):
 
-- ``postgresql``: the production path. Before each dispatch ``PluginHost.fresh_from_store``
+- ``postgresql``: the production path. Before each dispatch ``PluginView.check_store``
   reads the revision row (one prepared primary-key read, one round trip, autocommit)
   and re-reads the plugins only if the revision moved.
 - ``postgresql+toggles``: the same while another host toggles a *different* plugin every
@@ -77,13 +77,13 @@ def measure(conf: dict[str, Any], n: int, rounds: int, toggle_every: int) -> dic
     host, bare = b.host, b.bare
     toggler = make_app(conf, "toggler").host if toggle_every else None
     reloads = [0]
-    real_reload = host._reload
+    real_reload = host.view.reload
 
     def counting_reload() -> None:
         reloads[0] += 1
         real_reload()
 
-    host._reload = counting_reload  # type: ignore[method-assign]
+    host.view.reload = counting_reload  # type: ignore[method-assign]
 
     def ph(i: int) -> None:
         host.run_capability(CAPABILITY, payload(i))
@@ -156,7 +156,7 @@ def breakdown(b: Any) -> dict[str, float]:
     from pluginhost.capability import check_input
 
     host = b.host
-    cap = host._capability(CAPABILITY)
+    cap = host.declared(CAPABILITY)
     n = 2000
 
     def per_call(fn: Any, n: int = n) -> float:
@@ -170,9 +170,9 @@ def breakdown(b: Any) -> dict[str, float]:
     p = payload(0)
     out = {
         "check_input": per_call(lambda: check_input(cap, p)),
-        "fresh_from_store": per_call(host.fresh_from_store),
+        "check_store": per_call(host.view.check_store),
         "apply_async": per_call(lambda: cap.task.apply_async(args=(p,))),
-        "reload": per_call(host._reload, 200),
+        "reload": per_call(host.view.reload, 200),
     }
     out["calls_bare"] = python_calls(lambda: b.bare.delay(p))
     out["calls_ph"] = python_calls(lambda: host.run_capability(CAPABILITY, p))
@@ -275,7 +275,7 @@ def main() -> None:
             bd = res["breakdown"]
             print(
                 "  per call, us           : "
-                + ", ".join(f"{k} {bd[k]:.1f}" for k in ("check_input", "fresh_from_store", "apply_async"))
+                + ", ".join(f"{k} {bd[k]:.1f}" for k in ("check_input", "check_store", "apply_async"))
                 + f"; bare delay {1e6 / res['bare_rate']:.1f}; one reload (store.load of {OTHERS + 1} plugins) {bd['reload']:.0f}"
             )
             print(
@@ -291,7 +291,7 @@ def main() -> None:
             ))
             write_rows(args.json_out, rows)
         print(
-            "\nThe check: PluginHost.fresh_from_store() reads the revision row before every dispatch\n"
+            "\nThe check: PluginView.check_store() reads the revision row before every dispatch\n"
             "(PostgreSQL: a prepared statement through libpq, one round trip, autocommit) and reloads\n"
             "the plugins when it moved. Toggle cost = one store.load() (revision + all plugin rows)\n"
             "per toggle, paid by the next dispatch."

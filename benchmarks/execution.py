@@ -222,7 +222,7 @@ def inprocess(conf: dict[str, Any]) -> None:
     b = make_app({**conf, "mode": "none"}, "inprocess")
     b.host.sync()
     b.host.enable(CAPABILITY)
-    b.host.worker.shared = multiprocessing.RawValue("q", b.host._revision)
+    b.host.worker.shared = multiprocessing.RawValue("q", b.host.view.revision)
     payload = {"i": 1}
     request = {"id": "t", "delivery_info": {"routing_key": LOAD}, "hostname": "bench@local"}
     tracers = {

@@ -178,7 +178,7 @@ def main() -> None:
                 host.disable(CAPABILITY)
                 t0 = time.time()
                 t0p = time.perf_counter()
-                revision = host._revision  # the revision disable() committed (this host's view)
+                revision = host.view.revision  # the revision disable() committed (this host's view)
                 ack_ms = None
                 for _ in range(5):
                     got = app.control.broadcast(

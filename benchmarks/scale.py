@@ -4,7 +4,7 @@
 
 1. 10,000 plugins in PostgreSQL: time and memory of a full reload (what a worker
    does on start and after a change, and ``refresh()``), and the dispatch check
-   (``fresh_from_store`` + the enablement lookup) with 10,000 plugins vs 10.
+   (``PluginView.check_store`` + the enablement lookup) with 10,000 plugins vs 10.
    Target: ratio <= 1.1.
 2. A step history of 1,000,000 rows: the workflow store operations a run makes
    (``create_run``, ``begin_step``, ``finish_step``, ``finish_run``) and
@@ -80,10 +80,10 @@ def plugins_part(count: int) -> list[dict[str, Any]]:
         reload_ms = (time.perf_counter() - t) * 1e3
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        reloads = [timed(host._reload, 1)[0] / 1e3 for _ in range(5)]
+        reloads = [timed(host.view.reload, 1)[0] / 1e3 for _ in range(5)]
 
         def check(host: PluginHost = host) -> None:
-            host.fresh_from_store()
+            host.view.check_store()
             host.is_enabled("probe")
 
         for _ in range(300):

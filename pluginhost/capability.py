@@ -1,4 +1,10 @@
-"""Capabilities are Celery tasks: declaration, the dispatch check and the execute check."""
+"""Capabilities are Celery tasks: declaration, the dispatch check and the execute check.
+
+Every check reads the plugin view (``view.py``), never the host: the producer side
+validates the input and reads the store's revision before it enqueues (G1, G5);
+the worker side follows the published revision and decides run, skip, defer or
+refuse just before the body runs (G2). The input is validated once on each side.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ if TYPE_CHECKING:
     from celery.result import AsyncResult
 
     from .host import PluginHost
+    from .view import PluginView
 
 log = logging.getLogger("pluginhost.capability")
 
@@ -75,6 +82,7 @@ class CapabilityTask(Task):
 
 
 def declare(
+    view: PluginView,
     host: PluginHost,
     slug: str,
     fn: Callable[..., Any],
@@ -85,7 +93,8 @@ def declare(
     record: Plugin,
     task_options: dict[str, Any],
 ) -> Capability:
-    """Check a declaration and create its Celery task on ``host.app``."""
+    """Check a declaration and create its Celery task on ``host.app`` (``host`` is
+    what the function's context names; every check uses ``view``)."""
     check_slug(slug, "capability slug")
     check_slug(plugin, "plugin slug")
     if on_disabled not in POLICIES:
@@ -105,7 +114,7 @@ def declare(
     )
 
     def run(self: CapabilityTask, payload: Any = None) -> Any:
-        return _execute_in_worker(host, cap, self, payload)
+        return _execute_in_worker(view, host, cap, self, payload)
 
     name = getattr(fn, "__name__", "")
     # Celery compiles a checker named after the function: it must be an identifier.
@@ -120,16 +129,16 @@ def declare(
     return cap
 
 
-def dispatch(host: PluginHost, cap: Capability, input: Any, options: dict[str, Any]) -> AsyncResult:
+def dispatch(view: PluginView, cap: Capability, input: Any, options: dict[str, Any]) -> AsyncResult:
     """The producer side: validate, check the store, then enqueue (G1, G5)."""
-    payload = check_input(cap, input)
-    _check_before_dispatch(host, cap)
+    payload, _ = check_input(cap, input)
+    _check_before_dispatch(view, cap)
     result = cap.task.apply_async(args=(payload,), **options)
     metrics.dispatched(cap.slug)
     return result
 
 
-def dispatch_many(host: PluginHost, cap: Capability, inputs: Any, options: dict[str, Any]) -> GroupResult:
+def dispatch_many(view: PluginView, cap: Capability, inputs: Any, options: dict[str, Any]) -> GroupResult:
     """A batch: every input validated first, one store check, one producer (G1, G5).
 
     The check covers the whole batch: a ``disable()`` that returns while the
@@ -143,76 +152,78 @@ def dispatch_many(host: PluginHost, cap: Capability, inputs: Any, options: dict[
     payloads = []
     for index, item in enumerate(inputs):
         try:
-            payloads.append(check_input(cap, item))
+            payloads.append(check_input(cap, item)[0])
         except InvalidInput as exc:
             raise InvalidInput(f"input {index}: {exc}") from None
-    _check_before_dispatch(host, cap)
+    _check_before_dispatch(view, cap)
     task = cap.task
-    with host.app.producer_or_acquire() as producer:
+    with task.app.producer_or_acquire() as producer:
         results = [task.apply_async(args=(payload,), producer=producer, **options) for payload in payloads]
     metrics.dispatched(cap.slug, len(results))
-    return GroupResult(uuid(), results, app=host.app)
+    return GroupResult(uuid(), results, app=task.app)
 
 
-def _check_before_dispatch(host: PluginHost, cap: Capability) -> None:
+def _check_before_dispatch(view: PluginView, cap: Capability) -> None:
     """The producer-side store check (G1): read the store's revision, refuse if disabled."""
-    host.fresh_from_store()
+    view.check_store()
     try:
-        _refuse_if_disabled(host, cap)
+        _refuse_if_disabled(view, cap)
     except CapabilityDisabled:
         metrics.refused(cap.slug, "dispatch")
         raise
 
 
-def execute_inline(host: PluginHost, cap: Capability, input: Any) -> Any:
+def execute_inline(view: PluginView, host: PluginHost, cap: Capability, input: Any) -> Any:
     """``call_capability``: the same checks, the function run in this process
     (inside a worker, against the worker's live view, as a task would be)."""
-    payload = check_input(cap, input)
-    host._fresh()
-    plugin = host.plugin_for(cap)
+    _, arg = check_input(cap, input)
+    view.fresh()
+    plugin = view.plugin(cap.plugin)
     if plugin is None or not plugin.enabled:
         if cap.on_disabled == "skip":
             log.info("capability '%s' skipped: plugin '%s' is disabled", cap.slug, cap.plugin)
             return None
-        _refuse_if_disabled(host, cap)
+        _refuse_if_disabled(view, cap)
     assert plugin is not None
-    return _call(host, cap, plugin, payload, cap.task)
+    return _call(view, host, cap, plugin, arg, cap.task)
 
 
-def check_input(cap: Capability, input: Any) -> dict[str, Any]:
-    """The input as a JSON object, validated against the input model (``InvalidInput``)."""
+def check_input(cap: Capability, input: Any) -> tuple[dict[str, Any], Any]:
+    """The input as a JSON object, validated against the input model
+    (``InvalidInput``), and what the function gets: the model instance, or the
+    object itself without a model."""
     if input is None:
         input = {}
     owner = f"capability '{cap.slug}' input"
     if isinstance(input, BaseModel):
         input = input.model_dump(mode="json")
     check_json_object(input, owner=owner, error=InvalidInput)
-    if cap.input_model is not None:
-        try:
-            cap.input_model.model_validate(input)
-        except ValidationError as exc:
-            raise InvalidInput(describe_validation_error(exc, owner=owner)) from None
-    return input
+    if cap.input_model is None:
+        return input, input
+    try:
+        return input, cap.input_model.model_validate(input)
+    except ValidationError as exc:
+        raise InvalidInput(describe_validation_error(exc, owner=owner)) from None
 
 
-def _execute_in_worker(host: PluginHost, cap: Capability, task: CapabilityTask, payload: Any) -> Any:
+def _execute_in_worker(view: PluginView, host: PluginHost, cap: Capability, task: CapabilityTask, payload: Any) -> Any:
     """The worker side: re-check enablement just before running (G2)."""
     try:
-        host._fresh()
+        view.fresh()
     except StoreUnavailable:
         # This process knows its view is behind and cannot load the new one: the
         # body must not run on it, and the run must not be lost. Wait and retry.
         waits = int(task.request.get("pluginhost_stale_waits") or 0)
-        base = float(host.app.conf.get("pluginhost_stale_retry_s", 1.0))
+        base = float(task.app.conf.get("pluginhost_stale_retry_s", 1.0))
         _send_again(task, min(base * 2**waits, STALE_RETRY_MAX_S), pluginhost_stale_waits=waits + 1)
-    plugin = host.plugin_for(cap)
+    plugin = view.plugin(cap.plugin)
     if plugin is None or not plugin.enabled:
-        return _on_disabled(host, cap, task)
-    payload = check_input(cap, payload)
-    return _call(host, cap, plugin, payload, task)
+        return _on_disabled(view, cap, task)
+    _, arg = check_input(cap, payload)
+    return _call(view, host, cap, plugin, arg, task)
 
 
-def _on_disabled(host: PluginHost, cap: Capability, task: CapabilityTask) -> Any:
+def _on_disabled(view: PluginView, cap: Capability, task: CapabilityTask) -> Any:
     metrics.refused(cap.slug, "worker")
     if cap.on_disabled == "skip":
         metrics.skipped(cap.slug)
@@ -221,7 +232,7 @@ def _on_disabled(host: PluginHost, cap: Capability, task: CapabilityTask) -> Any
         return None
     if cap.on_disabled == "defer":
         since = float(task.request.get("pluginhost_deferred_since") or time.time())
-        limit = host.app.conf.get("pluginhost_defer_max_s")
+        limit = task.app.conf.get("pluginhost_defer_max_s")
         waited = time.time() - since
         if limit is not None and waited >= float(limit):
             raise CapabilityDisabled(
@@ -229,10 +240,10 @@ def _on_disabled(host: PluginHost, cap: Capability, task: CapabilityTask) -> Any
                 f" past pluginhost_defer_max_s={float(limit):g}"
             )
         metrics.deferred(cap.slug)
-        countdown = float(host.app.conf.get("pluginhost_defer_interval", 2.0))
+        countdown = float(task.app.conf.get("pluginhost_defer_interval", 2.0))
         log.info("capability '%s' deferred %.1fs: plugin '%s' is disabled", cap.slug, countdown, cap.plugin)
         _send_again(task, countdown, pluginhost_deferred_since=since)
-    _refuse_if_disabled(host, cap)
+    _refuse_if_disabled(view, cap)
 
 
 def _send_again(task: CapabilityTask, countdown: float, **headers: Any) -> NoReturn:
@@ -254,8 +265,8 @@ def _send_again(task: CapabilityTask, countdown: float, **headers: Any) -> NoRet
     raise Retry(when=countdown, sig=sig)
 
 
-def _refuse_if_disabled(host: PluginHost, cap: Capability) -> None:
-    plugin = host.plugin_for(cap)
+def _refuse_if_disabled(view: PluginView, cap: Capability) -> None:
+    plugin = view.plugin(cap.plugin)
     if plugin is None:
         raise CapabilityDisabled(_disabled_reason(cap, "is not in the store"))
     if not plugin.enabled:
@@ -269,11 +280,13 @@ def _disabled_reason(cap: Capability, why: str) -> str:
     return f"capability '{cap.slug}' is disabled: plugin '{cap.plugin}' {why}"
 
 
-def _call(host: PluginHost, cap: Capability, plugin: Plugin, payload: dict[str, Any], task: Any) -> Any:
-    arg: Any = cap.input_model.model_validate(payload) if cap.input_model is not None else payload
+def _call(view: PluginView, host: PluginHost, cap: Capability, plugin: Plugin, arg: Any, task: Any) -> Any:
+    """Run the function: ``arg`` is the validated input, ``plugin`` the record the
+    decision to run was made on."""
     metrics.executed(cap.slug)
     if cap.wants_ctx:
-        return cap.fn(arg, host.context_for(cap, plugin, task))
+        ctx = CapabilityContext(config=view.config_for(plugin), plugin=plugin.model_copy(), task=task, host=host)
+        return cap.fn(arg, ctx)
     return cap.fn(arg)
 
 

@@ -369,7 +369,7 @@ def _commands(group: click.Group) -> None:
         for col in ("capability", "task", "plugin", "enabled", "on_disabled"):
             table.add_column(col)
         for slug in host.capabilities():
-            cap = host._capability(slug)
+            cap = host.declared(slug)
             table.add_row(*row(slug, cap.task_name, cap.plugin, "yes" if host.is_enabled(cap.plugin) else "no", cap.on_disabled))
         console().print(table)
 

@@ -32,31 +32,31 @@ from typing import TYPE_CHECKING, Any
 from celery import bootsteps, signals
 from celery.worker.control import control_command, inspect_command
 
+from .capability import TASK_PREFIX
 from .errors import PluginHostError, StoreUnavailable
-from .store.base import WorkerRegistry
+from .store.base import Store, WorkerRegistry
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .host import PluginHost
+    from .view import PluginView
 
 log = logging.getLogger("pluginhost.control")
 
 REFRESH_COMMAND = "pluginhost_refresh"
 REVISION_COMMAND = "pluginhost_revision"
 REFRESH_TASK = "pluginhost.refresh"
-TASK_PREFIX = "pluginhost.capability."
 
-#: The host attached to each app (``PluginHost.from_app``).
-HOSTS: weakref.WeakKeyDictionary[Celery, PluginHost] = weakref.WeakKeyDictionary()
+#: The worker link of each app's host (what the remote-control commands use).
+LINKS: weakref.WeakKeyDictionary[Celery, WorkerLink] = weakref.WeakKeyDictionary()
 
 
 class WorkerLink:
-    """A host's tie to the worker it runs in (inactive outside workers)."""
+    """A view's tie to the worker it runs in (inactive outside workers): the
+    published revision, the poll, the registry heartbeat."""
 
-    def __init__(self, host: PluginHost) -> None:
-        self.host = host
-        self.shared: Any = None  # the published revision, shared with forked children
+    def __init__(self, view: PluginView) -> None:
+        self.view = view
         self.main_pid: int | None = None
         self.hostname: str | None = None
         self._outage = False
@@ -64,41 +64,33 @@ class WorkerLink:
         self._publish = threading.Lock()
 
     @property
+    def shared(self) -> Any:
+        """The published revision, shared with forked children (None outside a worker)."""
+        return self.view.published
+
+    @shared.setter
+    def shared(self, value: Any) -> None:
+        self.view.published = value
+
+    @property
     def active(self) -> bool:
-        return self.shared is not None
+        return self.view.published is not None
 
     def start(self, hostname: str | None = None) -> None:
         """In the worker's main process, before the pool starts."""
         self.shared = multiprocessing.RawValue("q", -1)
         self.main_pid = os.getpid()
         self.hostname = hostname
+        view = self.view
         try:
-            self.host._ready_or_raise()
-            self.host._reload()
-            self.shared.value = self.host._revision
-            log.info("pluginhost: loaded %d plugins at revision %d", len(self.host._plugins), self.host._revision)
+            view.ensure_ready()
+            view.reload()
+            self.shared.value = view.revision
+            log.info("pluginhost: loaded %d plugins at revision %d", len(view.slugs()), view.revision)
         except StoreUnavailable as exc:
             # Fail closed: with no view, pool processes load one themselves before
             # a task, and capability runs wait (retried) until one loads.
             self._report(exc)
-
-    def follow(self) -> None:
-        """Before a task: bring this process's view to the revision the main process
-        published. Raises ``StoreUnavailable`` when the view is behind (or was never
-        loaded) and cannot be loaded: the caller must not run on it (G2)."""
-        host = self.host
-        published = self.shared.value
-        if host._ready and published <= host._revision:
-            return
-        try:
-            if host._ready:
-                host._reload()
-            else:
-                host._ready_or_raise()
-        except StoreUnavailable as exc:
-            self._report(exc, behind=published)
-            raise
-        self._recovered()
 
     def sync(self) -> int:
         """In the main process: read the store revision and publish it.
@@ -108,7 +100,7 @@ class WorkerLink:
         call this, and a read that started earlier may finish later.
         """
         try:
-            revision = self.host.store.revision()
+            revision = self.view.store.revision()
         except StoreUnavailable as exc:
             self._report(exc)
             return int(self.shared.value)
@@ -127,7 +119,7 @@ class WorkerLink:
         self._registry(lambda registry, name: registry.forget_worker(name))
 
     def _registry(self, call: Any) -> None:
-        registry = self.host.store
+        registry = self.view.store
         if self.hostname is None or not isinstance(registry, WorkerRegistry):
             return
         try:
@@ -138,17 +130,11 @@ class WorkerLink:
                 self._registry_broken = True
                 log.info("pluginhost: worker registry not updated (%s); wait=True calls wait their whole timeout", exc)
 
-    def _report(self, exc: Exception, behind: int | None = None) -> None:
+    def _report(self, exc: Exception) -> None:
         if self._outage:
-            return  # once per outage, not once per task
+            return  # once per outage, not once per poll
         self._outage = True
-        if behind is None:
-            log.warning("pluginhost: store unavailable: %s", exc)
-        else:
-            log.warning(
-                "pluginhost: cannot load revision %d (view at %d): %s; capability runs wait and are retried",
-                behind, self.host._revision, exc,
-            )
+        log.warning("pluginhost: store unavailable: %s", exc)
 
     def _recovered(self) -> None:
         if self._outage:
@@ -156,18 +142,18 @@ class WorkerLink:
             log.warning("pluginhost: store reachable again")
 
 
-def install(host: PluginHost) -> None:
-    """Wire a host into its app's workers: signals, the poll step, the admin task."""
-    app = host.app
-    HOSTS[app] = host
+def install(app: Celery, link: WorkerLink) -> None:
+    """Wire a view's worker link into its app's workers: signals, the poll step,
+    the admin task."""
+    LINKS[app] = link
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
-            host.worker.start(getattr(sender, "hostname", None))
+            link.start(getattr(sender, "hostname", None))
 
     def on_child_init(**_: Any) -> None:
-        if host.worker.active:
-            after_fork = getattr(host.store, "after_fork", None)
+        if link.active:
+            after_fork = getattr(link.view.store, "after_fork", None)
             if after_fork is not None:
                 after_fork()
 
@@ -179,7 +165,7 @@ def install(host: PluginHost) -> None:
     @app.task(name=REFRESH_TASK, shared=False, lazy=False)
     def refresh(revision: int | None = None) -> int:
         """Admin task: tell every worker to re-read the store."""
-        current = host.store.revision()
+        current = link.view.store.revision()
         broadcast_refresh(app, current)
         return current
 
@@ -225,23 +211,23 @@ class PollStep(bootsteps.StartStopStep):
         self.trefs: list[Any] = []
 
     def start(self, parent: Any) -> None:
-        host = _host_of(parent.app)
-        if host is None or not host.worker.active:
+        link = LINKS.get(parent.app)
+        if link is None or not link.active:
             return
         # Registered once the consumer is up (it can answer broadcasts from now on).
-        host.worker.heartbeat()
+        link.heartbeat()
         self.trefs = [
-            parent.timer.call_repeatedly(poll_interval(parent.app), host.worker.sync, priority=10),
-            parent.timer.call_repeatedly(heartbeat_interval(parent.app), host.worker.heartbeat, priority=10),
+            parent.timer.call_repeatedly(poll_interval(parent.app), link.sync, priority=10),
+            parent.timer.call_repeatedly(heartbeat_interval(parent.app), link.heartbeat, priority=10),
         ]
 
     def stop(self, parent: Any) -> None:
         for tref in self.trefs:
             tref.cancel()
         self.trefs = []
-        host = _host_of(parent.app)
-        if host is not None and host.worker.active:
-            host.worker.forget()  # stopping, or the broker connection is lost: not reachable
+        link = LINKS.get(parent.app)
+        if link is not None and link.active:
+            link.forget()  # stopping, or the broker connection is lost: not reachable
 
 
 def poll_interval(app: Celery) -> float:
@@ -252,14 +238,13 @@ def heartbeat_interval(app: Celery) -> float:
     return float(app.conf.get("pluginhost_heartbeat_interval", 10.0))
 
 
-def registered_workers(host: PluginHost) -> dict[str, int] | None:
+def registered_workers(app: Celery, store: Store) -> dict[str, int] | None:
     """``{hostname: revision}`` of the workers the store's registry holds alive
     (reported within three heartbeats), or None without a registry."""
-    store = host.store
     if not isinstance(store, WorkerRegistry):
         return None
     try:
-        return store.live_workers(within_s=3 * heartbeat_interval(host.app))
+        return store.live_workers(within_s=3 * heartbeat_interval(app))
     except StoreUnavailable:
         return None
 
@@ -268,21 +253,21 @@ def registered_workers(host: PluginHost) -> dict[str, int] | None:
 def pluginhost_refresh(state: Any, revision: int | None = None, **_: Any) -> dict[str, Any]:
     """Re-read the store revision and publish it to the pool. The number in the
     message is only a hint; the store is the authority."""
-    host = _host_of(state.consumer.app)
-    if host is None or not host.worker.active:
+    link = LINKS.get(state.consumer.app)
+    if link is None or not link.active:
         return {"error": "no pluginhost on this worker"}
-    return {"revision": host.worker.sync()}
+    return {"revision": link.sync()}
 
 
 @inspect_command()
 def pluginhost_revision(state: Any, **_: Any) -> dict[str, Any]:
     """The store revision this worker has published to its pool."""
-    host = _host_of(state.consumer.app)
-    if host is None or not host.worker.active:
+    link = LINKS.get(state.consumer.app)
+    if link is None or not link.active:
         return {"error": "no pluginhost on this worker"}
     pool = state.consumer.pool
     return {
-        "revision": int(host.worker.shared.value),
+        "revision": int(link.shared.value),
         "pool": type(pool).__name__ if pool is not None else None,
         "processes": list(getattr(pool, "info", {}).get("processes", []) or []),
         "pid": os.getpid(),
@@ -338,6 +323,3 @@ def worker_revisions(
     )
     return {name: body for reply in replies or [] for name, body in reply.items()}
 
-
-def _host_of(app: Celery) -> PluginHost | None:
-    return HOSTS.get(app)

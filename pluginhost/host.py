@@ -6,8 +6,8 @@ import builtins
 import itertools
 import logging
 import random
-import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
@@ -15,15 +15,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from celery import Celery
 from pydantic import BaseModel, ValidationError
 
-from . import control, metrics
-from .capability import Capability, CapabilityContext, declare, dispatch, dispatch_many, execute_inline
+from . import control
+from .capability import Capability, declare, dispatch, dispatch_many, execute_inline
 from .errors import (
     CapabilityNotFound,
     ConcurrentUpdate,
     InvalidConfig,
     InvalidPlugin,
     PluginNotFound,
-    StoreUnavailable,
 )
 from .model import (
     AuditEntry,
@@ -43,8 +42,9 @@ from .model import (
     keep_secrets,
     secret_fields,
 )
-from .store import SQLAlchemyStore, Store, open_store
+from .store import Store, open_store
 from .store.base import Written
+from .view import PluginView
 
 if TYPE_CHECKING:
     from celery.result import AsyncResult, GroupResult
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pluginhost")
 F = TypeVar("F", bound=Callable[..., Any])
 OnDisabled = Literal["fail", "skip", "defer"]
+#: The host attached to each app (``PluginHost.from_app``).
+HOSTS: weakref.WeakKeyDictionary[Celery, PluginHost] = weakref.WeakKeyDictionary()
 #: A configure that read the stored config is retried for this long when other
 #: writers keep changing the plugin in between (then ``ConcurrentUpdate``).
 _CONFIGURE_RETRY_S = 5.0
@@ -69,43 +71,42 @@ class PluginHost:
 
     def __init__(self, app: Celery, store: str | Store | None = None) -> None:
         self.app = app
-        self._store_spec = store
-        self._opened: Store | None = None
         self._caps: dict[str, Capability] = {}
-        self._config_models: dict[str, type[BaseModel]] = {}
-        self._plugins: dict[str, Plugin] = {}
-        self._revision = -1
-        self._ready = False
-        self._lock = threading.RLock()
-        self.worker = control.WorkerLink(self)
-        control.install(self)
+        #: This process's view of the plugin table (the one owner of its state).
+        self.view = PluginView(
+            self._opener(store),
+            seeds=lambda: [c.record for c in self._caps.values()],
+            auto_migrate=lambda: bool(self.app.conf.get("pluginhost_auto_migrate", True)),
+        )
+        self.worker = control.WorkerLink(self.view)
+        control.install(app, self.worker)
+        HOSTS[app] = self
 
     # -- construction ----------------------------------------------------------
 
     @classmethod
     def from_app(cls, app: Celery) -> PluginHost:
         """The host attached to ``app`` (created from ``app.conf`` if there is none)."""
-        host = control.HOSTS.get(app)
+        host = HOSTS.get(app)
         return host if host is not None else cls(app)
 
     def with_store(self, store: str | Store) -> PluginHost:
-        """Swap the store (a Store or URL); the cache is reloaded on next use."""
-        with self._lock:
-            self._store_spec = store
-            self._opened = None
-            self._ready = False
-            self._revision = -1
+        """Swap the store (a Store or URL); the view is loaded again on next use."""
+        self.view.use_store(self._opener(store))
         return self
+
+    def _opener(self, store: str | Store | None) -> Callable[[], Store]:
+        def open_it() -> Store:
+            # read when first needed, so config loaded after the host is created counts
+            spec = store or self.app.conf.get("pluginhost_store")
+            return open_store(spec or f"sqlite:///{Path.cwd() / 'pluginhost.db'}")
+
+        return open_it
 
     @property
     def store(self) -> Store:
         """The Store this host reads and writes (opened on first use)."""
-        if self._opened is None:
-            with self._lock:
-                if self._opened is None:
-                    spec = self._store_spec or self.app.conf.get("pluginhost_store")
-                    self._opened = open_store(spec or f"sqlite:///{Path.cwd() / 'pluginhost.db'}")
-        return self._opened
+        return self.view.store
 
     # -- capabilities ----------------------------------------------------------
 
@@ -169,11 +170,12 @@ class PluginHost:
         if slug in self._caps:
             raise InvalidPlugin(f"capability '{slug}' is already declared on this host")
         if config_model is not None:
-            known = self._config_models.get(plugin_slug)
+            known = self.view.config_models.get(plugin_slug)
             if known is not None and known is not config_model:
                 raise InvalidPlugin(f"plugin '{plugin_slug}' already has config model {known.__name__}")
             check_config_model(plugin_slug, config_model)
         cap = declare(
+            self.view,
             self,
             slug,
             fn,
@@ -185,14 +187,17 @@ class PluginHost:
         )
         self._caps[slug] = cap
         if config_model is not None:
-            self._config_models[plugin_slug] = config_model
-        if self._ready:
-            self.store.ensure([cap.record], actor="declare")
+            self.view.config_models[plugin_slug] = config_model
+        self.view.declared(cap.record)
         return cap
 
     def capabilities(self) -> list[str]:
         """Declared capability slugs, sorted."""
         return sorted(self._caps)
+
+    def declared(self, slug: str) -> Capability:
+        """The declaration of capability ``slug`` (task name, plugin, policy, models)."""
+        return self._capability(slug)
 
     def plugin_of(self, slug: str) -> str:
         """The plugin slug that capability ``slug`` belongs to."""
@@ -205,30 +210,30 @@ class PluginHost:
     def run_capability(self, slug: str, input: dict[str, Any] | None = None, **apply_async_options: Any) -> AsyncResult:
         """Enqueue a run. Raises (and enqueues nothing) if the slug is unknown, the
         input is invalid or the plugin is disabled in the store."""
-        return dispatch(self, self._capability(slug), input, apply_async_options)
+        return dispatch(self.view, self._capability(slug), input, apply_async_options)
 
     def run_capability_many(self, slug: str, inputs: Iterable[dict[str, Any]], **apply_async_options: Any) -> GroupResult:
         """Enqueue one run per input. Every input is validated first (one bad input
         rejects the batch, naming its index) and the store is checked once; nothing
         is enqueued unless all pass. Published on one producer connection."""
-        return dispatch_many(self, self._capability(slug), inputs, apply_async_options)
+        return dispatch_many(self.view, self._capability(slug), inputs, apply_async_options)
 
     def call_capability(self, slug: str, input: dict[str, Any] | None = None) -> Any:
         """Run a capability in this process with the same checks; returns its result."""
-        return execute_inline(self, self._capability(slug), input)
+        return execute_inline(self.view, self, self._capability(slug), input)
 
     # -- reads -----------------------------------------------------------------
 
     def get(self, slug: str) -> Plugin | None:
         """The plugin ``slug``, or None."""
-        self._fresh()
-        found = self._plugins.get(slug)
+        self.view.fresh()
+        found = self.view.plugin(slug)
         return found.model_copy() if found else None
 
     def list(self) -> list[Plugin]:
         """Every plugin, ordered by (sort, slug)."""
-        self._fresh()
-        return [p.model_copy() for p in sorted(self._plugins.values(), key=_order)]
+        self.view.fresh()
+        return [p.model_copy() for p in sorted(self.view.plugins(), key=_order)]
 
     def nav(self, kind: Kind | str | None = None) -> builtins.list[Plugin]:
         """Enabled plugins (of ``kind`` if given), ordered by (sort, slug)."""
@@ -240,14 +245,14 @@ class PluginHost:
 
     def is_enabled(self, slug: str) -> bool:
         """Whether plugin ``slug`` is enabled; an unknown slug is not."""
-        self._fresh()
-        found = self._plugins.get(slug)
+        self.view.fresh()
+        found = self.view.plugin(slug)
         return bool(found and found.enabled)
 
     def config_value(self, slug: str, key: str, default: Any = None) -> Any:
         """One value of a plugin's config (``default`` if the plugin or key is missing)."""
-        self._fresh()
-        found = self._plugins.get(slug)
+        self.view.fresh()
+        found = self.view.plugin(slug)
         return found.config.get(key, default) if found else default
 
     def audit(self, slug: str | None = None, *, actor: str | None = None, limit: int = 100) -> builtins.list[AuditEntry]:
@@ -259,7 +264,7 @@ class PluginHost:
             check_slug(slug)
         check_actor(actor)
         check_limit(limit)
-        self._ready_or_raise()
+        self.view.ensure_ready()
         entries = self.store.audit(slug, actor=actor, limit=limit)
         if not entries and slug is not None and self.store.get(slug) is None:
             raise self.not_found(slug)  # a typo, not a plugin without changes
@@ -268,8 +273,8 @@ class PluginHost:
     @property
     def revision(self) -> int:
         """The store revision this process's view was read at."""
-        self._fresh()
-        return self._revision
+        self.view.fresh()
+        return self.view.revision
 
     # -- admin -----------------------------------------------------------------
 
@@ -324,10 +329,10 @@ class PluginHost:
         check_slug(slug)
         owner = f"plugin '{slug}'"
         check_json_object(config, owner=owner)
-        model = self._config_models.get(slug)
+        model = self.view.config_models.get(slug)
         keys = config_keys(model) if model is not None else None
         secrets = secret_fields(model) if model is not None else frozenset()
-        self._ready_or_raise()
+        self.view.ensure_ready()
         give_up = time.monotonic() + _CONFIGURE_RETRY_S
         for attempt in itertools.count():
             stored = self.store.get(slug)
@@ -359,16 +364,15 @@ class PluginHost:
 
     def refresh(self, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0) -> builtins.list[str] | None:
         """Re-read the store here and tell every worker to do the same."""
-        self._ready_or_raise()
-        self._reload()
-        acks = self._broadcast(self._revision, wait, timeout)
+        view = self.view
+        view.ensure_ready()
+        view.reload()
+        acks = self._broadcast(view.revision, wait, timeout)
         return acks if wait else None
 
     def sync(self) -> builtins.list[Plugin]:
         """Migrate the schema if allowed and create missing rows for declared capabilities."""
-        with self._lock:
-            self._ready = False
-            return self._ready_or_raise()
+        return self.view.resync()
 
     def workers(self, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
         """Live workers and the store revision each has applied.
@@ -376,7 +380,7 @@ class PluginHost:
         Returns once every worker in the store's registry has answered (else after
         ``timeout``). A registered worker that did not answer is listed with an
         ``error`` and the revision it last reported."""
-        registered = control.registered_workers(self)
+        registered = control.registered_workers(self.app, self.store)
         destination = sorted(registered) if registered else None
         found = control.worker_revisions(self.app, timeout=timeout, destination=destination)
         registered = registered or {}
@@ -397,7 +401,7 @@ class PluginHost:
 
     def not_found(self, slug: str) -> PluginNotFound:
         """The ``PluginNotFound`` for ``slug``, naming the closest known slugs."""
-        known = {p.slug for p in self._plugins.values()} | {c.plugin for c in self._caps.values()}
+        known = self.view.slugs() | {c.plugin for c in self._caps.values()}
         return PluginNotFound(f"plugin '{slug}' not found{did_you_mean(slug, known)}")
 
     def _update(self, slug: str, changes: dict[str, Any], action: str, actor: str | None, wait: bool, timeout: float, expected_version: int | None) -> Any:
@@ -413,42 +417,18 @@ class PluginHost:
         return self._admin(write, wait, timeout)
 
     def _admin(self, write: Callable[[], Written], wait: bool, timeout: float) -> Plugin | builtins.list[str]:
-        self._ready_or_raise()
+        self.view.ensure_ready()
         written = write()
-        with self._lock:
-            if written.changed and written.revision == self._revision + 1:
-                # This call's own statement is the only change since the view was
-                # loaded: the view plus this row is exactly the store at that revision.
-                self._plugins = {**self._plugins, written.plugin.slug: written.plugin}
-                self._revision = written.revision
-                metrics.applied_revision(written.revision)
-            elif written.revision != self._revision:
-                # A no-op, or other writers in between: the revision we were handed
-                # covers rows we have not read. Never label a view with it; load.
-                self._reload_after_commit(written.revision)
+        self.view.applied(written)  # never raises "nothing was written" after the commit
         acks = self._broadcast(written.revision, wait, timeout)
         return acks if wait else written.plugin
-
-    def _reload_after_commit(self, revision: int) -> None:
-        """Load the view after this call's write committed. If the store cannot be
-        read now, the change still stands (raising would say nothing was written):
-        the view keeps its older revision, so the next read reloads it."""
-        try:
-            self._reload()
-        except StoreUnavailable as exc:
-            log.warning(
-                "pluginhost: revision %s is committed, but this process cannot load it yet (%s);"
-                " the next read loads it",
-                revision,
-                exc,
-            )
 
     def _broadcast(self, revision: int, wait: bool, timeout: float) -> builtins.list[str]:
         """Tell every worker to re-read the store; with ``wait``, the workers of this
         deployment (the store's registry) that applied ``revision``."""
         if not wait:
             return control.broadcast_refresh(self.app, revision)
-        registered = control.registered_workers(self)
+        registered = control.registered_workers(self.app, self.store)
         if registered is None:  # no registry (MemoryStore): every answer counts
             return control.broadcast_refresh(self.app, revision, wait=True, timeout=timeout)
         # Workers outside the registry (another deployment on this broker, or one
@@ -466,7 +446,7 @@ class PluginHost:
         secrets kept in clear)."""
         owner = f"plugin '{slug}'"
         check_json_object(config, owner=owner)
-        model = self._config_models.get(slug)
+        model = self.view.config_models.get(slug)
         if model is None:
             return dict(config)
         check_known_keys(model, config, owner=owner)
@@ -477,60 +457,7 @@ class PluginHost:
 
     def config_for(self, plugin: Plugin) -> Any:
         """A plugin's live config as its config model (or the dict if none was declared)."""
-        model = self._config_models.get(plugin.slug)
-        if model is None:
-            return dict(plugin.config)
-        try:
-            return model.model_validate(plugin.config)
-        except ValidationError as exc:
-            raise InvalidConfig(
-                describe_validation_error(exc, owner=f"plugin '{plugin.slug}'", secret=secret_fields(model))
-            ) from None
-
-    def _ready_or_raise(self) -> builtins.list[Plugin]:
-        if self._ready:
-            return []
-        with self._lock:
-            if self._ready:
-                return []
-            if isinstance(self.store, SQLAlchemyStore) and self.app.conf.get("pluginhost_auto_migrate", True):
-                self.store.migrate()
-            created = self.store.ensure([c.record for c in self._caps.values()], actor="sync")
-            self._reload()
-            self._ready = True
-            return created
-
-    def _reload(self) -> None:
-        with self._lock:
-            revision, plugins = self.store.load()
-            self._plugins = {p.slug: p for p in plugins}
-            self._revision = revision
-        metrics.applied_revision(revision)
-
-    def _fresh(self) -> None:
-        """Bring this process's view up to date before a read.
-
-        In a worker the view follows the revision the main process publishes
-        (broadcast + poll), so a task costs no query. Elsewhere the store is
-        asked for its revision.
-        """
-        if self.worker.active:
-            self.worker.follow()
-        else:
-            self.fresh_from_store()
-
-    def fresh_from_store(self) -> None:
-        """The strict check used before dispatch: read the store's revision (one
-        indexed read, one round trip) and reload the view if it moved."""
-        self._ready_or_raise()
-        if self.store.revision() != self._revision:
-            self._reload()
-
-    def plugin_for(self, cap: Capability) -> Plugin | None:
-        return self._plugins.get(cap.plugin)
-
-    def context_for(self, cap: Capability, plugin: Plugin, task: Any) -> CapabilityContext:
-        return CapabilityContext(config=self.config_for(plugin), plugin=plugin.model_copy(), task=task, host=self)
+        return self.view.config_for(plugin)
 
 
 def _order(plugin: Plugin) -> tuple[int, str]:

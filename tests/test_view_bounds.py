@@ -195,6 +195,9 @@ def test_a_pool_process_that_cannot_reload_runs_nothing_and_loses_nothing(
     with pytest.raises(CapabilityDisabled):  # retried, then refused on the current view
         queued.get(timeout=20)
     assert "cannot load revision" in worker.log_text()
+    deadline = time.monotonic() + 10  # the result is stored before the worker logs it
+    while "raised expected: CapabilityDisabled" not in worker.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert "raised expected: CapabilityDisabled" in worker.log_text()
 
 
