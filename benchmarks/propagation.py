@@ -127,6 +127,7 @@ def main() -> None:
         conf = bench_conf(celery_conf(args.broker, redis, pg_url, QUEUE), redis, "record", KEY)
         b = make_app(conf, "admin")
         host, app = b.host, b.app
+        from pluginhost.control import poll_interval
         host.sync()
         host.enable(CAPABILITY)
         purge(app, QUEUE)
@@ -134,7 +135,7 @@ def main() -> None:
             "propagation: host.disable() -> last run started on a stale view, vs app.control.ping",
             toggles=args.toggles,
             broker=f"redis (db {redis.index})" if args.broker == "redis" else "amqp (RabbitMQ)",
-            store=f"{pg_url} (poll fallback {app.conf.get('pluginhost_poll_interval', 2.0)} s)",
+            store=f"{pg_url} (poll fallback {poll_interval(app)} s)",
             workers="; ".join(f"{w['name']}: {w['pool']} c{w['concurrency']}" for w in WORKERS),
             stream=f"producer subprocess, capability task.apply_async at {args.rate:.0f}/s (pauses above {args.backlog} queued)",
             phases=f"enabled 0.2-0.3 s (one ping timed), disabled {args.off} s",

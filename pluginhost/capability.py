@@ -21,7 +21,7 @@ from celery.result import GroupResult
 from celery.utils import uuid
 from pydantic import BaseModel, ValidationError
 
-from . import metrics
+from . import metrics, settings
 from .errors import CapabilityDisabled, InvalidArgument, InvalidInput, InvalidPlugin, StoreUnavailable
 from .model import Plugin, check_json_object, check_slug, describe_validation_error
 
@@ -214,7 +214,7 @@ def _execute_in_worker(view: PluginView, host: PluginHost, cap: Capability, task
         # This process knows its view is behind and cannot load the new one: the
         # body must not run on it, and the run must not be lost. Wait and retry.
         waits = int(task.request.get("pluginhost_stale_waits") or 0)
-        base = float(task.app.conf.get("pluginhost_stale_retry_s", 1.0))
+        base = settings.value(task.app, "pluginhost_stale_retry_s")
         _send_again(task, min(base * 2**waits, STALE_RETRY_MAX_S), pluginhost_stale_waits=waits + 1)
     plugin = view.plugin(cap.plugin)
     if plugin is None or not plugin.enabled:
@@ -232,7 +232,7 @@ def _on_disabled(view: PluginView, cap: Capability, task: CapabilityTask) -> Any
         return None
     if cap.on_disabled == "defer":
         since = float(task.request.get("pluginhost_deferred_since") or time.time())
-        limit = task.app.conf.get("pluginhost_defer_max_s")
+        limit = settings.value(task.app, "pluginhost_defer_max_s")
         waited = time.time() - since
         if limit is not None and waited >= float(limit):
             raise CapabilityDisabled(
@@ -240,7 +240,7 @@ def _on_disabled(view: PluginView, cap: Capability, task: CapabilityTask) -> Any
                 f" past pluginhost_defer_max_s={float(limit):g}"
             )
         metrics.deferred(cap.slug)
-        countdown = float(task.app.conf.get("pluginhost_defer_interval", 2.0))
+        countdown = settings.value(task.app, "pluginhost_defer_interval_s")
         log.info("capability '%s' deferred %.1fs: plugin '%s' is disabled", cap.slug, countdown, cap.plugin)
         _send_again(task, countdown, pluginhost_deferred_since=since)
     _refuse_if_disabled(view, cap)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from celery import bootsteps, signals
 from celery.worker.control import control_command, inspect_command
 
+from . import settings
 from .capability import TASK_PREFIX
 from .errors import PluginHostError, StoreUnavailable
 from .store.base import Store, WorkerRegistry
@@ -231,11 +232,11 @@ class PollStep(bootsteps.StartStopStep):
 
 
 def poll_interval(app: Celery) -> float:
-    return float(app.conf.get("pluginhost_poll_interval", 2.0))
+    return float(settings.value(app, "pluginhost_poll_interval_s"))
 
 
 def heartbeat_interval(app: Celery) -> float:
-    return float(app.conf.get("pluginhost_heartbeat_interval", 10.0))
+    return float(settings.value(app, "pluginhost_heartbeat_interval_s"))
 
 
 def registered_workers(app: Celery, store: Store) -> dict[str, int] | None:

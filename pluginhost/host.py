@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from celery import Celery
 from pydantic import BaseModel, ValidationError
 
-from . import control
+from . import control, settings
 from .capability import Capability, declare, dispatch, dispatch_many, execute_inline
 from .errors import (
     CapabilityNotFound,
@@ -76,7 +76,7 @@ class PluginHost:
         self.view = PluginView(
             self._opener(store),
             seeds=lambda: [c.record for c in self._caps.values()],
-            auto_migrate=lambda: bool(self.app.conf.get("pluginhost_auto_migrate", True)),
+            auto_migrate=lambda: bool(settings.value(self.app, "pluginhost_auto_migrate")),
         )
         self.worker = control.WorkerLink(self.view)
         control.install(app, self.worker)
@@ -98,7 +98,7 @@ class PluginHost:
     def _opener(self, store: str | Store | None) -> Callable[[], Store]:
         def open_it() -> Store:
             # read when first needed, so config loaded after the host is created counts
-            spec = store or self.app.conf.get("pluginhost_store")
+            spec = store or settings.value(self.app, "pluginhost_store")
             return open_store(spec or f"sqlite:///{Path.cwd() / 'pluginhost.db'}")
 
         return open_it

@@ -32,7 +32,7 @@ def eco(app_conf: dict[str, Any], configure_app: Any) -> Iterator[ModuleType]:
     from tests.apps import ecosystem_app as module
 
     configure_app(module.app)
-    module.app.conf.pluginhost_defer_interval = 0.2
+    module.app.conf.pluginhost_defer_interval_s = 0.2
     module.host.with_store(app_conf["pluginhost_store"])
     module.host.sync()
     yield module

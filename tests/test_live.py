@@ -181,7 +181,7 @@ def test_toggles_reach_every_worker_process_without_restart(core: ModuleType, wo
 def test_a_paused_worker_converges_within_the_poll_interval(
     core: ModuleType, workers: Any, app_conf: dict[str, Any]
 ) -> None:
-    conf = {**app_conf, "pluginhost_poll_interval": 0.5}
+    conf = {**app_conf, "pluginhost_poll_interval_s": 0.5}
     w = workers("tests.apps.core", pool="prefork", conf=conf)
     host = core.host
     w.pause()
@@ -200,9 +200,9 @@ def test_a_paused_worker_converges_within_the_poll_interval(
 def test_direct_sql_reaches_workers_by_poll_and_by_refresh(
     core: ModuleType, workers: Any, app_conf: dict[str, Any]
 ) -> None:
-    slow_poll = {**app_conf, "pluginhost_poll_interval": 0.5}
+    slow_poll = {**app_conf, "pluginhost_poll_interval_s": 0.5}
     w1 = workers("tests.apps.core", pool="prefork", conf=slow_poll)
-    w2 = workers("tests.apps.core", pool="solo", conf={**app_conf, "pluginhost_poll_interval": 3600})
+    w2 = workers("tests.apps.core", pool="solo", conf={**app_conf, "pluginhost_poll_interval_s": 3600})
     host = core.host
     with host.store.engine.begin() as conn:
         conn.execute(text("UPDATE pluginhost_plugins SET enabled = false WHERE slug = 'work'"))

@@ -33,7 +33,7 @@ def proxy() -> Iterator[TcpProxy]:
 def proxied(app_conf: dict[str, Any], proxy: TcpProxy) -> dict[str, Any]:
     """This test's settings with the store reached through the proxy."""
     dbname = make_url(app_conf["pluginhost_store"]).database
-    return {**app_conf, "pluginhost_store": proxy.url(str(dbname)), "pluginhost_poll_interval": 0.3}
+    return {**app_conf, "pluginhost_store": proxy.url(str(dbname)), "pluginhost_poll_interval_s": 0.3}
 
 
 @pytest.fixture

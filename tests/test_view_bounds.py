@@ -208,7 +208,7 @@ def test_a_pool_process_that_cannot_reload_runs_nothing_and_loses_nothing(
 def test_defer_waits_past_celerys_default_max_retries(
     core: ModuleType, workers: Any, app_conf: dict[str, Any]
 ) -> None:
-    conf = {**app_conf, "pluginhost_defer_interval": 0.1}
+    conf = {**app_conf, "pluginhost_defer_interval_s": 0.1}
     workers("tests.apps.core", conf=conf, pool="solo")
     host = core.host
     host.disable("deferrer", wait=True, timeout=5)
@@ -225,7 +225,7 @@ def test_defer_waits_past_celerys_default_max_retries(
 def test_defer_gives_up_after_its_cap_with_capability_disabled(
     core: ModuleType, workers: Any, app_conf: dict[str, Any]
 ) -> None:
-    conf = {**app_conf, "pluginhost_defer_interval": 0.1, "pluginhost_defer_max_s": 0.5}
+    conf = {**app_conf, "pluginhost_defer_interval_s": 0.1, "pluginhost_defer_max_s": 0.5}
     workers("tests.apps.core", conf=conf, pool="solo")
     host = core.host
     host.disable("deferrer", wait=True, timeout=5)

@@ -11,7 +11,7 @@ from celery import Celery, Task, signals
 from celery.exceptions import Ignore, Retry
 from sqlalchemy import create_engine
 
-from pluginhost import CapabilityDisabled, InvalidInput, PluginHost, metrics
+from pluginhost import CapabilityDisabled, InvalidInput, PluginHost, metrics, settings
 
 from .errors import InvalidWorkflow
 from .hotpath import Outcome
@@ -102,7 +102,7 @@ class Runtime:
                 raise InvalidWorkflow(
                     f"workflows need a SQL store (SQLite or PostgreSQL), not {type(current).__name__}"
                 )
-            if engine.dialect.name == "postgresql" and not self.host.app.conf.get("workflows_synchronous_commit", True):
+            if engine.dialect.name == "postgresql" and not settings.value(self.host.app, "pluginhost_workflows_synchronous_commit"):
                 # History writes skip the WAL flush wait; a PostgreSQL *server*
                 # crash can then lose the last ~0.6 s of step updates, which the
                 # sweeper reports (steps left running). Plugin admin writes stay durable.

@@ -54,7 +54,7 @@ revision = Table(
 )
 
 # Workers that are alive: each worker's main process reports itself here on
-# start and every ``pluginhost_heartbeat_interval`` seconds, and removes its row
+# start and every ``pluginhost_heartbeat_interval_s`` seconds, and removes its row
 # when it stops. ``wait=True`` admin calls use it to know how many
 # acknowledgements to expect.
 workers = Table(
