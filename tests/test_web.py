@@ -315,6 +315,8 @@ def test_enable_and_disable_record_the_user_and_report_acknowledgements(web: Mod
         ("post", "/api/plugins/nope/configure", {"config": {}}),
         ("post", "/api/plugins/nope/sort", {"sort": 3}),
         ("post", "/api/plugins/nope/move", {"direction": "up"}),
+        ("get", "/api/plugins/nope/usage", None),
+        ("get", "/api/plugins/nope/config-model", None),
         ("get", "/api/workflows/nope", None),
         ("get", "/api/workflows/nope/plan", None),
         ("get", "/api/runs/nope", None),
@@ -527,6 +529,112 @@ def test_sort_and_moves_reorder_the_navigation(web: ModuleType, ops: Operator) -
     assert page.index('data-slug="mailer"><a href="#mailer">البريد') < page.index('data-slug="flaky"><a href="#flaky">خطوة')
 
 
+def nav_order(module: ModuleType) -> list[str]:
+    return [p.slug for p in module.host.list()]
+
+
+def test_a_move_with_tied_sort_weights_moves_exactly_one_row(web: ModuleType, ops: Operator) -> None:
+    """Four plugins at sort 0 are ordered by slug; one move swaps two neighbours only."""
+    for slug in ("greet", "mailer", "report", "flaky"):
+        web.host.set_sort(slug, 0)
+    assert nav_order(web) == ["flaky", "greet", "mailer", "report"]
+    before = len(audit_ids(web))
+    moved = ops.post("/api/plugins/flaky/move", json={"direction": "down"})
+    assert moved.status_code == 200 and moved.json()["plugin"]["slug"] == "flaky"
+    assert nav_order(web) == ["greet", "flaky", "mailer", "report"]  # one row, not to row 4
+    # the new order is renumbered (each weight raised only as far as needed), audited as sorts
+    assert [(p.slug, p.sort) for p in web.host.list()] == [("greet", 0), ("flaky", 1), ("mailer", 2), ("report", 3)]
+    entries = web.host.audit(limit=len(audit_ids(web)) - before)
+    assert sorted((e.slug, e.action, e.actor) for e in entries) == [
+        ("flaky", "sort", "ops"), ("mailer", "sort", "ops"), ("report", "sort", "ops")]
+    ops.form("/plugins/report/move", {"direction": "up"})  # distinct weights now: a swap
+    assert [(p.slug, p.sort) for p in web.host.list()] == [("greet", 0), ("flaky", 1), ("report", 2), ("mailer", 3)]
+    # a third plugin tied with the neighbour: swapping the two weights alone would jump past it
+    web.host.set_sort("greet", 5)
+    web.host.set_sort("flaky", 7)
+    web.host.set_sort("report", 7)
+    web.host.set_sort("mailer", 9)
+    assert nav_order(web) == ["greet", "flaky", "report", "mailer"]
+    ops.post("/api/plugins/report/move", json={"direction": "up"})
+    assert nav_order(web) == ["greet", "report", "flaky", "mailer"]
+    for direction in ("up", "down", "down", "down", "up"):
+        order = nav_order(web)
+        ops.post("/api/plugins/greet/move", json={"direction": direction})
+        index = order.index("greet")
+        other = max(index - 1, 0) if direction == "up" else min(index + 1, len(order) - 1)
+        order[index], order[other] = order[other], order[index]
+        assert nav_order(web) == order, direction
+
+
+def test_a_move_with_no_room_left_writes_nothing(web: ModuleType, ops: Operator) -> None:
+    top = 2**31 - 1
+    for slug in ("greet", "mailer", "report", "flaky"):
+        web.host.set_sort(slug, top)
+    before = audit_ids(web)
+    refused = ops.post("/api/plugins/flaky/move", json={"direction": "down"})
+    assert refused.status_code == 400 and refused.json()["error"] == "InvalidArgument"
+    assert "no room to move 'flaky'" in refused.json()["detail"]
+    assert audit_ids(web) == before and nav_order(web) == ["flaky", "greet", "mailer", "report"]
+    page = ops.form("/plugins/flaky/move", {"direction": "down"})
+    assert page.status_code == 400 and "no room to move" in page.text and audit_ids(web) == before
+
+
+def test_a_plugin_shows_its_config_model_and_which_secrets_are_set(web: ModuleType, ops: Operator) -> None:
+    view = ops.get("/api/plugins/mailer/config-model").json()
+    assert view["model"] == "MailerConfig" and view["problem"] is None
+    assert view["fields"] == [
+        {"name": "smtp_host", "type": "str", "required": False, "default": "mail.example.com", "secret": False, "is_set": None},
+        {"name": "smtp_port", "type": "int", "required": False, "default": 25, "secret": False, "is_set": None},
+        {"name": "smtp_password", "type": "str", "required": False, "default": "********", "secret": True, "is_set": True},
+    ]
+    assert ops.get("/api/plugins/greet/config-model").json() == {"slug": "greet", "model": None, "fields": [], "problem": None}
+    html = ops.get("/plugins").text
+    mailer = html[html.index('id="plugin-mailer"'):html.index('id="plugin-report"')]
+    assert '<code class="name">smtp_port</code> <span class="type">int</span>' in mailer
+    assert 'default <code>25</code>' in mailer
+    assert '<span class="secret secret-set">secret, set</span>' in mailer and "hunter2" not in html
+    greet = html[html.index('id="plugin-greet"'):html.index('id="plugin-mailer"')]
+    assert "<textarea" not in greet and "No config model" in greet  # nothing to configure
+    ops.post("/api/plugins/mailer/configure", json={"config": {"smtp_password": ""}})
+    unset = ops.get("/plugins").text
+    assert '<span class="secret secret-unset">secret, not set</span>' in unset
+    assert ops.get("/api/plugins/mailer/config-model").json()["fields"][2]["is_set"] is False
+    # a model-less plugin that does hold config keeps its free-form editor
+    ops.post("/api/plugins/report/configure", json={"config": {"note": "x"}})
+    html = ops.get("/plugins").text
+    report = html[html.index('id="plugin-report"'):html.index('id="plugin-flaky"')]
+    assert "<textarea" in report and "any JSON object is stored" in report
+    # a stored config the model refuses (written before the model changed): said, still editable
+    web.host.store.update("mailer", {"config": {"smtp_port": "abc"}}, action="configure")
+    broken = ops.get("/api/plugins/mailer/config-model").json()
+    assert broken["model"] == "unknown" and "field 'smtp_port'" in broken["problem"]
+    html = ops.get("/plugins").text
+    mailer = html[html.index('id="plugin-mailer"'):html.index('id="plugin-report"')]
+    assert '<p class="error">plugin &#39;mailer&#39;: field &#39;smtp_port&#39;' in mailer and "<textarea" in mailer
+
+
+def test_disabling_on_the_page_asks_first_with_what_uses_the_plugin(web: ModuleType, ops: Operator) -> None:
+    before = audit_ids(web)
+    html = ops.get("/plugins").text
+    greet = html[html.index('id="plugin-greet"'):html.index('id="plugin-mailer"')]
+    assert '<form method="get" action="/plugins/greet/disable">' in greet  # the switch asks first
+    usage = ops.get("/api/plugins/flaky/usage").json()
+    assert usage == {"slug": "flaky", "enabled": True, "capabilities": ["flaky"],
+                     "workflows": [{"name": "welcome", "steps": {"flaky": "fail"}}]}
+    confirm = ops.get("/plugins/flaky/disable")
+    assert confirm.status_code == 200
+    assert re.search(r"1 capability and 1\s+workflow use this plugin", confirm.text)
+    assert "step <code>flaky</code>\n    fails the run" in confirm.text
+    assert 'action="/plugins/flaky/enabled"' in confirm.text and 'name="enabled" value="false"' in confirm.text
+    assert 'href="/plugins#plugin-flaky">Cancel</a>' in confirm.text
+    assert audit_ids(web) == before and web.host.is_enabled("flaky")  # asking writes nothing
+    web.host.register({"slug": "banner", "kind": "ui"})
+    assert re.search(r"0 capabilities and 0\s+workflows", ops.get("/plugins/banner/disable").text)
+    assert ops.get("/plugins/nope/disable").status_code == 404
+    done = ops.form("/plugins/flaky/enabled", {"enabled": "false", "version": str(web.host.get("flaky").version)})
+    assert done.status_code == 200 and not web.host.is_enabled("flaky")
+
+
 def test_hostile_labels_slugs_and_config_are_escaped(web: ModuleType, ops: Operator) -> None:
     web.host.register({"slug": "evil", "kind": "ui", "label_en": HOSTILE, "label_ar": HOSTILE,
                        "config": {"note": "</textarea><script>alert(2)</script>"}})
@@ -612,6 +720,61 @@ def test_runs_are_listed_filtered_and_shown(web: ModuleType, ops: Operator) -> N
     assert "No runs match" in ops.get("/runs?status=succeeded").text
 
 
+def test_the_workflow_table_shows_each_steps_on_disabled_and_retries(web: ModuleType, ops: Operator) -> None:
+    web.flows.define({"name": "retrying", "steps": [
+        {"slug": "greet", "on_disabled": "fail", "retries": 3, "timeout": 30},
+        {"slug": "report"},
+    ]})
+    plan = ops.get("/api/workflows/retrying/plan").json()
+    assert [(s["slug"], s["on_disabled"], s["retries"], s["timeout"]) for s in plan] == [
+        ("greet", "fail", 3, 30.0), ("report", "skip", 0, None)]
+    html = ops.get("/workflows").text
+    section = html[html.index('id="workflow-retrying"'):]
+    row = section[section.index('<tr data-slug="greet">'):]
+    row = row[:row.index("</tr>")]
+    assert '<td class="on-disabled" data-label="On disabled">fail</td>' in row
+    assert '<td class="retries" data-label="Retries">3</td>' in row and ">30 s</td>" in row
+
+
+def test_every_page_answers_json_when_asked_for_it(web: ModuleType, ops: Operator) -> None:
+    """The README's "every page is also a JSON endpoint": Accept: application/json."""
+    run_id, _canvas = web.flows.prepare("welcome", {"name": "Ada"})
+    as_json = {"Accept": "application/json"}
+    for page, api in [("/plugins", "/api/plugins"), ("/audit?slug=greet&limit=5", "/api/audit?slug=greet&limit=5"),
+                      ("/workflows", "/api/workflows"), ("/runs?status=pending", "/api/runs?status=pending"),
+                      (f"/runs/{run_id}", f"/api/runs/{run_id}"), ("/plugins/greet/disable", "/api/plugins/greet/usage")]:
+        response = ops.get(page, headers=as_json)
+        assert response.headers["content-type"] == "application/json", page
+        assert response.json() == ops.get(api).json(), page
+        assert "Accept" in response.headers["vary"]
+    menus = ops.get("/nav", headers=as_json).json()
+    assert menus == [ops.get("/api/nav?lang=en").json(), ops.get("/api/nav?lang=ar").json()]
+    browser_accept = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+    for accept in (browser_accept, {"Accept": "*/*"}, {}):
+        assert ops.get("/plugins", headers=accept).headers["content-type"].startswith("text/html"), accept
+    assert ops.get("/plugins", headers={"Accept": "application/json;q=0.5, text/html"}).text.startswith("<!doctype")
+    missing = ops.get("/runs/nope", headers=as_json)
+    assert missing.status_code == 404 and missing.json() == {"error": "RunNotFound", "detail": "no workflow run 'nope'"}
+    bad = ops.form("/plugins/mailer/config", {"config": "{not json"}, headers=as_json)
+    assert bad.status_code == 422 and bad.json()["error"] == "InvalidConfig"
+    anonymous = TestClient(ops.client.app).get("/plugins", headers=as_json, follow_redirects=False)
+    assert anonymous.status_code == 401 and anonymous.json()["error"] == "NotAuthenticated"
+    assert TestClient(ops.client.app).get("/runs", headers={**as_json, **BEARER}).json()[0]["id"] == run_id
+
+
+def test_an_error_page_links_back_to_where_one_came_from(web: ModuleType, ops: Operator) -> None:
+    back = lambda html: re.search(r'<a [^>]*href="([^"]*)">(Back[^<]*)</a>', html).groups()  # noqa: E731
+    assert back(ops.get("/runs/nope").text) == ("/runs", "Back to the runs")
+    came_from = {"Referer": "http://testserver/runs?status=failed"}
+    assert back(ops.get("/runs/nope", headers=came_from).text) == ("/runs?status=failed", "Back to the runs")
+    assert back(ops.get("/runs/nope", headers={"Referer": f"{EVIL}/runs"}).text) == ("/runs", "Back to the runs")
+    assert back(ops.get("/plugins/nope/disable").text) == ("/plugins", "Back to the plugins")
+    assert back(ops.get("/nope").text) == ("/plugins", "Back to the plugins")
+    run_id, _canvas = web.flows.prepare("welcome", {})
+    refused = ops.form(f"/runs/{run_id}/resume", {}, headers={"Referer": f"http://testserver/runs/{run_id}"})
+    assert refused.status_code == 422 and back(refused.text) == (f"/runs/{run_id}", "Back")
+
+
 def test_a_console_without_workflows_hides_them(web: ModuleType) -> None:
     client = browser(create_app(web.host, auth=AUTH, ack_timeout_s=0.2, workers_timeout_s=0.2))
     assert client.get("/api/workflows", headers=BEARER).status_code == 404
@@ -675,7 +838,8 @@ def test_the_console_works_mounted_under_a_prefix(web: ModuleType) -> None:
     done = client.post("/console/login", data={"username": "ops", "password": USERS["ops"], "csrf_token": form_token(page.text)}, follow_redirects=False)
     assert done.headers["location"] == "/console/plugins" and "Path=/console" in done.headers["set-cookie"]
     html = client.get("/console/plugins").text
-    assert 'action="/console/plugins/greet/enabled"' in html and 'href="/console/audit"' in html
+    assert 'action="/console/plugins/greet/disable"' in html and 'href="/console/audit"' in html  # asks first
+    assert 'action="/console/plugins/greet/sort"' in html
     assert client.get("/console/api/plugins").status_code == 200
     assert client.get("/console/api/plugins/nope").status_code == 404
     assert client.get("/console/api/nope").json() == {"error": "NotFound", "detail": "Not Found"}
@@ -710,6 +874,29 @@ def test_a_toggle_from_the_console_is_acknowledged_by_a_real_worker(web_live: Mo
     assert ops.post(f"/api/runs/{failed.id}/resume").json() == {"run_id": failed.id, "status": "resumed"}
     assert wait_for(lambda: ops.get(f"/api/runs/{failed.id}").json()["status"] == "succeeded", 30)
     assert ops.get("/api/runs?status=succeeded&name=welcome").json()[0]["id"] == failed.id
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_a_failed_run_shows_what_its_steps_added_and_a_skip_is_a_note(web_live: ModuleType, workers: Any) -> None:
+    workers("tests.apps.web_app", pool="solo")
+    ops = log_in(console(web_live))
+    web_live.host.disable("report")
+    web_live.host.configure("flaky", {"fail": True})
+    run_id = web_live.flows.start("welcome", {"name": "Ada", "token": "s3cret"}).id
+    assert wait_for(lambda: ops.get(f"/api/runs/{run_id}").json()["status"] == "failed", 30)
+    detail = ops.get(f"/api/runs/{run_id}").json()
+    assert detail["input"] == {"name": "Ada", "token": "********"}
+    assert detail["context"] == {"name": "Ada", "token": "********", "greeting": "hello Ada",
+                                 "mailed_via": "mail.example.com"}
+    steps = {s["slug"]: s for s in detail["steps"]}
+    assert (steps["report"]["status"], steps["report"]["error"]) == ("skipped", None)
+    assert steps["report"]["note"] == "plugin 'report' is disabled"
+    assert steps["greet"]["output"] == {"greeting": "hello Ada"}
+    assert "flaky is configured to fail" in steps["flaky"]["error"] and steps["flaky"]["note"] is None
+    html = ops.get(f"/runs/{run_id}").text
+    assert '<td class="note" data-label="Note">plugin &#39;report&#39; is disabled</td>' in html
+    assert '<li data-slug="mailer"><code>mailer</code> added <code>{&#34;mailed_via&#34;' in html
+    assert "&#34;greeting&#34;: &#34;hello Ada&#34;" in html and "s3cret" not in html
 
 
 # -- the `pluginhost web` command --------------------------------------------------

@@ -7,6 +7,7 @@ Needs Debian's ``chromium`` (``/usr/bin/chromium``) and the ``playwright`` packa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -119,6 +120,7 @@ def test_disabling_a_capability_on_the_page_stops_a_running_worker_using_it(
     switch = page.locator("#plugin-greet button[role=switch]")
     assert switch.inner_text() == "On"
     switch.click()
+    page.click("form.confirm button[type=submit]")  # the confirmation page
     page.wait_for_selector(".flash")
     assert f"acknowledged by {worker.hostname}" in page.locator(".flash").inner_text()
     assert page.locator("#plugin-greet button[role=switch]").get_attribute("aria-checked") == "false"
@@ -165,7 +167,7 @@ def test_resuming_a_failed_run_from_its_page(
     assert page.locator("#run-status").inner_text() == "failed"
     assert "flaky is configured to fail" in page.locator("tr[data-slug='flaky']").inner_text()
     assert page.locator("svg.diagram g[data-slug='flaky']").get_attribute("data-state") == "failed"
-    screenshot(page, "run.png", tmp_path)
+    page.screenshot(path=str(tmp_path / "run-failed.png"), full_page=True)
     web.host.configure("flaky", {"fail": False})
     page.click("form.resume button")
     assert "Resumed run" in page.locator(".flash").inner_text()
@@ -178,6 +180,154 @@ def test_resuming_a_failed_run_from_its_page(
     cells = page.locator("tr[data-slug='flaky'] td").all_inner_texts()
     assert cells[3] == "succeeded" and cells[4] == "2"  # the second attempt, after the resume
     page.screenshot(path=str(tmp_path / "run-resumed.png"), full_page=True)
+
+
+def row_order(page: Any) -> list[str]:
+    return page.locator("table.plugins > tbody > tr").evaluate_all("rows => rows.map(r => r.dataset.slug)")
+
+
+def test_arrows_move_a_plugin_one_row_when_sort_weights_are_tied(
+    web: ModuleType, server: ConsoleProcess, page: Any
+) -> None:
+    for slug in ("greet", "mailer", "report", "flaky"):
+        web.host.set_sort(slug, 0)
+    page.goto(f"{server.url}/plugins")
+    assert row_order(page) == ["flaky", "greet", "mailer", "report"]
+    page.click("button[aria-label='Move flaky down']")
+    page.wait_for_selector(".flash")
+    assert row_order(page) == ["greet", "flaky", "mailer", "report"]  # one row, not to the end
+    page.click("button[aria-label='Move report up']")
+    page.wait_for_selector(".flash")
+    assert row_order(page) == ["greet", "flaky", "report", "mailer"]
+    page.click("button[aria-label='Move flaky up']")
+    page.wait_for_selector(".flash")
+    assert row_order(page) == ["flaky", "greet", "report", "mailer"]
+    assert arabic_menu(page, server) == ["flaky", "greet", "report", "mailer"]
+    assert {e.action for e in web.host.audit(actor=USER)} == {"sort"}
+
+
+def test_the_switch_asks_before_disabling_and_cancel_changes_nothing(
+    web: ModuleType, server: ConsoleProcess, page: Any
+) -> None:
+    before = [e.id for e in web.host.audit(limit=1000)]
+    page.click("#plugin-flaky button[role=switch]")
+    assert page.locator("h1").inner_text() == "Disable flaky?"
+    assert " ".join(page.locator("#impact").inner_text().split()).startswith(
+        "1 capability and 1 workflow use this plugin.")
+    assert "step flaky fails the run" in " ".join(page.locator(".uses-workflows").inner_text().split())
+    page.click("a.cancel")
+    assert page.url.endswith("/plugins#plugin-flaky")
+    assert web.host.is_enabled("flaky") and [e.id for e in web.host.audit(limit=1000)] == before
+    page.click("#plugin-flaky button[role=switch]")
+    page.click("form.confirm button[type=submit]")
+    page.wait_for_selector(".flash")
+    assert not web.host.is_enabled("flaky")
+    switch = page.locator("#plugin-flaky button[role=switch]")
+    assert switch.get_attribute("aria-checked") == "false"
+    switch.click()  # enabling asks nothing
+    page.wait_for_selector(".flash")
+    assert web.host.is_enabled("flaky")
+
+
+def test_config_boxes_follow_the_config_model(web: ModuleType, server: ConsoleProcess, page: Any) -> None:
+    web.host.configure("flaky", {"fail": False})
+    page.goto(f"{server.url}/plugins")
+    assert page.locator("#plugin-greet textarea").count() == 0  # no model, nothing stored
+    assert page.locator("#plugin-greet .no-config").is_visible()
+    assert page.locator("#plugin-flaky textarea").count() == 1  # no model, but it holds config
+    fields = page.locator("#plugin-mailer .fields li")
+    assert fields.evaluate_all("items => items.map(i => i.dataset.field)") == ["smtp_host", "smtp_port", "smtp_password"]
+    assert " ".join(fields.nth(1).inner_text().split()) == "smtp_port int default 25"
+    secret = page.locator("#plugin-mailer li[data-field=smtp_password] .secret")
+    assert secret.inner_text() == "secret, set" and "hunter2" not in page.content()
+    set_style = secret.evaluate("e => getComputedStyle(e).borderStyle")
+    page.fill("#plugin-mailer textarea", '{"smtp_host": "h", "smtp_port": 25, "smtp_password": ""}')
+    page.click("#plugin-mailer form[action$='/config'] button[type=submit]")
+    page.wait_for_selector(".flash")
+    secret = page.locator("#plugin-mailer li[data-field=smtp_password] .secret")
+    assert secret.inner_text() == "secret, not set"
+    assert secret.evaluate("e => getComputedStyle(e).borderStyle") != set_style  # told apart by more than words
+
+
+def test_a_failed_run_shows_its_context_so_far_and_a_skip_as_a_note(
+    web: ModuleType, server: ConsoleProcess, page: Any, workers: Any, tmp_path: Path
+) -> None:
+    workers("tests.apps.web_app", pool="solo")
+    web.host.disable("report")
+    web.host.configure("flaky", {"fail": True})
+    run_id = web.flows.start("welcome", {"name": "Ada"}).id
+    deadline = time.monotonic() + 30
+    while web.flows.run(run_id).status != "failed" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    page.goto(f"{server.url}/runs/{run_id}")
+    note = page.locator("tr[data-slug='report'] td.note")
+    assert note.inner_text() == "plugin 'report' is disabled"
+    assert page.locator("tr[data-slug='report'] .error-text").count() == 0
+    red = page.locator("tr[data-slug='flaky'] .error-text").evaluate("e => getComputedStyle(e).color")
+    assert note.evaluate("e => getComputedStyle(e).color") != red
+    assert page.locator("details.context").get_attribute("open") is not None
+    context = json.loads(page.locator("#run-context").inner_text())
+    assert context == {"name": "Ada", "greeting": "hello Ada", "mailed_via": "mail.example.com"}
+    assert page.locator(".added li").evaluate_all("items => items.map(i => i.dataset.slug)") == ["greet", "mailer"]
+    screenshot(page, "run.png", tmp_path)
+    page.click("a.back")
+    assert page.url.endswith("/runs?name=welcome")
+
+
+def test_the_workflow_table_shows_on_disabled_and_retries(web: ModuleType, server: ConsoleProcess, page: Any) -> None:
+    page.goto(f"{server.url}/workflows")
+    rows = page.locator("#workflow-welcome table.plan tbody tr")
+    cells = [(r.locator("td.on-disabled").inner_text(), r.locator("td.retries").inner_text()) for r in rows.all()]
+    assert cells == [("skip", "0"), ("skip", "0"), ("skip", "0"), ("fail", "0")]
+    headers = page.locator("#workflow-welcome table.plan thead th").all_inner_texts()
+    assert "ON DISABLED" in [h.upper() for h in headers] and "RETRIES" in [h.upper() for h in headers]
+
+
+def test_back_on_an_unknown_run_goes_to_the_page_one_came_from(
+    web: ModuleType, server: ConsoleProcess, page: Any
+) -> None:
+    page.goto(f"{server.url}/runs?status=failed")
+    page.goto(f"{server.url}/runs/no-such-run", referer=f"{server.url}/runs?status=failed")
+    assert page.locator("h1").inner_text() == "404: RunNotFound"
+    page.click("main a:has-text('Back')")
+    assert page.url == f"{server.url}/runs?status=failed"
+    page.goto(f"{server.url}/runs/no-such-run")  # typed in: the section's list
+    page.click("main a:has-text('Back')")
+    assert page.url == f"{server.url}/runs"
+
+
+PHONE = {"width": 390, "height": 844}
+
+
+def test_every_page_fits_a_phone(
+    web: ModuleType, server: ConsoleProcess, page: Any, browser: Any, workers: Any, tmp_path: Path
+) -> None:
+    """At 390x844 nothing scrolls sideways and every plugin's switch is on screen."""
+    workers("tests.apps.web_app", pool="solo")
+    run_id = web.flows.start("welcome", {"name": "Ada"}).id
+    deadline = time.monotonic() + 30
+    while web.flows.run(run_id).status != "succeeded" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    phone = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True,
+                                storage_state=page.context.storage_state())
+    tab = phone.new_page()
+    try:
+        for path in ("/plugins", "/nav", "/workflows", "/runs", f"/runs/{run_id}", "/audit", "/plugins/greet/disable"):
+            tab.goto(f"{server.url}{path}")
+            width = tab.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+            assert width[0] <= width[1] == PHONE["width"], (path, width)
+        tab.goto(f"{server.url}/plugins")
+        assert tab.locator("tr.worker").count() == 1  # the workers table has a row to fit too
+        for slug in ("greet", "mailer", "report", "flaky"):
+            box = tab.locator(f"#plugin-{slug} button[role=switch]").bounding_box()
+            assert box is not None and 0 <= box["x"] and box["x"] + box["width"] <= PHONE["width"], (slug, box)
+        tab.locator("#plugin-report button[role=switch]").scroll_into_view_if_needed()
+        tab.locator("#plugin-report button[role=switch]").click()  # tappable: it leads to the confirmation
+        assert tab.locator("h1").inner_text() == "Disable report?"
+        tab.goto(f"{server.url}/plugins")
+        screenshot(tab, "plugins-phone.png", tmp_path)
+    finally:
+        phone.close()
 
 
 def test_a_script_label_renders_as_text(web: ModuleType, server: ConsoleProcess, page: Any) -> None:
@@ -260,6 +410,7 @@ def test_local_mode_works_in_a_browser_on_loopback_names(
     for name, slug in (("127.0.0.1", "greet"), ("localhost", "report")):
         tab.goto(f"http://{name}:{local_server.port}/plugins")
         tab.locator(f"#plugin-{slug} button[role=switch]").click()
+        tab.click("form.confirm button[type=submit]")
         tab.wait_for_selector(".flash")
         assert not web.host.is_enabled(slug)
         assert web.host.audit(slug, limit=1)[0].actor == "local"

@@ -21,6 +21,7 @@ from .schemas import (
     AdminResult,
     AuditRow,
     ConfigureBody,
+    ConfigView,
     MoveBody,
     NavView,
     PlanRow,
@@ -29,6 +30,7 @@ from .schemas import (
     RunSummary,
     SessionInfo,
     SortBody,
+    UsageView,
     VersionBody,
     WorkersView,
     WorkflowView,
@@ -67,6 +69,18 @@ def plugins(console: ConsoleDep) -> list[Plugin]:
 @router.get("/plugins/{slug}")
 def plugin(slug: str, console: ConsoleDep) -> Plugin:
     return console.plugin(slug)
+
+
+@router.get("/plugins/{slug}/config-model")
+def config_model(slug: str, console: ConsoleDep) -> ConfigView:
+    """The plugin's config model: each field's type, default and, for secrets, whether set."""
+    return console.config_view(slug)
+
+
+@router.get("/plugins/{slug}/usage")
+def usage(slug: str, console: ConsoleDep) -> UsageView:
+    """What disabling the plugin affects: its capabilities and the workflow steps on them."""
+    return console.usage(slug)
 
 
 @router.post("/plugins/{slug}/enable")

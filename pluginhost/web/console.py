@@ -9,16 +9,22 @@ stored secret.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
-from ..errors import InvalidConfig, PluginNotFound
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
+from ..errors import InvalidArgument, InvalidConfig, PluginNotFound
 from ..host import PluginHost
-from ..model import MASK, Plugin, is_secret_key, mask_secrets
+from ..model import MASK, SORT_MAX, Plugin, is_secret_key, mask_secrets, secret_fields
 from .errors import RunNotFound, WorkflowsNotConfigured
 from .schemas import (
     AdminResult,
     AuditRow,
+    ConfigField,
+    ConfigView,
     NavItem,
     NavView,
     PlanRow,
@@ -26,8 +32,10 @@ from .schemas import (
     RunDetail,
     RunSummary,
     StepRow,
+    UsageView,
     WorkerStatus,
     WorkersView,
+    WorkflowUse,
     WorkflowView,
 )
 
@@ -76,6 +84,35 @@ class Console:
 
     def plugin(self, slug: str) -> Plugin:
         return masked(self._stored(slug))
+
+    def config_view(self, slug: str) -> ConfigView:
+        """The plugin's config model as fields (type, default, secret and whether it is set)."""
+        plugin = self._stored(slug)
+        try:
+            live = self.host.config_for(plugin)  # the model instance, or a dict if none is declared
+        except InvalidConfig as exc:  # only a model can refuse: it exists, but cannot be read
+            return ConfigView(slug=slug, model="unknown", fields=[], problem=str(exc))
+        if not isinstance(live, BaseModel):
+            return ConfigView(slug=slug, model=None, fields=[])
+        model = type(live)
+        fields = config_fields(model, plugin.config)
+        return ConfigView(slug=slug, model=model.__name__, fields=fields)
+
+    def config_views(self) -> dict[str, ConfigView]:
+        return {p.slug: self.config_view(p.slug) for p in self.host.list()}
+
+    def usage(self, slug: str) -> UsageView:
+        """What disabling the plugin affects: its capabilities and the workflow steps on them."""
+        plugin = self._stored(slug)
+        capabilities = [c for c in self.host.capabilities() if self.host.plugin_of(c) == slug]
+        uses = []
+        for definition in self.flows.list() if self.flows is not None else []:
+            steps = {s.slug: s.on_disabled for s in definition.flat() if s.slug in capabilities}
+            if steps:
+                uses.append(WorkflowUse(name=definition.name, steps=steps))
+        return UsageView(
+            slug=slug, enabled=plugin.enabled, capabilities=capabilities, workflows=uses
+        )
 
     def nav(self, lang: Literal["en", "ar"] = "en", kind: str | None = None) -> NavView:
         """The navigation menu in one language (a missing label falls back to English, then the slug)."""
@@ -143,21 +180,25 @@ class Console:
         )
 
     def move(self, slug: str, direction: Literal["up", "down"], *, actor: str) -> AdminResult:
-        """Swap a plugin with its neighbour in navigation order (no change at either end)."""
+        """Swap a plugin with its neighbour in (sort, slug) order: exactly one row, no
+        change at either end. The new weights come from ``sorts_for``; each changed
+        weight is an ordinary audited sort change, guarded by the version read here."""
         plugins = self.host.list()
-        index = next((i for i, p in enumerate(plugins) if p.slug == slug), None)
-        if index is None:
+        order = [p.slug for p in plugins]
+        if slug not in order:
             raise PluginNotFound(f"plugin '{slug}' not found")
-        other_index = index - 1 if direction == "up" else index + 1
-        if not 0 <= other_index < len(plugins):
+        index = order.index(slug)
+        other = index - 1 if direction == "up" else index + 1
+        if not 0 <= other < len(order):
             return AdminResult(plugin=masked(plugins[index]), acknowledged_by=[], revision=self.host.revision)
-        me, other = plugins[index], plugins[other_index]
-        if me.sort != other.sort:
-            self.host.set_sort(other.slug, me.sort, actor=actor, expected_version=other.version)
-            new_sort = other.sort
-        else:  # a tie is ordered by slug: step just past the neighbour instead
-            new_sort = me.sort - 1 if direction == "up" else me.sort + 1
-        return self.set_sort(slug, new_sort, actor=actor, expected_version=me.version)
+        order[index], order[other] = order[other], order[index]
+        sorts = sorts_for(plugins, order, moving=slug)
+        changes = [(p, sorts[p.slug]) for p in plugins if sorts[p.slug] != p.sort]
+        for plugin, sort in changes[:-1]:
+            self.host.set_sort(plugin.slug, sort, actor=actor, expected_version=plugin.version)
+        last, sort = changes[-1]
+        return self._admin(slug, lambda **wait: self.host.set_sort(
+            last.slug, sort, actor=actor, expected_version=last.version, **wait))
 
     # -- workflows -------------------------------------------------------------
 
@@ -173,7 +214,22 @@ class Console:
         return self._view(self._flows().get(name), plan)
 
     def plan(self, name: str) -> list[PlanRow]:
-        return [PlanRow.model_validate(step, from_attributes=True) for step in self._flows().plan(name)]
+        """The dry run, with each step's ``on_disabled``, retries and timeout (as the CLI shows)."""
+        planned = self._flows().plan(name)
+        definition = self._flows().get(name)
+        policies = {s.slug: s for s in definition.flat()} if definition is not None else {}
+        rows = []
+        for step in planned:
+            row = PlanRow.model_validate(step, from_attributes=True)
+            policy = policies.get(row.slug)
+            if policy is not None:
+                row = row.model_copy(update={
+                    "on_disabled": policy.on_disabled,
+                    "retries": policy.retries,
+                    "timeout": policy.timeout,
+                })
+            rows.append(row)
+        return rows
 
     def runs(self, name: str | None = None, status: str | None = None, limit: int = 50) -> list[RunSummary]:
         runs = self._flows().runs(name=name or None, status=status or None, limit=limit)
@@ -183,12 +239,13 @@ class Console:
         run = self._flows().run(run_id)
         if run is None:
             raise RunNotFound(f"no workflow run {run_id!r}")
+        context = run.context if run.status == "succeeded" else context_so_far(run.input, run.steps)
         return RunDetail(
             **RunSummary.model_validate(run, from_attributes=True).model_dump(),
             input=mask_secrets(run.input),
-            context=mask_secrets(run.context),
+            context=mask_secrets(context),
             output=mask_secrets(run.output),
-            steps=[StepRow.model_validate(step, from_attributes=True) for step in run.steps],
+            steps=[step_row(step) for step in run.steps],
         )
 
     def resume(self, run_id: str) -> ResumeResult:
@@ -220,6 +277,80 @@ class Console:
         if self.flows is None:
             raise WorkflowsNotConfigured("this console was created without a Workflows service (create_app(flows=...))")
         return self.flows
+
+
+def sorts_for(plugins: Sequence[Plugin], order: Sequence[str], *, moving: str) -> dict[str, int]:
+    """Sort weights that list ``plugins`` in ``order``, which is their (sort, slug) order
+    with two neighbours swapped.
+
+    If the two weights differ and exchanging them gives ``order``, exchange them (two
+    changes). Otherwise (a tie, or a third plugin sharing a weight) renumber the new
+    order: each plugin keeps its weight unless it must be raised to one more than the
+    plugin before it. Raises ``InvalidArgument`` (nothing written) past the 32-bit limit.
+    """
+    current = {p.slug: p.sort for p in plugins}
+    first = next(i for i, (a, b) in enumerate(zip(order, [p.slug for p in plugins])) if a != b)
+    a, b = order[first], order[first + 1]
+    swapped = {**current, a: current[b], b: current[a]}
+    if sorted(swapped, key=lambda s: (swapped[s], s)) == list(order):
+        return swapped
+    renumbered: dict[str, int] = {}
+    previous: int | None = None
+    for slug in order:
+        previous = current[slug] if previous is None or current[slug] > previous else previous + 1
+        renumbered[slug] = previous
+    if previous is not None and previous > SORT_MAX:
+        raise InvalidArgument(
+            f"no room to move '{moving}': the sort weights would pass {SORT_MAX}; lower them first"
+        )
+    return renumbered
+
+
+def config_fields(model: type[BaseModel], stored: dict[str, Any]) -> list[ConfigField]:
+    """The top-level fields of a config model; secrets say whether ``stored`` sets them."""
+    secrets = secret_fields(model)
+    rows = []
+    for name, field in model.model_fields.items():
+        secret = name in secrets
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        default = to_jsonable_python(default, fallback=str)
+        if secret and default not in (None, ""):
+            default = MASK
+        rows.append(ConfigField(
+            name=name,
+            type=type_name(field.annotation),
+            required=field.is_required(),
+            default=default,
+            secret=secret,
+            is_set=stored.get(name) not in (None, "") if secret else None,
+        ))
+    return rows
+
+
+def type_name(annotation: Any) -> str:
+    """A short name for a field's type: ``int``, ``str | None``, ``list[str]``, ``SecretStr``."""
+    if not get_args(annotation) and hasattr(annotation, "__name__"):
+        return str(annotation.__name__)
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+", "", repr(annotation))  # no module paths
+
+
+def step_row(step: Any) -> StepRow:
+    """A step for the page: a skipped step's reason is a note, not an error."""
+    row = StepRow.model_validate(step, from_attributes=True)
+    update: dict[str, Any] = {"output": mask_secrets(row.output)}
+    if row.status == "skipped":
+        update.update(note=row.error, error=None)
+    return row.model_copy(update=update)
+
+
+def context_so_far(input: dict[str, Any], steps: Sequence[Any]) -> dict[str, Any]:
+    """The input merged with the output of every succeeded step in declaration order: what
+    a resume starts from (the workflows package keeps a run's context only when it succeeds)."""
+    context = dict(input)
+    for step in sorted(steps, key=lambda s: s.position):
+        if step.status == "succeeded" and step.output:
+            context.update(step.output)
+    return context
 
 
 def masked(plugin: Plugin) -> Plugin:

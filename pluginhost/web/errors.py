@@ -4,7 +4,7 @@ an error page (or the login page) for the HTML console."""
 from __future__ import annotations
 
 from http import HTTPStatus
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -69,11 +69,48 @@ def status_for(exc: PluginHostError) -> int:
     return STATUS[PluginHostError]
 
 
+#: The console's sections (first path segment) and how a Back link names them.
+SECTIONS = {"plugins": "the plugins", "nav": "the navigation", "workflows": "the workflows",
+            "runs": "the runs", "audit": "the audit log"}
+
+
 def error_response(request: Request, status: int, error: str, detail: str) -> Response:
     if is_api(request):
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
-    return render(request, "error.html", {"status": status, "error": error, "detail": detail}, status_code=status)
+    href, label = back_link(request)
+    context = {"status": status, "error": error, "detail": detail, "back": href,
+               "back_label": label}
+    return render(request, "error.html", context, status_code=status)
+
+
+def back_link(request: Request) -> tuple[str, str]:
+    """Where an error page's Back link goes (a path below the mount point) and its text:
+    the console page the browser came from (a same-origin ``Referer``) if it is another
+    page, else the list page of the section asked for (an unknown run: ``/runs``)."""
+    here = local_path(request)
+    came_from = referer_path(request)
+    if came_from is not None and came_from.partition("?")[0] != here:
+        target = came_from
+    else:
+        section = here.strip("/").partition("/")[0]
+        target = f"/{section}" if section in SECTIONS else "/plugins"
+    path = target.partition("?")[0]
+    section = path.strip("/")
+    return target, f"Back to {SECTIONS[section]}" if section in SECTIONS else "Back"
+
+
+def referer_path(request: Request) -> str | None:
+    """The ``Referer`` as a path (and query) below this console's mount point, or None if
+    it is missing or another site's."""
+    referer = urlsplit(request.headers.get("referer", ""))
+    if (referer.scheme, referer.netloc) != (request.url.scheme, request.url.netloc):
+        return None
+    prefix = root(request)
+    if not referer.path.startswith(prefix + "/") or "//" in referer.path or "\\" in referer.path:
+        return None
+    path = referer.path[len(prefix):]
+    return f"{path}?{referer.query}" if referer.query else path
 
 
 def install(app: FastAPI) -> None:

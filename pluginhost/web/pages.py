@@ -3,6 +3,10 @@
 Every form posts the session's CSRF token; a successful change redirects back
 (post/redirect/get) with a one-shot message naming the workers that acknowledged
 it; a rejected one re-renders the page with the error next to the field.
+Disabling goes through a confirmation page that says what uses the plugin.
+
+Every page asked for with ``Accept: application/json`` answers the JSON of its
+``/api`` counterpart instead (``templating.page``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from .auth import (
 from .console import RUN_STATES
 from .errors import status_for
 from .schemas import SORT_END, SORT_MIN, AdminResult
-from .templating import render, root
+from .templating import page, render, root, wants_json
 
 public = APIRouter(include_in_schema=False)
 router = APIRouter(dependencies=[Depends(require_identity)], include_in_schema=False)
@@ -98,8 +102,12 @@ def plugins_page(
     drafts: dict[str, str] | None = None,
     status_code: int = 200,
 ) -> Response:
+    plugins = console.plugins()
+    if wants_json(request):
+        return page(request, "plugins.html", {}, plugins)
     context = {
-        "plugins": console.plugins(),
+        "plugins": plugins,
+        "configs": console.config_views(),
         "workers": console.workers(),
         "errors": errors or {},
         "drafts": drafts or {},
@@ -108,10 +116,13 @@ def plugins_page(
 
 
 def after_change(request: Request, console: ConsoleDep, slug: str, what: str, change: Any, draft: str | None = None) -> Response:
-    """Run an admin change; redirect with its acknowledgements, or re-render with its error."""
+    """Run an admin change; redirect with its acknowledgements, or re-render with its error
+    (a client asking for JSON gets the API's error body)."""
     try:
         result: AdminResult = change()
     except PluginHostError as exc:
+        if wants_json(request):
+            raise
         drafts = {slug: draft} if draft is not None else None
         return plugins_page(request, console, errors={slug: f"{type(exc).__name__}: {exc}"}, drafts=drafts, status_code=status_for(exc))
     request.session["flash"] = {"text": f"{what} '{slug}' (version {result.plugin.version}, store revision {result.revision})", "acks": result.acknowledged_by}
@@ -121,6 +132,14 @@ def after_change(request: Request, console: ConsoleDep, slug: str, what: str, ch
 @router.get("/plugins")
 def plugins(request: Request, console: ConsoleDep) -> Response:
     return plugins_page(request, console)
+
+
+@router.get("/plugins/{slug}/disable")
+def confirm_disable(request: Request, slug: str, console: ConsoleDep) -> Response:
+    """The switch of an enabled plugin leads here: what uses it, then the real POST."""
+    usage = console.usage(slug)
+    context = {"usage": usage, "plugin": console.plugin(slug)}
+    return page(request, "disable.html", context, usage)
 
 
 @router.post("/plugins/{slug}/enabled")
@@ -155,7 +174,8 @@ def move(request: Request, slug: str, console: ConsoleDep, user: User, direction
 
 @router.get("/nav")
 def nav(request: Request, console: ConsoleDep) -> Response:
-    return render(request, "nav.html", {"menus": [console.nav("en"), console.nav("ar")]})
+    menus = [console.nav("en"), console.nav("ar")]
+    return page(request, "nav.html", {"menus": menus}, menus)
 
 
 @router.get("/audit")
@@ -166,12 +186,13 @@ def audit(
     actor: str = "",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
+    entries = console.audit(slug, actor, limit)
     context = {
-        "entries": console.audit(slug, actor, limit),
+        "entries": entries,
         "slugs": [p.slug for p in console.plugins()],
         "filters": {"slug": slug, "actor": actor, "limit": limit},
     }
-    return render(request, "audit.html", context)
+    return page(request, "audit.html", context, entries)
 
 
 # -- workflows -----------------------------------------------------------------
@@ -183,25 +204,26 @@ def workflows(request: Request, console: ConsoleDep) -> Response:
     diagrams = {
         w.name: diagram.render(diagram.plan_boxes(w.plan), title=f"workflow {w.name}", ident=w.name) for w in views
     }
-    return render(request, "workflows.html", {"workflows": views, "diagrams": diagrams})
+    return page(request, "workflows.html", {"workflows": views, "diagrams": diagrams}, views)
 
 
 @flows_router.get("/runs")
 def runs(request: Request, console: ConsoleDep, status: RunStatus | Literal[""] = "", name: str = "") -> Response:
+    found = console.runs(name, status, 100)
     context = {
-        "runs": console.runs(name, status, 100),
+        "runs": found,
         "states": RUN_STATES,
         "filters": {"status": status, "name": name},
         "names": console.workflow_names(),
     }
-    return render(request, "runs.html", context)
+    return page(request, "runs.html", context, found)
 
 
 @flows_router.get("/runs/{run_id}")
 def run(request: Request, run_id: str, console: ConsoleDep) -> Response:
     detail = console.run(run_id)
     svg = diagram.render(diagram.run_boxes(detail.steps), title=f"run {run_id}", ident="run")
-    return render(request, "run.html", {"run": detail, "diagram": svg})
+    return page(request, "run.html", {"run": detail, "diagram": svg}, detail)
 
 
 @flows_router.post("/runs/{run_id}/resume")

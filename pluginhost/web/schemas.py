@@ -94,6 +94,48 @@ class AuditRow(BaseModel):
     summary: str
 
 
+class ConfigField(BaseModel):
+    """One field of a plugin's config model; a secret's default is masked like its value."""
+
+    name: str
+    type: str
+    required: bool
+    default: Any = None
+    secret: bool = False
+    is_set: bool | None = Field(
+        default=None, description="Secrets only: whether the stored config holds a value."
+    )
+
+
+class ConfigView(BaseModel):
+    """A plugin's config model. ``model`` None: none is declared, any JSON object is
+    stored; "unknown" with ``problem``: the stored config does not validate, so the
+    model cannot be read through ``PluginHost.config_for``."""
+
+    slug: str
+    model: str | None
+    fields: list[ConfigField]
+    problem: str | None = Field(
+        default=None, description="Why the stored config does not fit the model."
+    )
+
+
+class WorkflowUse(BaseModel):
+    """The steps of one workflow that run capabilities of a plugin, by their ``on_disabled``."""
+
+    name: str
+    steps: dict[str, str]
+
+
+class UsageView(BaseModel):
+    """What uses a plugin: its declared capabilities and the workflows with steps on them."""
+
+    slug: str
+    enabled: bool
+    capabilities: list[str]
+    workflows: list[WorkflowUse]
+
+
 class PlanRow(BaseModel):
     position: int
     stage: int
@@ -101,6 +143,11 @@ class PlanRow(BaseModel):
     plugin: str
     enabled: bool
     outcome: str = Field(description='"run", "skip" or "fail"')
+    on_disabled: str | None = Field(
+        default=None, description='The step\'s policy: "skip" or "fail".'
+    )
+    retries: int | None = None
+    timeout: float | None = Field(default=None, description="Seconds per attempt (None: no limit).")
 
 
 class WorkflowView(BaseModel):
@@ -117,6 +164,12 @@ class StepRow(BaseModel):
     status: str
     attempts: int
     error: str | None = None
+    note: str | None = Field(
+        default=None, description="Why a skipped step was skipped (not an error)."
+    )
+    output: dict[str, Any] | None = Field(
+        default=None, description="What the step added to the context."
+    )
     plugin_version: int | None = None
     worker: str | None = None
     started_at: datetime | None = None
@@ -140,7 +193,10 @@ class RunDetail(RunSummary):
     """A run with its steps; input, context and output with secret-looking keys masked."""
 
     input: dict[str, Any]
-    context: dict[str, Any]
+    context: dict[str, Any] = Field(
+        description="A succeeded run's final context; otherwise the input merged with the "
+        "outputs of the steps that succeeded so far, in declaration order."
+    )
     output: dict[str, Any] | None = None
     steps: list[StepRow]
 

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fastapi.encoders import jsonable_encoder
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.requests import Request
-from starlette.responses import HTMLResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from .auth import csrf_token
 
@@ -39,8 +40,35 @@ def local_path(request: Request) -> str:
 
 
 def is_api(request: Request) -> bool:
+    """Whether to answer JSON: a machine path, or a page asked for with
+    ``Accept: application/json``."""
     path = local_path(request)
-    return path.startswith(MACHINE_PATHS[0]) or path in MACHINE_PATHS[1:]
+    return path.startswith(MACHINE_PATHS[0]) or path in MACHINE_PATHS[1:] or wants_json(request)
+
+
+def wants_json(request: Request) -> bool:
+    """Whether the Accept header ranks application/json above text/html (a browser's
+    ``text/html,...,*/*;q=0.8`` does not; neither does a bare ``*/*``)."""
+    ranges: dict[str, float] = {}
+    for part in request.headers.get("accept", "").split(","):
+        media, _, params = part.strip().partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        ranges[media.strip().lower()] = max(quality, ranges.get(media.strip().lower(), 0.0))
+
+    def rank(kind: str, sub: str) -> float:
+        for media in (f"{kind}/{sub}", f"{kind}/*", "*/*"):
+            if media in ranges:
+                return ranges[media]
+        return 0.0
+
+    return rank("application", "json") > rank("text", "html")
 
 
 def render(request: Request, name: str, context: dict[str, Any], *, status_code: int = 200) -> HTMLResponse:
@@ -56,4 +84,13 @@ def render(request: Request, name: str, context: dict[str, Any], *, status_code:
         "has_workflows": request.app.state.console.has_workflows,
         **context,
     }
-    return HTMLResponse(env.get_template(name).render(page), status_code=status_code)
+    html = env.get_template(name).render(page)
+    return HTMLResponse(html, status_code=status_code, headers={"Vary": "Accept"})
+
+
+def page(request: Request, name: str, context: dict[str, Any], data: Any) -> Response:
+    """A page: ``data`` as JSON (the body of the page's /api counterpart) when the client
+    asks for JSON, else the template rendered with ``context``."""
+    if wants_json(request):
+        return JSONResponse(jsonable_encoder(data), headers={"Vary": "Accept"})
+    return render(request, name, context)
