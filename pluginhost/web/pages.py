@@ -103,7 +103,7 @@ def plugins_page(
     status_code: int = 200,
 ) -> Response:
     plugins = console.plugins()
-    if wants_json(request):
+    if wants_json(request):  # before workers(): JSON has no use for its wait on worker replies
         return page(request, "plugins.html", {}, plugins)
     context = {
         "plugins": plugins,
