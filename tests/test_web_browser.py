@@ -101,10 +101,13 @@ def page(browser: Any, server: ConsoleProcess) -> Iterator[Any]:
 
 
 def screenshot(page: Any, name: str, tmp_path: Path) -> None:
-    """Full-page PNG in the test's tmp dir and in docs/screenshots/."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    """Full-page PNG in the test's tmp dir; also in docs/screenshots/ when
+    PLUGINHOST_SCREENSHOTS=1 (regenerating the README's pictures is a choice, not
+    a side effect of every test run)."""
     page.screenshot(path=str(tmp_path / name), full_page=True)
-    shutil.copyfile(tmp_path / name, SCREENSHOTS / name)
+    if os.environ.get("PLUGINHOST_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp_path / name, SCREENSHOTS / name)
 
 
 def arabic_menu(page: Any, server: ConsoleProcess) -> list[str]:
