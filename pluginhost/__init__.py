@@ -15,7 +15,18 @@ from .errors import (
     StoreUnavailable,
 )
 from .host import PluginHost
-from .model import AuditEntry, Kind, Plugin, mask_secrets
+from .model import (
+    MASK,
+    SORT_MAX,
+    SORT_MIN,
+    AuditEntry,
+    Kind,
+    Plugin,
+    check_json_object,
+    is_secret_key,
+    mask_secrets,
+    secret_fields,
+)
 from .store import MemoryStore, SQLAlchemyStore, Store
 
 __version__ = "0.1.0"
@@ -26,6 +37,12 @@ __all__ = [
     "Kind",
     "AuditEntry",
     "mask_secrets",
+    "is_secret_key",
+    "secret_fields",
+    "check_json_object",
+    "MASK",
+    "SORT_MIN",
+    "SORT_MAX",
     "CapabilityContext",
     "Store",
     "SQLAlchemyStore",

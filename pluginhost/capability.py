@@ -22,7 +22,13 @@ from celery.utils import uuid
 from pydantic import BaseModel, ValidationError
 
 from . import metrics, settings
-from .errors import CapabilityDisabled, InvalidArgument, InvalidInput, InvalidPlugin, StoreUnavailable
+from .errors import (
+    CapabilityDisabled,
+    InvalidArgument,
+    InvalidInput,
+    InvalidPlugin,
+    StoreUnavailable,
+)
 from .model import Plugin, check_json_object, check_slug, describe_validation_error
 
 if TYPE_CHECKING:

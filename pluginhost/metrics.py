@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
 DISPATCHED = Counter(
     "pluginhost_dispatched", "Capability runs enqueued by run_capability", ["capability"]
@@ -29,13 +29,6 @@ REVISION = Gauge(
     "Store revision of this process's plugin view",
     multiprocess_mode="max",
 )
-STEP_SECONDS = Histogram(
-    "workflows_step_duration_seconds",
-    "Workflow step durations by outcome",
-    ["step", "status"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
-)
-RUNS = Counter("workflows_runs", "Finished workflow runs by outcome", ["workflow", "status"])
 
 
 # The labelled children of the hot-path counters, looked up once per capability
@@ -67,10 +60,3 @@ def executed(capability: str) -> None:
 def applied_revision(revision: int) -> None:
     REVISION.set(revision)
 
-
-def step_finished(step: str, status: str, seconds: float) -> None:
-    STEP_SECONDS.labels(step, status).observe(seconds)
-
-
-def run_finished(workflow: str, status: str) -> None:
-    RUNS.labels(workflow, status).inc()

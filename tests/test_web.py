@@ -1,4 +1,4 @@
-"""The web console (pluginhost.web) through its HTTP interface: every JSON endpoint
+"""The web console (pluginhost_web) through its HTTP interface: every JSON endpoint
 and page, authentication, CSRF, escaping, secrets, metrics, the ``pluginhost web``
 command, and admin changes acknowledged by a real worker."""
 
@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pluginhost import CapabilityDisabled
 from pluginhost.embedded import embedded_conf
-from pluginhost.web import NoCredentials, WebAuth, create_app
+from pluginhost_web import NoCredentials, WebAuth, create_app
 from tests import harness
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,7 +363,7 @@ def test_a_bad_sort_on_the_page_or_the_api_is_4xx_and_writes_nothing(web: Module
 
 def test_every_plugin_host_error_maps_to_an_explicit_status() -> None:
     from pluginhost import errors as ph
-    from pluginhost.web.errors import RunNotFound, WorkflowsNotConfigured, status_for
+    from pluginhost_web.errors import RunNotFound, WorkflowsNotConfigured, status_for
     from workflows.errors import InvalidRunState, InvalidWorkflow, WorkflowNotFound
 
     class InvalidArgument(ph.PluginHostError):

@@ -11,8 +11,9 @@ from celery import Celery, Task, signals
 from celery.exceptions import Ignore, Retry
 from sqlalchemy import create_engine
 
-from pluginhost import CapabilityDisabled, InvalidInput, PluginHost, metrics, settings
+from pluginhost import CapabilityDisabled, InvalidInput, PluginHost, settings
 
+from . import metrics
 from .errors import InvalidWorkflow
 from .hotpath import Outcome
 from .store import DONE, WorkflowStore

@@ -9,8 +9,7 @@ from typing import Any
 from celery.result import AsyncResult
 from pydantic import BaseModel
 
-from pluginhost import InvalidInput, PluginHost
-from pluginhost.model import check_json_object
+from pluginhost import InvalidInput, PluginHost, check_json_object
 
 from .compile import build, layout
 from .definition import Workflow

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException
 
-from ..errors import (
+from pluginhost import (
     CapabilityDisabled,
     CapabilityNotFound,
     ConcurrentUpdate,
@@ -22,6 +22,7 @@ from ..errors import (
     PluginNotFound,
     StoreUnavailable,
 )
+
 from .auth import CsrfFailed, NotAuthenticated
 from .origin import OriginRefused
 from .templating import is_api, local_path, render, root

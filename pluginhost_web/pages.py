@@ -18,7 +18,8 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
-from ..errors import PluginHostError
+from pluginhost import PluginHostError
+
 from . import diagram
 from .api import ConsoleDep, RunStatus, User
 from .auth import (

@@ -8,8 +8,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__
-from ..host import PluginHost
+from pluginhost import PluginHost, __version__
+
 from . import api, errors, metrics, pages
 from .auth import WebAuth, require_identity
 from .console import Console, FlowsLike

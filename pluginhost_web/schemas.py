@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from ..model import Kind, Plugin
+from pluginhost import Kind, Plugin
 
 # -- requests ------------------------------------------------------------------
 

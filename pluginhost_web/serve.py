@@ -6,7 +6,8 @@ import importlib
 import logging
 from typing import Any
 
-from ..host import PluginHost
+from pluginhost import PluginHost
+
 from .app import create_app
 from .auth import NoCredentials, WebAuth
 from .console import FlowsLike

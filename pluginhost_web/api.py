@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import Response
 
-from ..model import Kind, Plugin
+from pluginhost import Kind, Plugin
+
 from . import diagram
 from .auth import Identity, csrf_token, current_user, require_identity
 from .console import Console

@@ -16,9 +16,19 @@ from typing import Any, Literal, Protocol, get_args
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from ..errors import InvalidArgument, InvalidConfig, PluginNotFound
-from ..host import PluginHost
-from ..model import MASK, SORT_MAX, Plugin, is_secret_key, mask_secrets, secret_fields
+from pluginhost import (
+    MASK,
+    SORT_MAX,
+    InvalidArgument,
+    InvalidConfig,
+    Plugin,
+    PluginHost,
+    PluginNotFound,
+    is_secret_key,
+    mask_secrets,
+    secret_fields,
+)
+
 from .errors import RunNotFound, WorkflowsNotConfigured
 from .schemas import (
     AdminResult,
