@@ -99,7 +99,10 @@ class PluginHost:
         def open_it() -> Store:
             # read when first needed, so config loaded after the host is created counts
             spec = store or settings.value(self.app, "pluginhost_store")
-            return open_store(spec or f"sqlite:///{Path.cwd() / 'pluginhost.db'}")
+            return open_store(
+                spec or f"sqlite:///{Path.cwd() / 'pluginhost.db'}",
+                timeout_s=settings.value(self.app, "pluginhost_store_timeout_s"),
+            )
 
         return open_it
 

@@ -28,6 +28,7 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("pluginhost_store", None, "Store URL (`memory://`, `sqlite:///...`, `postgresql://...`); default `sqlite:///pluginhost.db` in the working directory."),
     Setting("pluginhost_auto_migrate", True, "Upgrade a SQL store's schema on first use (else `pluginhost db upgrade`)."),
+    Setting("pluginhost_store_timeout_s", 2.0, "Deadline of every store call (connecting, lock waits, a server or network that stops answering): past it `StoreUnavailable`, fail closed.", number=True),
     Setting("pluginhost_poll_interval_s", 2.0, "How often a worker reads the store revision (missed broadcasts, direct SQL).", replaces="pluginhost_poll_interval", number=True),
     Setting("pluginhost_heartbeat_interval_s", 10.0, "How often a worker reports itself alive in the store's worker registry.", replaces="pluginhost_heartbeat_interval", number=True),
     Setting("pluginhost_defer_interval_s", 2.0, "`on_disabled=\"defer\"`: how long a run waits before it is tried again.", replaces="pluginhost_defer_interval", number=True),

@@ -15,10 +15,12 @@ class TcpProxy:
     ``cut()`` resets every open connection and refuses new ones (the database
     "goes away"); ``blackhole()`` accepts connections and never answers (an
     unreachable host: clients wait for their timeout); ``stall()`` keeps every
-    open connection and accepts new ones but forwards nothing in either direction
-    (a hung network path or pgbouncer: no reset, no FIN, the kernel still acks
-    what clients send); ``restore()`` forwards again on the same port, and
-    stalled connections resume where they stopped.
+    open connection and accepts new ones (connected to the server as usual) but
+    forwards nothing in either direction (a hung network path or pgbouncer: no
+    reset, no FIN, the kernel still acks what clients send); ``restore()``
+    forwards again on the same port: stalled connections resume where they
+    stopped, connections accepted while blackholed (they never reached the
+    server) are reset, as a client's retransmitted handshake would then succeed.
     """
 
     def __init__(self, target: tuple[str, int]) -> None:
@@ -26,6 +28,7 @@ class TcpProxy:
         self.mode = "forward"
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
+        self._unpiped: list[socket.socket] = []  # accepted while blackholed
         self._listener: socket.socket | None = None
         self._stopped = threading.Event()
         probe = socket.socket()
@@ -61,6 +64,12 @@ class TcpProxy:
     def restore(self) -> None:
         with self._lock:
             self.mode = "forward"
+            for conn in self._unpiped:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    conn.close()
+            self._unpiped.clear()
             if self._listener is None:
                 self._listen()
 
@@ -95,6 +104,7 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 conn.close()
         self._conns.clear()
+        self._unpiped.clear()
 
     def _accept_loop(self) -> None:
         while not self._stopped.is_set():
@@ -108,7 +118,8 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns.append(client)
-                if self.mode in ("blackhole", "stall"):
+                if self.mode == "blackhole":
+                    self._unpiped.append(client)
                     continue
                 try:
                     upstream = socket.create_connection(self.target, timeout=2)
@@ -126,6 +137,8 @@ class TcpProxy:
                     self._stopped.wait(0.02)  # hold the bytes: nothing read, nothing sent
                     continue
                 ready, _, _ = select.select(list(pair), [], [], 0.2)
+                if self.mode == "stall":
+                    continue  # stalled while waiting: what just arrived is held, not forwarded
                 for sock in ready:
                     data = sock.recv(65536)
                     if not data:

@@ -180,6 +180,7 @@ def test_a_pool_process_that_cannot_reload_runs_nothing_and_loses_nothing(
     assert host.task("pure").delay({"n": 0}).get(timeout=20)["echo"] == {"n": 0}
 
     queued = host.task("pure").apply_async(args=({"n": 1},), countdown=2)  # bypasses dispatch
+    assert host.refresh(wait=True, timeout=5) == [worker.hostname]  # the main process's revision reader is connected
     time.sleep(0.5)  # received: it waits in the worker for its ETA
     set_login(False)  # open connections keep working; no new one can be made
     acks = host.disable("pure", wait=True, timeout=5)

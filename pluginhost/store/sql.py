@@ -2,29 +2,52 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, select, update
+from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from ..errors import ConcurrentUpdate, PluginNotFound, StoreUnavailable
+from ..errors import (
+    ConcurrentUpdate,
+    InvalidArgument,
+    PluginHostError,
+    PluginNotFound,
+    StoreUnavailable,
+)
 from ..model import AuditEntry, Kind, Plugin
 from . import schema
 from .base import MUTABLE_FIELDS, Written, audit_records, next_version
+from .deadline import WATCHDOG, Breaker, Call, Overrun
+from .engines import REVISION_SQL, SQLITE_ADMIN_BUSY_S, DbapiReader, make_engine
 from .migrate import migrate
+from .postgres import (
+    KEEPALIVE,
+    QUERY_CANCELED,
+    UNDEFINED_TABLE,
+    PgRevisionReader,
+    ReadFailed,
+)
 
 log = logging.getLogger("pluginhost.store")
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _PLUGIN_COLUMNS = [c for c in schema.plugins.c]
+#: While the store is not answering, how long a call waits for the background
+#: probe to find it answering again before it fails.
+STALLED_WAIT_S = 0.1
 
 
 class SQLAlchemyStore:
@@ -32,47 +55,141 @@ class SQLAlchemyStore:
 
     ``url`` is any SQLAlchemy URL (``sqlite:///path.db``,
     ``postgresql+psycopg://user@host/db``). The schema is managed by Alembic
-    (``migrate()``, or ``pluginhost db upgrade``). ``connect_timeout_s`` bounds how
-    long a call waits for an unreachable database before ``StoreUnavailable``.
+    (``migrate()``, or ``pluginhost db upgrade``).
+
+    Every call but ``migrate()`` has a deadline, ``timeout_s``
+    (``pluginhost_store_timeout_s``): past it, ``StoreUnavailable``. On PostgreSQL
+    it covers connecting, lock waits and a server or network path that stops
+    answering; a write cut off after its COMMIT was sent says that its outcome is
+    unknown, any other failed write that nothing was written. On SQLite reads
+    never wait (WAL); the worker registry and ``ensure`` wait at most ``timeout_s``
+    for the file's write lock, admin writes at most 30 s (a writer holding the
+    lock is progressing, not hung). ``connect_timeout_s`` is the former name of
+    ``timeout_s``.
+
+    Admin writes are one transaction each, on a pool that only this store's calls
+    use. Revision reads use connections of their own, outside any pool: a free
+    list of at most ``idle_readers`` idle ones, each used by one caller at a time
+    (not one per thread: under gevent that would be one per task).
     """
 
-    def __init__(self, url: str, *, connect_timeout_s: float = 2.0, pool_size: int = 5) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 2.0,
+        connect_timeout_s: float | None = None,
+        pool_size: int = 5,
+        idle_readers: int = 8,
+    ) -> None:
+        timeout = timeout_s if connect_timeout_s is None else connect_timeout_s
+        if not _is_number(timeout) or not math.isfinite(timeout) or timeout <= 0:
+            raise InvalidArgument(f"store timeout_s must be seconds > 0: {timeout!r}")
+        if not _is_number(idle_readers) or idle_readers != int(idle_readers) or idle_readers < 0:
+            raise InvalidArgument(f"store idle_readers must be an integer >= 0: {idle_readers!r}")
         self.url = _normalise_url(url)
         self.dialect = make_url(self.url).get_backend_name()
-        self.connect_timeout_s = connect_timeout_s
-        self._engine = _make_engine(self.url, self.dialect, connect_timeout_s, pool_size)
-        self._local = threading.local()
+        self.timeout_s = self.connect_timeout_s = float(timeout)
+        self.idle_readers = int(idle_readers)
+        self._idle_readers: list[Any] = []
+        database = make_url(self.url).database
+        self._memory = self.dialect == "sqlite" and database in (None, "", ":memory:")
+        self._local = threading.local()  # the deadline of the pooled call this thread makes
         self._pid = os.getpid()
+        self._breaker = Breaker(self._probe)
+        # Two pools: this store's own calls (session timeouts on PostgreSQL, a
+        # per-call busy timeout on SQLite), and the public ``engine`` that
+        # migrations, the workflows store and direct SQL use unchanged.
+        engine_args = (self.url, self.dialect, self.timeout_s, pool_size, self._current_call)
+        self._calls = make_engine(*engine_args, own=True)
+        self._engine = make_engine(*engine_args, own=False)
 
     # -- schema ----------------------------------------------------------------
 
     def migrate(self) -> None:
-        """Bring the schema to the newest migration (idempotent, safe to race)."""
-        self._guard(lambda: migrate(self._engine, MIGRATIONS, "pluginhost_alembic_version"))
+        """Bring the schema to the newest migration (idempotent, safe to race).
+
+        No deadline: an upgrade, or waiting for another process's, takes what it takes.
+        """
+        if os.getpid() != self._pid:
+            self.after_fork()
+        try:
+            migrate(self._engine, MIGRATIONS, "pluginhost_alembic_version")
+        except IntegrityError:
+            raise
+        except DBAPIError as exc:
+            raise self._unreachable(_reason(exc)) from None
 
     @property
     def engine(self) -> Engine:
+        """The SQLAlchemy engine of this store's database, for migrations and direct SQL."""
         return self._engine
 
     # -- reads -----------------------------------------------------------------
 
     def revision(self) -> int:
         # The hot path (every dispatch check, worker polls and refreshes): one
-        # primary-key read, one round trip, on a driver connection kept per thread
-        # in autocommit (no BEGIN/ROLLBACK), without SQLAlchemy's per-call overhead.
-        for attempt in (1, 2):
-            fresh = getattr(self._local, "cursor", None) is None
-            try:
-                return self._raw_cursor()()
-            except Exception as exc:
-                self._drop_raw()
-                if _is_missing_table(exc):
-                    return 0
-                if fresh or attempt == 2:
-                    # a new connection failed too: the store is really unreachable
-                    raise StoreUnavailable(f"store {self._safe_url()} is unreachable: {_reason(exc)}") from None
-                # the kept connection died (an outage that is over): retry on a new one
-        raise AssertionError("unreachable")
+        # prepared primary-key read, one round trip, on a reader connection of its
+        # own (outside the pool: no BEGIN/ROLLBACK, no SQLAlchemy per-call cost),
+        # within the deadline.
+        if self._pid != os.getpid():
+            self.after_fork()
+        if self._memory:  # an in-memory database exists once per pooled connection
+            return self._read(_revision_of)
+        if self._breaker.open:
+            self._check_answering(write=False)
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            reader = self._idle_readers.pop()
+        except IndexError:
+            return self._read_on_new_reader(deadline)
+        try:
+            revision = reader.read(deadline)
+        except Exception as exc:
+            # an idle reader that died (an outage that is over): once more on a
+            # new one, within the same deadline
+            return self._revision_failed(exc, reader, deadline, retry=True)
+        self._give_back(reader)
+        return revision
+
+    def _read_on_new_reader(self, deadline: float) -> int:
+        try:
+            reader = self._open_reader(deadline)
+        except Exception as exc:
+            return self._revision_failed(exc, None, deadline, retry=False)
+        try:
+            revision = reader.read(deadline)
+        except Exception as exc:
+            return self._revision_failed(exc, reader, deadline, retry=False)
+        self._give_back(reader)
+        return revision
+
+    def _revision_failed(self, exc: Exception, reader: Any, deadline: float, *, retry: bool) -> int:
+        sqlstate = exc.sqlstate if isinstance(exc, ReadFailed) else None
+        if sqlstate == QUERY_CANCELED:
+            # the server gave up at its statement_timeout (a lock held that long):
+            # it answered, so the reader is still good
+            self._give_back(reader)
+            raise self._unreachable(f"{self._no_answer()}: {exc}") from None
+        if reader is not None:
+            _close_quietly(reader)
+        if isinstance(exc, Overrun):  # no answer at all: a stalled server or network path
+            self._breaker.trip()
+            raise self._unreachable(self._no_answer()) from None
+        if sqlstate == UNDEFINED_TABLE or _is_missing_table(exc):
+            return 0  # not migrated yet
+        if retry:
+            return self._read_on_new_reader(deadline)
+        raise self._unreachable(_reason(exc)) from None
+
+    def _give_back(self, reader: Any) -> None:
+        """Return a reader to the free list, or close it if enough are idle already."""
+        if reader is None:
+            return
+        if len(self._idle_readers) < self.idle_readers:
+            self._idle_readers.append(reader)
+        else:
+            _close_quietly(reader)
 
     def load(self) -> tuple[int, list[Plugin]]:
         def read(conn: Connection) -> tuple[int, list[Plugin]]:
@@ -123,7 +240,7 @@ class SQLAlchemyStore:
             fields = {f: getattr(plugin, f) for f in MUTABLE_FIELDS}
             return self._apply(conn, current, fields, "register", actor, expected_version)
 
-        return self._write(write)
+        return self._write(write, admin=True)
 
     def update(
         self,
@@ -140,7 +257,7 @@ class SQLAlchemyStore:
                 raise PluginNotFound(f"plugin '{slug}' not found")
             return self._apply(conn, current, changes, action, actor, expected_version)
 
-        return self._write(write)
+        return self._write(write, admin=True)
 
     def ensure(self, plugins: Iterable[Plugin], *, actor: str | None = None) -> list[Plugin]:
         wanted = {p.slug: p for p in plugins}
@@ -185,12 +302,19 @@ class SQLAlchemyStore:
         return self._read(read)
 
     def close(self) -> None:
-        self._drop_raw()
+        while self._idle_readers:
+            _close_quietly(self._idle_readers.pop())
+        self._calls.dispose()
         self._engine.dispose()
 
     def after_fork(self) -> None:
         """Forget connections inherited from a parent process (call in a forked child)."""
+        # Dropped, not closed: closing would end the parent's sessions (psycopg
+        # leaves a connection alone when it is collected in another process).
+        self._idle_readers = []
         self._local = threading.local()
+        self._breaker = Breaker(self._probe)  # the parent's probe thread is not here
+        self._calls.dispose(close=False)
         self._engine.dispose(close=False)
         self._pid = os.getpid()
 
@@ -253,63 +377,173 @@ class SQLAlchemyStore:
         return int(conn.execute(select(schema.revision.c.revision)).scalar_one())
 
     def _read(self, fn: Callable[[Connection], T]) -> T:
-        def run() -> T:
-            with self._engine.connect() as conn:
-                return fn(conn)
+        return self._call(fn, write=False)
 
-        return self._guard(run)
+    def _write(self, fn: Callable[[Connection], T], *, admin: bool = False) -> T:
+        return self._call(fn, write=True, admin=admin)
 
-    def _write(self, fn: Callable[[Connection], T]) -> T:
-        def run() -> T:
-            for attempt in range(3):
-                try:
-                    with self._engine.connect() as conn:
-                        conn = conn.execution_options(pluginhost_write=True)
-                        with conn.begin():
-                            return fn(conn)
-                except IntegrityError:
-                    # Two writers inserted the same slug at once: the loser retries
-                    # and now sees the row (and updates it under the row lock).
-                    if attempt == 2:
-                        raise
-            raise AssertionError("unreachable")
-
-        return self._guard(run)
-
-    def _guard(self, fn: Callable[[], T]) -> T:
+    def _call(self, fn: Callable[[Connection], T], *, write: bool, admin: bool = False) -> T:
+        """Run ``fn`` on a pooled connection of this store, within the deadline; a
+        write is one transaction (committed here, rolled back on any error)."""
         if os.getpid() != self._pid:
             self.after_fork()
-        try:
-            return fn()
-        except (OperationalError, DBAPIError) as exc:
-            if isinstance(exc, IntegrityError):
-                raise
-            raise StoreUnavailable(f"store {self._safe_url()} is unreachable: {_reason(exc)}") from None
-
-    def _raw_cursor(self) -> Callable[[], int]:
-        """This thread's revision reader (made on first use, on its own connection)."""
-        if os.getpid() != self._pid:
-            self.after_fork()
-        reader = getattr(self._local, "cursor", None)
-        if reader is None:
-            raw = self._engine.raw_connection()
-            reader = _pg_reader(raw.driver_connection) if self.dialect == "postgresql" else _dbapi_reader(raw)
-            self._local.raw, self._local.cursor = raw, reader
-        return reader
-
-    def _drop_raw(self) -> None:
-        raw = getattr(self._local, "raw", None)
-        self._local.raw = self._local.cursor = None
-        if raw is not None:
+        self._check_answering(write=write)
+        bound_s = SQLITE_ADMIN_BUSY_S if admin and self.dialect == "sqlite" else self.timeout_s
+        with self._deadline() as call:
             try:
-                raw.invalidate()
-            except Exception:  # the connection is already gone
-                pass
+                return self._attempts(fn, call, write=write, busy_ms=int(bound_s * 1000))
+            except (IntegrityError, PluginHostError):
+                raise
+            except (DBAPIError, DisconnectionError, PoolTimeout, Overrun) as exc:
+                if call.fired or isinstance(exc, Overrun):  # no answer at all
+                    self._breaker.trip()
+                raise self._unavailable(exc, call, write=write, bound_s=bound_s) from None
+
+    def _attempts(
+        self, fn: Callable[[Connection], T], call: Call, *, write: bool, busy_ms: int
+    ) -> T:
+        for attempt in range(3):
+            try:
+                with self._calls.connect() as conn:
+                    if self.dialect == "sqlite":
+                        conn = conn.execution_options(
+                            pluginhost_write=write, pluginhost_busy_ms=busy_ms
+                        )
+                    if not write:
+                        return fn(conn)
+                    transaction = conn.begin()
+                    result = fn(conn)
+                    call.committing = True
+                    transaction.commit()
+                    return result
+            except IntegrityError:
+                # Two writers inserted the same slug at once: the loser retries
+                # and now sees the row (and updates it under the row lock).
+                call.committing = False
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _check_answering(self, *, write: bool) -> None:
+        """Fail at once (after ``STALLED_WAIT_S`` at most) while the store is not
+        answering: a caller such as a worker's event loop must not wait the whole
+        timeout on every call of an outage."""
+        breaker = self._breaker
+        if breaker.open and not breaker.wait(min(STALLED_WAIT_S, self.timeout_s)):
+            silent_s = time.monotonic() - breaker.since
+            nothing = "; nothing was written" if write else ""
+            raise self._unreachable(
+                f"{self._no_answer()}; no answer for {silent_s:.1f} s,"
+                f" retried in the background{nothing}"
+            )
+
+    def _probe(self) -> bool:
+        """One attempt to reach the store (the breaker's probe): whether it answered."""
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            reader = self._open_reader(deadline)
+        except Overrun:
+            return False
+        except Exception:
+            return True  # refused, or an error from the server: an answer
+        try:
+            reader.read(deadline)
+        except Overrun:
+            return False
+        except Exception:
+            pass
+        finally:
+            reader.close()
+        return True
+
+    @contextmanager
+    def _deadline(self) -> Iterator[Call]:
+        """The deadline of the pooled call this thread makes now (the pool events
+        in postgres.py find it and register the connections it uses)."""
+        call = Call(self.timeout_s)
+        if self.dialect == "postgresql":
+            WATCHDOG.arm(call)
+        self._local.call = call
+        try:
+            yield call
+        finally:
+            call.finish()
+            self._local.call = None
+
+    def _current_call(self) -> Call | None:
+        return getattr(self._local, "call", None)
+
+    def _unavailable(
+        self, exc: BaseException, call: Call, *, write: bool, bound_s: float
+    ) -> StoreUnavailable:
+        """The ``StoreUnavailable`` for a failed call: what happened, and for a write
+        whether it certainly wrote nothing or its outcome is unknown."""
+        orig = getattr(exc, "orig", None) or exc
+        sqlstate = getattr(orig, "sqlstate", None)
+        if call.fired or isinstance(exc, Overrun):
+            what = self._no_answer(bound_s)
+        elif sqlstate == QUERY_CANCELED or "database is locked" in str(orig):
+            what = f"{self._no_answer(bound_s)}: {_reason(exc)}"  # the server's own word
+        else:
+            what = _reason(exc)
+        if not write:
+            return self._unreachable(what)
+        # Only an answer from the server says what became of a COMMIT it was sent;
+        # a lost connection (or an error of class 08/57, which may end the session
+        # around the commit) leaves it unknown. SQLite is local: it always answers.
+        answered = sqlstate is not None and sqlstate[:2] not in ("08", "57")
+        if call.committing and self.dialect == "postgresql" and not answered:
+            return self._unreachable(
+                f"{what}; the write's outcome is unknown: its COMMIT was sent and not answered"
+                " (read the record or the audit log before retrying)"
+            )
+        return self._unreachable(f"{what}; nothing was written")
+
+    def _unreachable(self, what: str) -> StoreUnavailable:
+        return StoreUnavailable(f"store {self._safe_url()} is unreachable: {what}")
+
+    def _no_answer(self, bound_s: float | None = None) -> str:
+        if bound_s is None or bound_s == self.timeout_s:
+            return f"no answer within {self.timeout_s:g} s (pluginhost_store_timeout_s)"
+        return f"no answer within {bound_s:g} s"
+
+    def _open_reader(self, deadline: float) -> Any:
+        """A new revision reader, on a driver connection that never enters a pool."""
+        if self.dialect == "postgresql":
+            return PgRevisionReader(self._conninfo, REVISION_SQL, self.timeout_s, deadline)
+        # SQLite (a file; WAL: a read never waits for a writer, the busy timeout
+        # covers the rare moments it would, WAL recovery after a crash)
+        cargs, cparams = self._calls.dialect.create_connect_args(self._calls.url)
+        options = {"timeout": self.timeout_s, "check_same_thread": False, "isolation_level": None}
+        conn = self._calls.dialect.loaded_dbapi.connect(*cargs, **{**cparams, **options})
+        return DbapiReader(conn)
+
+    @functools.cached_property
+    def _conninfo(self) -> bytes:
+        """libpq parameters of the URL, for the revision readers."""
+        from psycopg.conninfo import make_conninfo
+
+        _, cparams = self._calls.dialect.create_connect_args(self._calls.url)
+        params = {k: v for k, v in cparams.items() if isinstance(v, (str, int))}
+        return make_conninfo("", **{**params, **KEEPALIVE}).encode()
 
     def _safe_url(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
 
 
+def _revision_of(conn: Connection) -> int:
+    return int(conn.execute(select(schema.revision.c.revision)).scalar_one())
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _close_quietly(reader: Any) -> None:
+    try:
+        reader.close()
+    except Exception:  # the connection is already gone
+        pass
 
 
 def _normalise_url(url: str) -> str:
@@ -317,93 +551,6 @@ def _normalise_url(url: str) -> str:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
-
-
-# A dead peer (a partition that drops packets) is noticed in ~3 s, not hours.
-_KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 1, "keepalives_interval": 1, "keepalives_count": 2}
-
-
-def _make_engine(url: str, dialect: str, connect_timeout_s: float, pool_size: int) -> Engine:
-    if dialect == "sqlite":
-        path = make_url(url).database
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-
-        @event.listens_for(engine, "connect")
-        def _connect(dbapi_conn: Any, _record: Any) -> None:
-            # Let SQLAlchemy emit BEGIN itself so writers can take the lock up front.
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _begin(conn: Connection) -> None:
-            # Writers serialise on BEGIN IMMEDIATE: read-modify-write is atomic.
-            immediate = conn.get_execution_options().get("pluginhost_write")
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-        return engine
-    if dialect == "postgresql":
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            from ..errors import StoreUnavailable as _E
-
-            raise _E('PostgreSQL needs psycopg 3: pip install "pluginhost[postgres]"') from None
-        # pre_ping: after an outage, pooled connections are dead; checking them
-        # on checkout makes the first call after recovery succeed. The hot paths
-        # (revision reads) do not go through the pool.
-        return create_engine(
-            url,
-            pool_size=pool_size,
-            pool_pre_ping=True,
-            connect_args={"connect_timeout": max(1, round(connect_timeout_s)), **_KEEPALIVE},
-        )
-    return create_engine(url)
-
-
-_REVISION_SQL = "SELECT revision FROM pluginhost_revision WHERE id = 1"
-
-
-def _pg_reader(driver: Any) -> Callable[[], int]:
-    # A server-side prepared statement through libpq directly: one round trip
-    # and ~35 us less Python than a psycopg cursor, on every dispatch.
-    from psycopg import OperationalError
-    from psycopg.pq import ExecStatus
-
-    driver.autocommit = True
-    pg = driver.pgconn
-    prepared = pg.prepare(b"pluginhost_revision", _REVISION_SQL.encode())
-    if prepared.status != ExecStatus.COMMAND_OK:
-        message = prepared.error_message.decode(errors="replace")
-        # A pooled connection that served a reader before (its thread ended and
-        # returned it to the pool) keeps the statement: same text, reuse it.
-        if "already exists" not in message:
-            raise OperationalError(message)
-
-    def read() -> int:
-        res = pg.exec_prepared(b"pluginhost_revision", None)
-        if res.status != ExecStatus.TUPLES_OK:
-            raise OperationalError(res.error_message.decode(errors="replace") or "revision read failed")
-        value = res.get_value(0, 0) if res.ntuples else None
-        return int(value) if value is not None else 0
-
-    return read
-
-
-def _dbapi_reader(raw: Any) -> Callable[[], int]:
-    cur = raw.cursor()
-
-    def read() -> int:
-        cur.execute(_REVISION_SQL)
-        row = cur.fetchone()
-        return int(row[0]) if row else 0
-
-    return read
 
 
 def _plugin(row: Any) -> Plugin:
