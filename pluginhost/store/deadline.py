@@ -134,6 +134,7 @@ class Watchdog:
             with cond:
                 now = time.monotonic()
                 due = []
+                # finished calls leave the heap lazily, once they reach its top
                 while heap and (heap[0][2].done or heap[0][0] <= now):
                     call = heapq.heappop(heap)[2]
                     if not call.done:

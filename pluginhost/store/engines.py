@@ -1,5 +1,5 @@
 """The engines of ``SQLAlchemyStore``: its own pool and the public one, on SQLite
-or PostgreSQL, and the SQLite revision reader."""
+or PostgreSQL."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from .postgres import KEEPALIVE, watch_pool
 
 #: How long SQLite admin writes wait for the database file's write lock.
 SQLITE_ADMIN_BUSY_S = 30.0
-REVISION_SQL = "SELECT revision FROM pluginhost_revision WHERE id = 1"
 
 
 def make_engine(
@@ -80,23 +79,3 @@ def make_engine(
         watch_pool(engine, current_call, timeout_s if own else None)
         return engine
     return create_engine(url)
-
-
-class DbapiReader:
-    """A revision reader on a DB-API connection (SQLite)."""
-
-    __slots__ = ("conn", "cur")
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.cur = conn.cursor()
-
-    def read(self, _deadline: float) -> int:
-        self.cur.execute(REVISION_SQL)
-        rows = self.cur.fetchall()  # to the end: no statement left open holding a read snapshot
-        return int(rows[0][0]) if rows else 0
-
-    def close(self) -> None:
-        self.conn.close()
-
-

@@ -30,15 +30,10 @@ from ..model import AuditEntry, Kind, Plugin
 from . import schema
 from .base import MUTABLE_FIELDS, Written, audit_records, next_version
 from .deadline import WATCHDOG, Breaker, Call, Overrun
-from .engines import REVISION_SQL, SQLITE_ADMIN_BUSY_S, DbapiReader, make_engine
+from .engines import SQLITE_ADMIN_BUSY_S, make_engine
 from .migrate import migrate
-from .postgres import (
-    KEEPALIVE,
-    QUERY_CANCELED,
-    UNDEFINED_TABLE,
-    PgRevisionReader,
-    ReadFailed,
-)
+from .postgres import KEEPALIVE, QUERY_CANCELED, PgRevisionReader
+from .readers import REVISION_SQL, DbapiReader, RevisionReaders
 
 log = logging.getLogger("pluginhost.store")
 T = TypeVar("T")
@@ -91,12 +86,12 @@ class SQLAlchemyStore:
         self.dialect = make_url(self.url).get_backend_name()
         self.timeout_s = self.connect_timeout_s = float(timeout)
         self.idle_readers = int(idle_readers)
-        self._idle_readers: list[Any] = []
         database = make_url(self.url).database
         self._memory = self.dialect == "sqlite" and database in (None, "", ":memory:")
         self._local = threading.local()  # the deadline of the pooled call this thread makes
         self._pid = os.getpid()
         self._breaker = Breaker(self._probe)
+        self._readers = self._new_readers()
         # Two pools: this store's own calls (session timeouts on PostgreSQL, a
         # per-call busy timeout on SQLite), and the public ``engine`` that
         # migrations, the workflows store and direct SQL use unchanged.
@@ -131,65 +126,14 @@ class SQLAlchemyStore:
         # The hot path (every dispatch check, worker polls and refreshes): one
         # prepared primary-key read, one round trip, on a reader connection of its
         # own (outside the pool: no BEGIN/ROLLBACK, no SQLAlchemy per-call cost),
-        # within the deadline.
+        # within the deadline (readers.py).
         if self._pid != os.getpid():
             self.after_fork()
         if self._memory:  # an in-memory database exists once per pooled connection
             return self._read(_revision_of)
         if self._breaker.open:
             self._check_answering(write=False)
-        deadline = time.monotonic() + self.timeout_s
-        try:
-            reader = self._idle_readers.pop()
-        except IndexError:
-            return self._read_on_new_reader(deadline)
-        try:
-            revision = reader.read(deadline)
-        except Exception as exc:
-            # an idle reader that died (an outage that is over): once more on a
-            # new one, within the same deadline
-            return self._revision_failed(exc, reader, deadline, retry=True)
-        self._give_back(reader)
-        return revision
-
-    def _read_on_new_reader(self, deadline: float) -> int:
-        try:
-            reader = self._open_reader(deadline)
-        except Exception as exc:
-            return self._revision_failed(exc, None, deadline, retry=False)
-        try:
-            revision = reader.read(deadline)
-        except Exception as exc:
-            return self._revision_failed(exc, reader, deadline, retry=False)
-        self._give_back(reader)
-        return revision
-
-    def _revision_failed(self, exc: Exception, reader: Any, deadline: float, *, retry: bool) -> int:
-        sqlstate = exc.sqlstate if isinstance(exc, ReadFailed) else None
-        if sqlstate == QUERY_CANCELED:
-            # the server gave up at its statement_timeout (a lock held that long):
-            # it answered, so the reader is still good
-            self._give_back(reader)
-            raise self._unreachable(f"{self._no_answer()}: {exc}") from None
-        if reader is not None:
-            _close_quietly(reader)
-        if isinstance(exc, Overrun):  # no answer at all: a stalled server or network path
-            self._breaker.trip()
-            raise self._unreachable(self._no_answer()) from None
-        if sqlstate == UNDEFINED_TABLE or _is_missing_table(exc):
-            return 0  # not migrated yet
-        if retry:
-            return self._read_on_new_reader(deadline)
-        raise self._unreachable(_reason(exc)) from None
-
-    def _give_back(self, reader: Any) -> None:
-        """Return a reader to the free list, or close it if enough are idle already."""
-        if reader is None:
-            return
-        if len(self._idle_readers) < self.idle_readers:
-            self._idle_readers.append(reader)
-        else:
-            _close_quietly(reader)
+        return self._readers.read()
 
     def load(self) -> tuple[int, list[Plugin]]:
         def read(conn: Connection) -> tuple[int, list[Plugin]]:
@@ -302,8 +246,7 @@ class SQLAlchemyStore:
         return self._read(read)
 
     def close(self) -> None:
-        while self._idle_readers:
-            _close_quietly(self._idle_readers.pop())
+        self._readers.close()
         self._calls.dispose()
         self._engine.dispose()
 
@@ -311,9 +254,9 @@ class SQLAlchemyStore:
         """Forget connections inherited from a parent process (call in a forked child)."""
         # Dropped, not closed: closing would end the parent's sessions (psycopg
         # leaves a connection alone when it is collected in another process).
-        self._idle_readers = []
         self._local = threading.local()
         self._breaker = Breaker(self._probe)  # the parent's probe thread is not here
+        self._readers = self._new_readers()
         self._calls.dispose(close=False)
         self._engine.dispose(close=False)
         self._pid = os.getpid()
@@ -507,6 +450,16 @@ class SQLAlchemyStore:
             return f"no answer within {self.timeout_s:g} s (pluginhost_store_timeout_s)"
         return f"no answer within {bound_s:g} s"
 
+    def _new_readers(self) -> RevisionReaders:
+        return RevisionReaders(
+            self._open_reader,
+            timeout_s=self.timeout_s,
+            idle=self.idle_readers,
+            breaker=self._breaker,
+            unreachable=self._unreachable,
+            no_answer=self._no_answer(),
+        )
+
     def _open_reader(self, deadline: float) -> Any:
         """A new revision reader, on a driver connection that never enters a pool."""
         if self.dialect == "postgresql":
@@ -537,13 +490,6 @@ def _revision_of(conn: Connection) -> int:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _close_quietly(reader: Any) -> None:
-    try:
-        reader.close()
-    except Exception:  # the connection is already gone
-        pass
 
 
 def _normalise_url(url: str) -> str:
@@ -595,9 +541,3 @@ def _now() -> datetime:
 def _reason(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def _is_missing_table(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "no such table" in text or "does not exist" in text and "relation" in text
-
