@@ -45,9 +45,8 @@ def test_the_console_adds_the_web_command_and_the_old_import_path_warns() -> Non
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode != 0 and "pluginhost.web is now pluginhost_web" in done.stderr
-    from pluginhost_web import create_app
-
     import pluginhost.web as old
+    from pluginhost_web import create_app
 
     assert old.create_app is create_app
     helptext = subprocess.run(
