@@ -3,6 +3,7 @@
     python -m benchmarks [--quick] [--only dispatch,execution,propagation,workflow,scale,bulk]
                          [--verbose] [--log-dir DIR]
     python benchmarks/readme_table.py LOG_DIR   (the README's summary table from a run)
+    python -m benchmarks soak --minutes N [--seed S]   (the long history run: benchmarks/soak.py)
 
 Each script (``benchmarks/<name>.py``) runs as a subprocess, never two at once (they
 measure the machine), with ``--json-out`` to a file in the log directory; its own
@@ -245,6 +246,10 @@ def loadavg() -> str:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["soak"]:  # a sub-command of its own: not a benchmark, a test that runs for long
+        from benchmarks import soak
+
+        return soak.main(sys.argv[2:])
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small N/runs/toggles for every script (smoke run)")
     p.add_argument("--only", default="", help="comma list of: " + ", ".join(j.name for j in JOBS) + " (propagation, bulk: all of each)")
