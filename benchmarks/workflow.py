@@ -397,7 +397,9 @@ def summarize_pyspy(path: Path, runs: int) -> list[str]:
         "workflows step task body (Runtime.run_step)": "Runtime.run_step (",
         "  WorkflowStore.begin_step": "WorkflowStore.begin_step (",
         "  WorkflowStore.finish_step": "WorkflowStore.finish_step (",
-        "  the capability call (host.call_capability)": "PluginHost.call_capability (",
+        "  the capability call (host.call_capability[_with])": (
+            "PluginHost.call_capability (", "PluginHost.call_capability_with (",
+        ),
         "workflows.merge: WorkflowStore.merge_stage": "WorkflowStore.merge_stage (",
         "workflows.finish: WorkflowStore.finish_run": "WorkflowStore.finish_run (",
         "bare tasks (bare_step + bare_merge)": ("bare_step (", "bare_merge ("),

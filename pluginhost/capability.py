@@ -314,3 +314,21 @@ def _wants_ctx(slug: str, fn: Callable[..., Any]) -> bool:
             f"capability '{slug}': the function must take (payload) or (payload, ctx), got ({shown})"
         )
     return len(positional) == 2
+
+
+def execute_with(view: PluginView, host: PluginHost, cap: Capability, plugin: Plugin, input: Any) -> Any:
+    """``call_capability_with``: the function run in this process against
+    ``plugin``, the record of the capability's plugin that the caller already
+    read and decided on. The view is not read again, so the decision and the run
+    come from one snapshot (a workflow step decides run/skip/fail under its own
+    policy; a second look could see a change the first did not). A record that
+    is not the capability's plugin, or is disabled, is refused."""
+    if not isinstance(plugin, Plugin) or plugin.slug != cap.plugin:
+        got = plugin.slug if isinstance(plugin, Plugin) else type(plugin).__name__
+        raise InvalidPlugin(
+            f"capability '{cap.slug}' belongs to plugin '{cap.plugin}', got a record of {got!r}"
+        )
+    if not plugin.enabled:
+        raise CapabilityDisabled(_disabled_reason(cap, "is disabled"))
+    _, arg = check_input(cap, input)
+    return _call(view, host, cap, plugin, arg, cap.task)

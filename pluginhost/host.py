@@ -16,7 +16,7 @@ from celery import Celery
 from pydantic import BaseModel, ValidationError
 
 from . import control, settings
-from .capability import Capability, declare, dispatch, dispatch_many, execute_inline
+from .capability import Capability, declare, dispatch, dispatch_many, execute_inline, execute_with
 from .errors import (
     CapabilityNotFound,
     ConcurrentUpdate,
@@ -224,6 +224,15 @@ class PluginHost:
     def call_capability(self, slug: str, input: dict[str, Any] | None = None) -> Any:
         """Run a capability in this process with the same checks; returns its result."""
         return execute_inline(self.view, self, self._capability(slug), input)
+
+    def call_capability_with(
+        self, slug: str, plugin: Plugin, input: dict[str, Any] | None = None
+    ) -> Any:
+        """Run a capability in this process against ``plugin``, the record of its
+        plugin the caller already read and checked (e.g. from ``get()``): the
+        decision and the run use that one snapshot, the view is not read again.
+        Raises ``CapabilityDisabled`` if that record is disabled."""
+        return execute_with(self.view, self, self._capability(slug), plugin, input)
 
     # -- reads -----------------------------------------------------------------
 

@@ -35,6 +35,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pluginhost_defer_max_s", None, "`defer`: give up after this long with `CapabilityDisabled` (default: wait until enabled).", number=True),
     Setting("pluginhost_stale_retry_s", 1.0, "A pool process that cannot load a published revision retries the run after this long (doubling, at most 30 s).", number=True),
     Setting("pluginhost_workflows_synchronous_commit", True, "False: PostgreSQL step-state writes use `synchronous_commit=off` (faster; a server crash may lose the last marks, which `sweep` finds).", replaces="workflows_synchronous_commit"),
+    Setting("pluginhost_workflows_step_lease_s", 3600.0, "A `running` step whose owner cannot be proven dead is taken over by a redelivery after this long.", number=True),
     Setting("pluginhost_web_users", None, "Console users: `{\"name\": \"password hash\"}`."),
     Setting("pluginhost_web_token", None, "Console/API bearer token."),
     Setting("pluginhost_web_secret", None, "Console session-cookie secret."),

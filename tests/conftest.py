@@ -27,11 +27,13 @@ message. Tests that use ``backend`` get the ``integration`` marker.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from tests import harness
 
@@ -188,3 +190,39 @@ def core(app_conf: dict[str, Any], configure_app: Callable[[Any], Any]) -> Itera
     module.flows.define(module.FLOW)
     yield module
     module.host.store.close()
+
+
+@pytest.fixture
+def nologin_role(app_conf: dict[str, Any]) -> Any:
+    """A role of its own for the worker (with rights on the store's tables), so the
+    test can take LOGIN away from it while the admin keeps connecting as postgres."""
+    admin_url = app_conf["pluginhost_store"]
+    role = "ph_bounds_" + app_conf["task_default_queue"].split("-")[-1][:8]
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
+        conn.execute(text(f"CREATE ROLE {role} LOGIN"))
+        conn.execute(text(f"GRANT ALL ON SCHEMA public TO {role}"))
+        conn.execute(text(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}"))
+        conn.execute(text(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}"))
+
+    def set_login(allowed: bool) -> None:
+        with engine.connect() as conn:
+            conn.execute(text(f"ALTER ROLE {role} {'LOGIN' if allowed else 'NOLOGIN'}"))
+
+    url = admin_url.replace("postgres@", f"{role}@", 1)
+    yield url, set_login
+    with engine.connect() as conn:
+        conn.execute(text(f"ALTER ROLE {role} LOGIN"))
+        conn.execute(text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :r"
+        ), {"r": role})
+    for _ in range(50):
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(f"DROP OWNED BY {role}"))
+                conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
+            break
+        except Exception:  # noqa: BLE001 - its backends are still going away
+            time.sleep(0.1)
+    engine.dispose()

@@ -131,42 +131,6 @@ def test_a_late_poll_does_not_move_the_published_revision_backwards(tmp_path: Pa
 # -- G2/G3: a pool process that cannot reload ---------------------------------------
 
 
-@pytest.fixture
-def nologin_role(app_conf: dict[str, Any]) -> Any:
-    """A role of its own for the worker (with rights on the store's tables), so the
-    test can take LOGIN away from it while the admin keeps connecting as postgres."""
-    admin_url = app_conf["pluginhost_store"]
-    role = "ph_bounds_" + app_conf["task_default_queue"].split("-")[-1][:8]
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
-        conn.execute(text(f"CREATE ROLE {role} LOGIN"))
-        conn.execute(text(f"GRANT ALL ON SCHEMA public TO {role}"))
-        conn.execute(text(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}"))
-        conn.execute(text(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}"))
-
-    def set_login(allowed: bool) -> None:
-        with engine.connect() as conn:
-            conn.execute(text(f"ALTER ROLE {role} {'LOGIN' if allowed else 'NOLOGIN'}"))
-
-    url = admin_url.replace("postgres@", f"{role}@", 1)
-    yield url, set_login
-    with engine.connect() as conn:
-        conn.execute(text(f"ALTER ROLE {role} LOGIN"))
-        conn.execute(text(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :r"
-        ), {"r": role})
-    for _ in range(50):
-        try:
-            with engine.connect() as conn:
-                conn.execute(text(f"DROP OWNED BY {role}"))
-                conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
-            break
-        except Exception:  # noqa: BLE001 - its backends are still going away
-            time.sleep(0.1)
-    engine.dispose()
-
-
 @REDIS_ONLY
 def test_a_pool_process_that_cannot_reload_runs_nothing_and_loses_nothing(
     core: ModuleType, workers: Any, app_conf: dict[str, Any], nologin_role: Any

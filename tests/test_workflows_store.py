@@ -95,7 +95,9 @@ def test_a_redelivered_step_sees_its_recorded_outcome(store: WorkflowStore) -> N
 def test_a_second_attempt_counts_and_an_unknown_step_is_an_error(store: WorkflowStore) -> None:
     run_id = _run(store)
     store.begin_step(run_id, 0, "w1", first=True)
-    assert store.begin_step(run_id, 0, "w2", first=True).attempts == 2  # the first worker died
+    # the same process again (its first attempt is over); a live other owner is
+    # refused: tests/test_workflows_g4.py
+    assert store.begin_step(run_id, 0, "w2", first=True).attempts == 2
     with pytest.raises(WorkflowNotFound, match="no step at position 9"):
         store.begin_step(run_id, 9, "w1")
     with pytest.raises(WorkflowNotFound):
@@ -159,14 +161,13 @@ def test_a_posted_outcome_is_recorded_and_carrying_it_again_changes_nothing(stor
     step's running mark records the carried outcome again only where it is missing."""
     run_id = _run(store)
     store.begin_step(run_id, 0, "w1", first=True)
-    carried = store.post_step(run_id, 0, "succeeded", output={"a": 1}, plugin_version=3)
-    assert (carried is None) == (store._hot is None)  # SQLite: written, nothing to carry
-    store.begin_step(run_id, 1, "w1", carried=[carried] if carried else None)  # reads the posted answer first
+    carried = store.outcome(0, "succeeded", output={"a": 1}, plugin_version=3)
+    store.post_step(run_id, carried)
+    store.begin_step(run_id, 1, "w1", carried=[carried])  # reads the posted answer first
     before = store.get_run(run_id).steps[0]  # type: ignore[union-attr]
     assert (before.status, before.output, before.plugin_version, before.attempts) == ("succeeded", {"a": 1}, 3, 1)
-    if carried:
-        late = [0, "skipped", None, "carried twice", None, carried[5]]
-        store.begin_step(run_id, 2, "w1", carried=[late])  # a step that finished is not rewritten
+    late = [0, "skipped", None, "carried twice", None, carried[5]]
+    store.begin_step(run_id, 2, "w1", carried=[late])  # a step that finished is not rewritten
     assert store.get_run(run_id).steps[0] == before  # type: ignore[union-attr]
 
 
@@ -178,14 +179,15 @@ def test_an_outcome_whose_write_was_lost_is_recorded_by_the_task_that_carries_it
     the next step's running mark (on a new connection) records the outcome."""
     run_id = _run(store)
     store.begin_step(run_id, 0, "w1", first=True)
-    first = store.post_step(run_id, 0, "succeeded", output={"a": 1})  # prepares the statement
-    store.begin_step(run_id, 1, "w1", carried=[first] if first else None)
+    first = store.outcome(0, "succeeded", output={"a": 1})
+    store.post_step(run_id, first)  # prepares the statement
+    store.begin_step(run_id, 1, "w1", carried=[first])
     pid = store._hot._local.raw.driver_connection.info.backend_pid  # type: ignore[union-attr]
     with psycopg.connect(harness.pg_conninfo(store.engine.url.database or ""), autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         time.sleep(0.2)
-        carried = store.post_step(run_id, 1, "succeeded", output={"b": 2})
-        assert carried is not None
+        carried = store.outcome(1, "succeeded", output={"b": 2})
+        store.post_step(run_id, carried)
         row = admin.execute("SELECT status FROM workflows_steps WHERE run_id = %s AND position = 1", (run_id,))
         assert row.fetchone() == ("running",)
     store.begin_step(run_id, 2, "w2", carried=[carried])
@@ -214,17 +216,17 @@ def test_a_last_parallel_stage_records_its_branches_and_the_run_in_one_write(sto
 
 
 def test_a_run_is_created_only_for_the_newest_definition(store: WorkflowStore) -> None:
-    assert store.create_newest_run(str(uuid.uuid4()), "flow", 1, datetime.now(timezone.utc), {}, LAYOUT) is None  # none defined
+    assert store.create_newest_run(str(uuid.uuid4()), "flow", 1, datetime.now(timezone.utc), {}, LAYOUT) == (None, False)  # none defined
     store.define("flow", {"name": "flow", "steps": [{"slug": "a"}]}, actor="t")
     v1 = store.newest("flow")
     assert v1 is not None
     run_id = str(uuid.uuid4())
-    assert store.create_newest_run(run_id, "flow", v1[0], v1[1], {"n": 1}, LAYOUT) == v1
-    assert store.create_newest_run(run_id, "flow", v1[0], v1[1], {"n": 2}, LAYOUT) == v1  # again: kept as it was
+    assert store.create_newest_run(run_id, "flow", v1[0], v1[1], {"n": 1}, LAYOUT) == (v1, True)
+    assert store.create_newest_run(run_id, "flow", v1[0], v1[1], {"n": 2}, LAYOUT) == (v1, False)  # again: kept as it was
     store.define("flow", {"name": "flow", "steps": [{"slug": "b"}]}, actor="t")
     v2 = store.newest("flow")
     stale = str(uuid.uuid4())
-    assert store.create_newest_run(stale, "flow", v1[0], v1[1], {}, LAYOUT) == v2  # not inserted: v1 is old
+    assert store.create_newest_run(stale, "flow", v1[0], v1[1], {}, LAYOUT) == (v2, False)  # not inserted: v1 is old
     assert store.get_run(stale) is None
     run = store.get_run(run_id)
     assert run is not None and (run.version, run.input, len(run.steps)) == (1, {"n": 1}, 4)

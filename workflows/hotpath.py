@@ -36,6 +36,15 @@ from sqlalchemy import Engine
 
 from pluginhost import StoreUnavailable
 
+# The claim (the running mark). A pending step is claimed; a running one only
+# when its owner is this session (it finished with it: one task at a time per
+# connection), has no session any more (its process died: PostgreSQL ends the
+# backend when the client's socket closes), is unknown, or claimed it before
+# ``stale_before`` (the lease; see WorkflowStore). The owner is the claiming
+# connection's backend pid; a pid that a new backend reuses looks alive, which
+# only delays a takeover until the lease ends. The OR keeps the
+# pg_stat_activity probe off the common path (a pending step).
+#
 # The running mark does not wait for the WAL flush (set_config(..., true) sets
 # synchronous_commit for this statement's own transaction only): a PostgreSQL
 # server crash can lose it, which leaves the step pending with its message
@@ -45,15 +54,22 @@ from pluginhost import StoreUnavailable
 _BEGIN_STEP = """
 WITH s AS (
     UPDATE workflows_steps
-    SET status = 'running', attempts = attempts + 1, started_at = %(now)s, worker = %(worker)s, error = NULL
-    WHERE run_id = %(run_id)s AND position = %(position)s AND status IN ('pending', 'running')
+    SET status = 'running', attempts = attempts + 1, started_at = %(now)s, worker = %(worker)s,
+        error = NULL, owner = pg_backend_pid()::text, task_id = %(task_id)s
+    WHERE run_id = %(run_id)s AND position = %(position)s
+      AND (status = 'pending' OR (status = 'running' AND (
+            owner IS NULL OR owner = pg_backend_pid()::text OR started_at < %(stale_before)s
+            OR NOT EXISTS (
+                SELECT 1 FROM pg_stat_activity a WHERE a.pid::text = workflows_steps.owner
+            )
+      )))
       AND set_config('synchronous_commit', 'off', true) IS NOT NULL
-    RETURNING position, stage, slug, status, attempts, output
+    RETURNING position, stage, slug, status, attempts, output, task_id
 ), r AS (
     UPDATE workflows_runs SET status = 'running', started_at = %(now)s
     WHERE id = %(run_id)s AND status = 'pending' AND %(first)s AND EXISTS (SELECT 1 FROM s)
 )
-SELECT position, stage, slug, status, attempts, output FROM s
+SELECT position, stage, slug, status, attempts, output, task_id FROM s
 """
 
 # An outcome of an earlier step, recorded again by the task that carries it (a
@@ -78,7 +94,7 @@ def _carrying(n: int, statement: str) -> str:
 
 
 _STEP_ROW = """
-SELECT position, stage, slug, status, attempts, output FROM workflows_steps
+SELECT position, stage, slug, status, attempts, output, task_id FROM workflows_steps
 WHERE run_id = %(run_id)s AND position = %(position)s
 """
 
@@ -170,7 +186,7 @@ def _layout_params(layout: list[tuple[int, int, str]]) -> dict[str, Any]:
 # before the connection is given up (the next task records the outcome anyway).
 _POST_ANSWER_TIMEOUT_S = 10.0
 
-StepRow = tuple[int, int, str, str, int, "dict[str, Any] | None"]
+StepRow = tuple[int, int, str, str, int, "dict[str, Any] | None", "str | None"]
 #: A step's outcome as a task carries it: position, status, output, error,
 #: plugin version, finished at (ISO 8601).
 Outcome = list[Any]
@@ -188,14 +204,20 @@ class PgHotPath:
 
     def begin_step(
         self, run_id: str, position: int, worker: str | None, first: bool, now: datetime,
-        carried: list[Outcome] | None = None,
-    ) -> StepRow | None:
-        params = {"run_id": run_id, "position": position, "worker": worker, "first": first, "now": now}
+        stale_before: datetime, task_id: str | None, carried: list[Outcome] | None = None,
+    ) -> tuple[StepRow | None, bool]:
+        """The step's row and whether this call claimed it (see ``_BEGIN_STEP``)."""
+        params = {
+            "run_id": run_id, "position": position, "worker": worker, "first": first, "now": now,
+            "stale_before": stale_before, "task_id": task_id,
+        }
         if carried:
             row = self._fetch(_carrying(len(carried), _BEGIN_STEP), {**params, **_carried_params(carried)})
         else:
             row = self._fetch(_BEGIN_STEP, params)
-        return row if row is not None else self._fetch(_STEP_ROW, params)
+        if row is not None:
+            return row, True
+        return self._fetch(_STEP_ROW, params), False
 
     def post_step(self, outcome: Outcome, run_id: str) -> None:
         """Send a step's outcome and return without waiting for the answer (read
@@ -275,17 +297,17 @@ class PgHotPath:
     def create_newest_run(
         self, run_id: str, name: str, version: int, stored_at: datetime, input: dict[str, Any],
         layout: Iterable[tuple[int, int, str]], now: datetime,
-    ) -> tuple[int, datetime] | None:
+    ) -> tuple[tuple[int, datetime], bool] | None:
         """Insert a run of ``version`` (stored at ``stored_at``) if that is still the
-        newest definition; returns the newest (version, stored_at), or None if there
-        is none. The run was inserted (or existed) when they equal the arguments."""
+        newest definition; returns the newest (version, stored_at) and whether the
+        run was inserted here, or None if there is no definition."""
         steps = list(layout)
         params = {
             "run_id": run_id, "name": name, "version": version, "stored_at": stored_at,
             "input": json.dumps(input), "now": now, **_layout_params(steps),
         }
         row = self._fetch(_with_steps(_CREATE_NEWEST_RUN, len(steps)), params)
-        return None if row is None else (int(row[0]), row[1])
+        return None if row is None else ((int(row[0]), row[1]), int(row[2]) > 0)
 
     def newest(self, name: str) -> tuple[int, datetime] | None:
         row = self._fetch(_NEWEST, {"name": name})

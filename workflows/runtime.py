@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import weakref
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery, Task, signals
-from celery.exceptions import Ignore, Retry
+from celery.exceptions import Ignore, Reject, Retry
 from sqlalchemy import create_engine
 
-from pluginhost import CapabilityDisabled, InvalidInput, PluginHost, settings
+from pluginhost import (
+    CapabilityDisabled,
+    InvalidInput,
+    Plugin,
+    PluginHost,
+    StoreUnavailable,
+    settings,
+)
 
 from . import metrics
 from .errors import InvalidWorkflow
 from .hotpath import Outcome
-from .store import DONE, WorkflowStore
+from .store import DONE, StepBusy, StepRun, WorkflowStore
 
 log = logging.getLogger("workflows")
 
@@ -27,11 +35,22 @@ FINISH_TASK = "workflows.finish"
 # Steps are at-least-once: a step whose worker dies is redelivered, and the
 # step row (not the message) decides whether it still has to run.
 # Results a step need not keep (compile.py sets ignore_result per message) still
-# record their errors, so a failure reaches the run's result.
+# record their errors, so a failure reaches the run's result. Celery's own retry
+# count is not a limit here (max_retries=None): the step row counts attempts
+# against the step's ``retries``.
 TASK_OPTIONS: dict[str, Any] = {
     "acks_late": True, "reject_on_worker_lost": True, "store_errors_even_if_ignored": True,
-    "shared": False, "lazy": False,
+    "shared": False, "lazy": False, "max_retries": None,
 }
+
+#: A delivery of a step that a live owner runs (a duplicate) looks again after
+#: this long, doubling up to OWNER_WAIT_MAX_S: by then the step has finished
+#: (nothing left to do) or its owner died or went stale (taken over).
+OWNER_WAIT_S = 0.5
+OWNER_WAIT_MAX_S = 10.0
+#: Waits of a step whose process cannot load the current plugin view (G2) or
+#: reach the workflow store: ``pluginhost_stale_retry_s``, doubling, capped.
+STALE_VIEW_WAIT_MAX_S = 30.0
 
 _RUNTIMES: weakref.WeakKeyDictionary[Celery, Runtime] = weakref.WeakKeyDictionary()
 
@@ -54,6 +73,20 @@ def unwrap(value: Any) -> tuple[Any, list[Outcome]]:
     return value, []
 
 
+class StepTask(Task):
+    """The step task's class: a step's outcome is written once the task returned
+    and Celery sent what follows it (the next step, or the chord's part), so a
+    step recorded finished has always sent its continuation (a repeated delivery
+    of it sends nothing). Until then the outcome travels in the step's result,
+    which the next task records (``carrying``)."""
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        post = getattr(self.request, "workflows_post", None)
+        if post is not None:
+            self.request.workflows_post = None
+            post()
+
+
 class Runtime:
     """The workflow tasks of one app, and the store they record into."""
 
@@ -63,7 +96,7 @@ class Runtime:
         self._store_of: Any = None
         app = host.app
 
-        @app.task(name=STEP_TASK, bind=True, **TASK_OPTIONS)
+        @app.task(name=STEP_TASK, bind=True, base=StepTask, **TASK_OPTIONS)
         def step(task: Task, context: dict[str, Any], run_id: str, position: int, **policy: Any) -> Any:
             """Run one workflow step (history recorded in the workflow store)."""
             return self.run_step(task, context, run_id, position, **policy)
@@ -111,7 +144,8 @@ class Runtime:
                     engine.url, pool_pre_ping=True,
                     connect_args={"options": "-c synchronous_commit=off"},
                 )
-            self._store, self._store_of = WorkflowStore(engine), current
+            lease = settings.value(self.host.app, "pluginhost_workflows_step_lease_s")
+            self._store, self._store_of = WorkflowStore(engine, step_lease_s=lease), current
         return self._store
 
     def after_fork(self) -> None:
@@ -142,23 +176,34 @@ class Runtime:
         declaration order)."""
         started = time.monotonic()
         context, carried = unwrap(context)
-        row = self.store.begin_step(run_id, position, worker=task.request.hostname, first=first, carried=carried)
+        host = self.host
+        plugin = host.plugin_of(slug)
+        snapshot = self._snapshot(task, plugin)
+        row = self._claim(task, run_id, position, first, carried)
         if row.status in DONE:
-            # A redelivered step that already finished: reuse what it recorded.
+            # A step that already finished. A repeat of the very message that ran
+            # it (same task id) sends nothing: that outcome was recorded after the
+            # message's continuation was sent (StepTask). The last step returns
+            # the run's result again (the caller may be waiting on it). Any other
+            # delivery (one sent on its own, another canvas of the run: a resume,
+            # a repeated start) reuses the recorded output and goes on with its
+            # own continuation.
+            repeat = row.task_id is not None and row.task_id == task.request.id
+            sends_more = bool(task.request.chain or task.request.chord)
+            if repeat and sends_more and not (final and not parallel):
+                raise Ignore()
             return self._outcome(run_id, position, context, row.output or {}, parallel, final)
         if row.status != "running":
             raise Ignore()  # the run failed or was cancelled meanwhile
-        host = self.host
-        plugin = host.plugin_of(slug)
-        if not host.is_enabled(plugin):
-            return self._disabled(run_id, position, slug, plugin, on_disabled, context, parallel, final, started)
-        found = host.get(plugin)
-        version = found.version if found else None
+        if snapshot is None or not snapshot.enabled:
+            return self._disabled(
+                task, run_id, position, slug, plugin, on_disabled, context, parallel, final, started
+            )
+        version = snapshot.version
         try:
-            result = host.call_capability(slug, context)
-        except CapabilityDisabled:
-            return self._disabled(run_id, position, slug, plugin, on_disabled, context, parallel, final, started)
+            result = host.call_capability_with(slug, snapshot, context)
         except (Retry, Ignore):
+            self.store.release_step(run_id, position)
             raise
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
@@ -167,16 +212,67 @@ class Runtime:
                 self.store.retry_step(run_id, position, error)
                 metrics.step_finished(slug, "retried", time.monotonic() - started)
                 log.info("step %s of run %s failed (attempt %d), retrying in %.1fs: %s", slug, run_id, row.attempts, countdown, error)
-                raise task.retry(exc=exc, countdown=countdown, max_retries=None) from None
+                raise task.retry(exc=exc, countdown=countdown) from None
             self._failed(run_id, position, slug, error, version, started)
             raise
         output = result if isinstance(result, dict) else ({} if result is None else {slug: result})
-        outcome = self._finish(run_id, position, context, "succeeded", output, None, version, parallel, final)
+        outcome = self._finish(
+            task, run_id, position, context, "succeeded", output, None, version, parallel, final
+        )
         metrics.step_finished(slug, "succeeded", time.monotonic() - started)
         return outcome
 
+    def _snapshot(self, task: Task, plugin: str) -> Plugin | None:
+        """The step's one look at its plugin: whether it runs, the record its body
+        gets and the version its row records all come from this snapshot (G4).
+
+        A process whose view is behind and cannot be loaded runs nothing on it
+        and loses nothing: the delivery is sent again later (G2), before any
+        claim, so the step stays pending, not failed."""
+        try:
+            return self.host.get(plugin)
+        except StoreUnavailable:
+            if task.request.is_eager:
+                raise
+            _send_again(task, self._store_wait(task))
+
+    def _claim(
+        self, task: Task, run_id: str, position: int, first: bool, carried: list[Outcome]
+    ) -> StepRun:
+        """The step's row, claimed for this delivery unless it finished. A step a
+        live owner runs (a message sent twice, or redelivered while its first
+        delivery still runs) is looked at again later, not run twice. So is a
+        step whose workflow store cannot be reached: not lost, not failed (a
+        claim that did land has this process's broken session as its owner,
+        which the next delivery takes over)."""
+        retries = min(task.request.retries or 0, 5)
+        try:
+            return self.store.begin_step(
+                run_id, position, worker=task.request.hostname, first=first, carried=carried,
+                task_id=task.request.id,
+            )
+        except StepBusy:
+            if task.request.is_eager:
+                raise
+            _send_again(task, min(OWNER_WAIT_MAX_S, OWNER_WAIT_S * 2.0**retries))
+        except StoreUnavailable as exc:
+            if task.request.is_eager:
+                raise
+            countdown = self._store_wait(task)
+            log.warning(
+                "step %s of run %s sent again in %.1fs: %s", position, run_id, countdown, exc
+            )
+            _send_again(task, countdown)
+
+    def _store_wait(self, task: Task) -> float:
+        """How long a step waits for a store it cannot use: the capability tasks'
+        ``pluginhost_stale_retry_s``, doubling per wait, capped."""
+        base = settings.value(self.host.app, "pluginhost_stale_retry_s")
+        return min(STALE_VIEW_WAIT_MAX_S, base * 2.0 ** min(task.request.retries or 0, 5))
+
     def _finish(
         self,
+        task: Task,
         run_id: str,
         position: int,
         context: dict[str, Any],
@@ -190,15 +286,19 @@ class Runtime:
         """Record a step's outcome; returns what the step task returns.
 
         The last step waits for its write, which also records the run's success.
-        Any other step sends it without waiting and hands the outcome on to the
-        next task, which records it again in its own first statement."""
-        if parallel:
-            outcome = self.store.post_step(run_id, position, status, output=output, error=error, plugin_version=version)
-            return [position, output or {}, context, outcome]
+        Any other step's outcome is written once Celery sent what follows the
+        step (``StepTask.on_success``; on PostgreSQL without waiting) and is
+        handed on to the next task, which records it again in its own first
+        statement."""
+        if parallel or not final:
+            outcome = self.store.outcome(
+                position, status, output=output, error=error, plugin_version=version
+            )
+            task.request.workflows_post = functools.partial(self.store.post_step, run_id, outcome)
+            if parallel:
+                return [position, output or {}, context, outcome]
+            return carrying({**context, **(output or {})}, [outcome])
         merged = {**context, **(output or {})}
-        if not final:
-            outcome = self.store.post_step(run_id, position, status, output=output, error=error, plugin_version=version)
-            return carrying(merged, [outcome] if outcome else [])
         name = self.store.finish_step(
             run_id, position, status, output=output, error=error, plugin_version=version, run_output=merged
         )
@@ -242,6 +342,7 @@ class Runtime:
 
     def _disabled(
         self,
+        task: Task,
         run_id: str,
         position: int,
         slug: str,
@@ -254,7 +355,9 @@ class Runtime:
     ) -> Any:
         reason = f"plugin '{plugin}' is disabled"
         if policy == "skip":
-            outcome = self._finish(run_id, position, context, "skipped", None, reason, None, parallel, final)
+            outcome = self._finish(
+                task, run_id, position, context, "skipped", None, reason, None, parallel, final
+            )
             metrics.step_finished(slug, "skipped", time.monotonic() - started)
             return outcome
         error = CapabilityDisabled(f"step '{slug}' of run {run_id} failed: {reason}")
@@ -267,6 +370,21 @@ class Runtime:
         name = self.store.fail_run(run_id, position, error, plugin_version=version)
         metrics.step_finished(slug, "failed", time.monotonic() - started)
         metrics.run_finished(name, "failed")
+
+
+def _send_again(task: Task, countdown: float) -> NoReturn:
+    """Send this delivery again in ``countdown`` seconds (same id, same
+    continuation), then end this one without a state: a duplicate's wait must
+    not overwrite the result its first delivery stores. If the new message
+    cannot be sent, this delivery goes back to the queue instead."""
+    request = task.request
+    retries = (request.retries or 0) + 1
+    sig = task.signature_from_request(request, countdown=countdown, retries=retries)
+    try:
+        sig.apply_async()
+    except Exception as exc:  # noqa: BLE001 - the broker: keep the delivery itself
+        raise Reject(exc, requeue=True) from None
+    raise Ignore()
 
 
 def _unique(outcomes: list[Outcome]) -> list[Outcome]:

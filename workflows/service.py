@@ -99,7 +99,12 @@ class Workflows:
         return canvas.apply_async(task_id=run_id, **apply_async_options)
 
     def prepare(self, name: str, input: dict[str, Any] | None, *, run_id: str | None = None) -> tuple[str, Any]:
-        """Record a new run (idempotent for a given ``run_id``) and build its canvas."""
+        """Record a new run (idempotent for a given ``run_id``) and build its canvas.
+
+        A ``run_id`` that exists already (a repeated start: a redelivered
+        ``WorkflowCapability`` task, ``start(task_id=...)``) gets the canvas of the
+        version and input that run recorded, whatever was defined since and
+        whatever ``input`` is now; its finished steps then send nothing again."""
         payload = check_json_object({} if input is None else input, owner=f"workflow '{name}' input", error=InvalidInput)
         run_id = run_id or str(uuid.uuid4())
         self._ready()
@@ -109,9 +114,13 @@ class Workflows:
                 known = self._definition(name)
             version, stored_at, wf = known
             # One statement: the run is inserted only if this is still the newest version.
-            newest = self.store.create_newest_run(run_id, wf.name, version, stored_at, payload, layout(wf))
+            newest, inserted = self.store.create_newest_run(
+                run_id, wf.name, version, stored_at, payload, layout(wf)
+            )
             if newest == (version, stored_at):
-                return run_id, build(self.runtime, wf, run_id, payload)
+                if inserted:
+                    return run_id, build(self.runtime, wf, run_id, payload)
+                return run_id, self._recorded_canvas(name, run_id)
             if newest is None:
                 self._newest.pop(name, None)
                 raise WorkflowNotFound(f"no workflow named {name!r}")
@@ -132,7 +141,10 @@ class Workflows:
         return self.store.list_runs(name, status, limit)
 
     def resume(self, run_id: str) -> AsyncResult:
-        """Continue a failed run from its failed stage, with the context saved before it."""
+        """Continue a failed run from its failed stage, with the context saved before it.
+
+        ``InvalidRunState`` unless the run is failed; of two concurrent resumes
+        (a double click) one continues the run and the other gets ``InvalidRunState``."""
         run = self.run(run_id)
         if run is None:
             raise WorkflowNotFound(f"no workflow run {run_id!r}")
@@ -142,13 +154,17 @@ class Workflows:
         if found is None:
             raise WorkflowNotFound(f"workflow '{run.name}' version {run.version} is gone")
         wf = Workflow.model_validate(found[1])
+        # Conditional: of two concurrent resumes, one gets the run (InvalidRunState for the other).
         from_stage, context, done = self.store.reset_for_resume(run_id)
         canvas = build(self.runtime, wf, run_id, context, from_stage=from_stage, done=done)
         return canvas.apply_async()
 
     def sweep(self, older_than_s: float = 3600.0) -> builtins.list[str]:
         """Fail runs whose step has been ``running`` longer than ``older_than_s``
-        (its worker died and the message is gone); returns their ids, now resumable."""
+        (its worker died and the message is gone), or that made no progress for
+        that long (a lost message); returns their ids, now resumable. Only pending
+        and running runs are looked at: a finished run is never changed, and a run
+        that failed already keeps its first error."""
         self._ready()
         swept = []
         for run_id, position, slug in self.store.stale_steps(older_than_s):
@@ -167,6 +183,20 @@ class Workflows:
         return self.store.prune(older_than_s)
 
     # -- internals -------------------------------------------------------------
+
+    def _recorded_canvas(self, name: str, run_id: str) -> Any:
+        """The canvas of an existing run: its recorded version and input."""
+        run = self.store.get_run(run_id)
+        if run is None:
+            raise WorkflowNotFound(f"no workflow run {run_id!r}")
+        if run.name != name:
+            raise InvalidRunState(
+                f"run {run_id} is a run of workflow '{run.name}', not of '{name}'"
+            )
+        found = self.store.definition(run.name, run.version)
+        if found is None:
+            raise WorkflowNotFound(f"workflow '{run.name}' version {run.version} is gone")
+        return build(self.runtime, Workflow.model_validate(found[1]), run_id, dict(run.input))
 
     def _definition(self, name: str) -> tuple[int, Any, Workflow]:
         """The newest version (number, time stored, parsed). A stored version never

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -31,11 +32,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from pluginhost import StoreUnavailable
+from pluginhost import PluginHostError, StoreUnavailable
 from pluginhost.store import migrate
 
-from .errors import WorkflowNotFound
+from .errors import InvalidRunState, WorkflowNotFound
 from .hotpath import Outcome, PgHotPath
+from .owner import local_owner, local_owner_alive
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -45,6 +47,15 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 STEP_STATES = ("pending", "running", "succeeded", "skipped", "failed", "cancelled")
 RUN_STATES = ("pending", "running", "succeeded", "failed")
 DONE = ("succeeded", "skipped")
+#: How long a running step's claim holds while its owner looks alive (see ``begin_step``).
+STEP_LEASE_S = 3600.0
+
+log = logging.getLogger("workflows")
+
+
+class StepBusy(PluginHostError):
+    """``begin_step``: the step is running under another owner that is alive and
+    whose claim is not stale; this delivery must not run it."""
 
 metadata = MetaData()
 definitions = Table(
@@ -86,6 +97,8 @@ steps = Table(
     Column("worker", Text),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
+    Column("owner", Text),  # who holds a running step: see WorkflowStore.begin_step
+    Column("task_id", Text),  # the message that claimed it last
 )
 
 
@@ -103,6 +116,8 @@ class StepRun(BaseModel):
     worker: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    owner: str | None = None
+    task_id: str | None = None
 
     @property
     def duration_s(self) -> float | None:
@@ -135,10 +150,15 @@ class WorkflowRun(BaseModel):
 
 
 class WorkflowStore:
-    """SQL access for the workflows package (SQLite and PostgreSQL)."""
+    """SQL access for the workflows package (SQLite and PostgreSQL).
 
-    def __init__(self, engine: Engine) -> None:
+    ``step_lease_s``: how long a running step's claim holds while its owner
+    looks alive (setting ``pluginhost_workflows_step_lease_s``); see ``begin_step``.
+    """
+
+    def __init__(self, engine: Engine, *, step_lease_s: float = STEP_LEASE_S) -> None:
         self.engine = engine
+        self.step_lease_s = float(step_lease_s)
         # PostgreSQL: the per-run and per-step writes bypass SQLAlchemy (hotpath.py)
         self._hot = PgHotPath(engine) if engine.dialect.name == "postgresql" else None
 
@@ -248,61 +268,122 @@ class WorkflowStore:
     def create_newest_run(
         self, run_id: str, name: str, version: int, stored_at: datetime, input: dict[str, Any],
         layout: Iterable[tuple[int, int, str]],
-    ) -> tuple[int, datetime] | None:
+    ) -> tuple[tuple[int, datetime] | None, bool]:
         """Insert a run of ``version`` (the definition stored at ``stored_at``) and
-        its pending steps if that is still the newest version of ``name``. Returns
-        the newest (version, stored_at), None if there is none: the run was
-        inserted, or existed already, when they are the ones given."""
+        its pending steps if that is still the newest version of ``name``.
+
+        Returns the newest (version, stored_at), None if there is none, and whether
+        the run was inserted by this call. When the newest is the one given and
+        nothing was inserted, the run existed already (a repeated start): it keeps
+        the version and input it recorded."""
         if self._hot is not None:
-            return self._hot.create_newest_run(run_id, name, version, stored_at, input, layout, _now())
+            found = self._hot.create_newest_run(
+                run_id, name, version, stored_at, input, layout, _now()
+            )
+            return (None, False) if found is None else found
         newest = self.newest(name)
-        if newest == (version, stored_at):
-            self.create_run(run_id, name, version, input, layout)
-        return newest
+        inserted = newest == (version, stored_at) and self.create_run(
+            run_id, name, version, input, layout
+        )
+        return newest, inserted
 
     def begin_step(
         self, run_id: str, position: int, worker: str | None, *, first: bool = False,
-        carried: list[Outcome] | None = None,
+        carried: list[Outcome] | None = None, task_id: str | None = None,
     ) -> StepRun:
-        """Mark a step running (one more attempt) unless it already finished.
+        """Claim a step: mark it running (one more attempt) unless it finished, or
+        another live owner runs it.
 
         One statement on the common path. The returned row says what to do: a
         ``succeeded``/``skipped`` row is a duplicate delivery, whose recorded
         output is reused instead of running again. ``first`` (a step of the
         first stage) also moves the run from pending to running. ``carried``:
         outcomes of earlier steps sent with ``post_step``, recorded here too.
-        """
+        ``task_id``: the claiming message's id, kept in the row (``task_id``), so
+        a finished step tells a repeat of the message that ran it from a
+        delivery by another canvas.
 
+        A ``running`` step is taken over only when its owner is dead or stale,
+        else ``StepBusy`` is raised. The owner is the claiming process's
+        database session on PostgreSQL (its backend pid: when the process dies,
+        its connections close and PostgreSQL ends their backends), and
+        ``host:pid:thread`` on SQLite (a local file: the process is looked up on
+        this host). Dead: that session or process is gone, or it is this very
+        session/thread (which runs one task at a time, so it is done with it).
+        Stale: claimed more than ``step_lease_s`` ago (default 3600 s), whatever
+        the owner looks like, which bounds a hung body or an owner that cannot be
+        seen to die (a vanished host whose session the server still keeps). So
+        a live owner loses its step only past the lease, or with its database
+        session (a process whose connection broke mid-step can be taken over
+        while it still runs: steps stay at-least-once).
+        """
+        now = _now()
+        stale_before = now - timedelta(seconds=self.step_lease_s)
         if self._hot is not None:
-            found = self._hot.begin_step(run_id, position, worker, first, _now(), carried)
+            found, claimed = self._hot.begin_step(
+                run_id, position, worker, first, now, stale_before, task_id, carried
+            )
             if found is None:
                 raise WorkflowNotFound(f"run {run_id!r} has no step at position {position}")
-            pos, stage, slug, status, attempts, output = found
+            pos, stage, slug, status, attempts, output, claimed_by = found
+            if status == "running" and not claimed:
+                raise StepBusy(f"step {position} of run {run_id} is running under a live owner")
             return StepRun.model_construct(
-                position=pos, stage=stage, slug=slug, status=status, attempts=attempts, output=output
+                position=pos, stage=stage, slug=slug, status=status, attempts=attempts,
+                output=output, task_id=claimed_by,
             )
 
-        def write(conn: Connection) -> StepRun:
-            now = _now()
+        me = local_owner()
+
+        def write(conn: Connection) -> tuple[StepRun, bool]:
             _record_carried(conn, run_id, carried or [])
-            row = conn.execute(
+            where = (steps.c.run_id == run_id, steps.c.position == position)
+            row = conn.execute(select(steps).where(*where)).first()
+            if row is None:
+                raise WorkflowNotFound(f"run {run_id!r} has no step at position {position}")
+            if row.status not in ("pending", "running"):
+                return StepRun.model_validate(dict(row._mapping)), False
+            if row.status == "running" and _held(row, me, stale_before):
+                return StepRun.model_validate(dict(row._mapping)), True
+            # Conditional on the row as read: of two claims that race, one wins
+            # and the other sees the winner's claim (busy), whatever the engine's
+            # transaction mode.
+            claimed = conn.execute(
                 update(steps)
-                .where(steps.c.run_id == run_id, steps.c.position == position)
-                .where(steps.c.status.in_(("pending", "running")))
-                .values(status="running", attempts=steps.c.attempts + 1, started_at=now, worker=worker, error=None)
+                .where(*where, steps.c.status == row.status, steps.c.attempts == row.attempts)
+                .values(
+                    status="running", attempts=steps.c.attempts + 1, started_at=now, worker=worker,
+                    error=None, owner=me, task_id=task_id,
+                )
                 .returning(*steps.c)
             ).first()
-            if row is None:
-                row = conn.execute(select(steps).where(steps.c.run_id == run_id, steps.c.position == position)).first()
-                if row is None:
-                    raise WorkflowNotFound(f"run {run_id!r} has no step at position {position}")
-            elif first:
+            if claimed is None:
+                now_row = conn.execute(select(steps).where(*where)).one()
+                return StepRun.model_validate(dict(now_row._mapping)), now_row.status == "running"
+            if first:
                 conn.execute(
                     update(runs).where(runs.c.id == run_id, runs.c.status == "pending").values(status="running", started_at=now)
                 )
-            return StepRun.model_validate(dict(row._mapping))
+            return StepRun.model_validate(dict(claimed._mapping)), False
 
-        return self._one(write)
+        found_row, busy = self._write(write)
+        if busy:
+            raise StepBusy(
+                f"step {position} of run {run_id} is running under a live owner ({found_row.owner})"
+            )
+        return found_row
+
+    def release_step(self, run_id: str, position: int) -> None:
+        """A claimed step given up without an outcome (its delivery is sent again):
+        back to pending, so the next delivery claims it at once."""
+        self._one(
+            lambda conn: conn.execute(
+                update(steps)
+                .where(steps.c.run_id == run_id, steps.c.position == position)
+                .where(steps.c.status == "running")
+                .values(status="pending")
+            )
+        )
 
     def finish_step(
         self,
@@ -328,26 +409,33 @@ class WorkflowStore:
         )
         return None if run_output is None else self.finish_run(run_id, run_output)
 
-    def post_step(
-        self,
-        run_id: str,
+    @staticmethod
+    def outcome(
         position: int,
         status: str,
         *,
         output: dict[str, Any] | None = None,
         error: str | None = None,
         plugin_version: int | None = None,
-    ) -> Outcome | None:
-        """Record a step's outcome without waiting for the write where the store
-        allows it (PostgreSQL). Returns the outcome then, which the next task
-        records again (``begin_step``/``finish_stage`` ``carried=``); None when it
-        is recorded already (SQLite: written here)."""
-        if self._hot is None:
-            self.finish_step(run_id, position, status, output=output, error=error, plugin_version=plugin_version)
-            return None
-        outcome: Outcome = [position, status, output, error, plugin_version, _now().isoformat()]
-        self._hot.post_step(outcome, run_id)
-        return outcome
+    ) -> Outcome:
+        """A step's outcome as ``post_step`` writes it and the next task carries it."""
+        return [position, status, output, error, plugin_version, _now().isoformat()]
+
+    def post_step(self, run_id: str, outcome: Outcome) -> None:
+        """Record a step's outcome that the next task also carries
+        (``begin_step``/``finish_stage`` ``carried=``): on PostgreSQL sent without
+        waiting for the answer; on SQLite written here. A failed write is logged,
+        not raised: the carrying task records it."""
+        if self._hot is not None:
+            self._hot.post_step(outcome, run_id)
+            return
+        try:
+            self._write(lambda conn: _record_carried(conn, run_id, [outcome]))
+        except StoreUnavailable as exc:
+            log.warning(
+                "step %s of run %s: outcome not written (the next task records it): %s",
+                outcome[0], run_id, exc,
+            )
 
     def finish_stage(self, run_id: str, carried: list[Outcome], output: dict[str, Any]) -> str:
         """A last parallel stage done: its branches' carried outcomes and the run's
@@ -371,7 +459,9 @@ class WorkflowStore:
 
     def fail_run(self, run_id: str, position: int, error: str, plugin_version: int | None = None) -> str:
         """A step failed for good: record it, cancel the steps of later stages, fail
-        the run; returns the workflow's name."""
+        the run; returns the workflow's name. A run that failed already keeps its
+        first error and end time (a second branch failing, or a sweep after a
+        failure, does not replace the cause); a succeeded run stays succeeded."""
 
         def write(conn: Connection) -> str:
             now = _now()
@@ -388,14 +478,18 @@ class WorkflowStore:
                 .where(steps.c.run_id == run_id, steps.c.stage > stage, steps.c.status == "pending")
                 .values(status="cancelled", finished_at=now)
             )
-            return str(
-                conn.execute(
-                    update(runs)
-                    .where(runs.c.id == run_id)
-                    .values(status="failed", error=error, finished_at=now)
-                    .returning(runs.c.name)
-                ).scalar_one()
-            )
+            name = conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.status != "succeeded")
+                .values(
+                    status="failed", error=func.coalesce(runs.c.error, error),
+                    finished_at=func.coalesce(runs.c.finished_at, now),
+                )
+                .returning(runs.c.name)
+            ).scalar()
+            if name is None:
+                name = conn.execute(select(runs.c.name).where(runs.c.id == run_id)).scalar_one()
+            return str(name)
 
         return self._write(write)
 
@@ -447,10 +541,23 @@ class WorkflowStore:
         Returns the stage to start from, the context before it (the input merged
         with every earlier step's output in declaration order) and the recorded
         outputs of that stage's finished steps (a parallel stage may be half done).
+        The run moves from failed to running first, in one conditional update: of
+        two concurrent resumes one gets the run, the other ``InvalidRunState``.
         """
 
         def write(conn: Connection) -> tuple[int, dict[str, Any], dict[int, dict[str, Any]]]:
-            run_input = conn.execute(select(runs.c.input).where(runs.c.id == run_id)).scalar_one()
+            taken = conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.status == "failed")
+                .values(status="running", error=None, finished_at=None)
+                .returning(runs.c.input)
+            ).first()
+            if taken is None:
+                status = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+                if status is None:
+                    raise WorkflowNotFound(f"no workflow run {run_id!r}")
+                raise InvalidRunState(f"run {run_id} is {status}; only failed runs can be resumed")
+            run_input = taken.input
             rows = conn.execute(
                 select(steps.c.position, steps.c.stage, steps.c.status, steps.c.output)
                 .where(steps.c.run_id == run_id)
@@ -468,20 +575,23 @@ class WorkflowStore:
                 .where(steps.c.run_id == run_id, steps.c.status.in_(("failed", "cancelled", "running")))
                 .values(status="pending", finished_at=None)
             )
-            conn.execute(
-                update(runs).where(runs.c.id == run_id).values(status="running", error=None, finished_at=None)
-            )
             return stage, context, done
 
         return self._write(write)
 
     def stale_steps(self, older_than_s: float) -> list[tuple[str, int, str]]:
-        """(run id, position, slug) of steps marked running for longer than ``older_than_s``."""
+        """(run id, position, slug) of steps marked running for longer than
+        ``older_than_s`` in runs that are still pending or running (a finished run
+        with a step left running lost that step's last write, e.g. an
+        asynchronous commit in a PostgreSQL crash: its outcome is the run's)."""
 
         def read(conn: Connection) -> list[tuple[str, int, str]]:
             cutoff = _now() - timedelta(seconds=older_than_s)
-            q = select(steps.c.run_id, steps.c.position, steps.c.slug).where(
-                steps.c.status == "running", steps.c.started_at < cutoff
+            q = (
+                select(steps.c.run_id, steps.c.position, steps.c.slug)
+                .join(runs, runs.c.id == steps.c.run_id)
+                .where(steps.c.status == "running", steps.c.started_at < cutoff)
+                .where(runs.c.status.in_(("pending", "running")))
             )
             return [(r.run_id, int(r.position), r.slug) for r in conn.execute(q)]
 
@@ -585,3 +695,16 @@ def _record_carried(conn: Connection, run_id: str, carried: list[Outcome]) -> No
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _held(row: Any, me: str, stale_before: datetime) -> bool:
+    """Whether a running step's SQLite owner is another thread or process that
+    still lives, with a claim newer than the lease (see ``begin_step``)."""
+    if not row.owner or row.owner == me or not local_owner_alive(row.owner):
+        return False
+    return row.started_at is None or _aware(row.started_at) >= stale_before
+
+
+def _aware(at: datetime) -> datetime:
+    """SQLite hands timestamps back without their zone (they are UTC)."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)

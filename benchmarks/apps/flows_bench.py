@@ -229,6 +229,7 @@ def install_profiling() -> None:
         labelled(name)
     _timed(Runtime, "run_step", "step.run_step (whole body)")
     _timed(PluginHost, "call_capability", "step.call_capability")
+    _timed(PluginHost, "call_capability_with", "step.call_capability_with")
     _timed(PluginHost, "is_enabled", "step.is_enabled")
     _timed(PluginHost, "get", "step.host_get")
 
