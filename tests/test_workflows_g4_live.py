@@ -285,3 +285,25 @@ def test_a_step_whose_process_cannot_reach_the_store_waits_and_is_not_lost(
     assert [core.executions_of(slug, "stale") for slug in ("step_a", "step_c")] == [1, 1]
     expected = "cannot load revision" if view_behind else "sent again in"
     assert expected in worker.log_text()
+
+
+# -- a step's retries are the step's, not Celery's default max_retries ----------------------
+
+PATIENT = Workflow("g4patient", steps=[Step("step_d", retries=5, retry_backoff=0.01)])
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_a_step_retries_as_often_as_its_policy_says_past_celerys_default(
+    core: ModuleType, workers: Any
+) -> None:
+    """A step declared ``retries=5`` whose body fails four times (more than
+    Celery's default ``max_retries`` of 3, which ``task.retry(max_retries=None)``
+    falls back to) is retried by the step's own count and succeeds on the fifth
+    attempt."""
+    workers("tests.apps.core", pool="solo")
+    flows = core.flows
+    flows.define(PATIENT)
+    out = flows.start("g4patient", {"tag": "patient", "d_fail_until": 4}).get(timeout=60)
+    run = wait_finished(flows, flows.runs(name="g4patient")[0].id)
+    assert (run.status, run.steps[0].attempts, out["d"]) == ("succeeded", 5, 4)
+    assert core.executions_of("step_d", "patient") == 5

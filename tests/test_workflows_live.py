@@ -84,7 +84,7 @@ def test_outcomes_lost_with_the_workers_database_connections_are_recorded_by_the
     run succeeds and every step row is complete."""
     store_url = app_conf["pluginhost_store"]
     if not store_url.startswith("postgresql"):
-        pytest.skip("outcomes are carried on PostgreSQL only (SQLite waits for every write)")
+        pytest.skip("the fault (terminating the store's connections) needs PostgreSQL")
     worker = workers("tests.apps.core", pool="prefork", concurrency=2)
     results = [core.flows.start("flow", {"tag": f"cut{i}", "b_sleep": 0.8}) for i in range(3)]
     time.sleep(0.4)
