@@ -177,8 +177,16 @@ def test_define_prints_the_version_and_a_changed_definition_gets_a_new_one(
             ),
             "step 'greet' appears more than once",
         ),
+        (
+            '{"name": "onboarding", "steps": [{"slug": "greet"}, {"steps": [{"slug": "greet2"}, {"retries": 1}]}]}',
+            "invalid workflow at 'steps[1].steps[1]': invalid step: field 'slug' is required",
+        ),
+        (
+            '{"name": "onboarding", "steps": [{"slug": "greet", "retires": 2}]}',
+            "invalid workflow at 'steps[0]': invalid step at 'retires': Extra inputs are not permitted",
+        ),
     ],
-    ids=["bad-json", "unknown-capability", "duplicate-step"],
+    ids=["bad-json", "unknown-capability", "duplicate-step", "missing-slug-located", "unknown-key-located"],
 )
 def test_define_rejects_a_bad_definition_in_one_line_and_stores_nothing(
     ph: Callable[..., subprocess.CompletedProcess[str]],
@@ -429,3 +437,4 @@ def test_db_upgrade_creates_the_workflow_tables(cli_app: ModuleType) -> None:
     assert (result.exit_code, result.stdout) == (0, "schema is up to date\n")
     tables = set(inspect(cli_app.host.store.engine).get_table_names())  # type: ignore[attr-defined]
     assert {"workflows_definitions", "workflows_runs", "workflows_steps"} <= tables
+

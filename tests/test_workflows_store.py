@@ -22,6 +22,7 @@ from sqlalchemy import create_engine
 
 from pluginhost import StoreUnavailable
 from tests import harness
+from workflows import Workflow
 from workflows.errors import WorkflowNotFound
 from workflows.store import WorkflowStore
 
@@ -231,3 +232,8 @@ def test_a_run_is_created_only_for_the_newest_definition(store: WorkflowStore) -
     run = store.get_run(run_id)
     assert run is not None and (run.version, run.input, len(run.steps)) == (1, {"n": 1}, 4)
 
+def test_the_example_definition_file_is_the_example_apps_workflow() -> None:
+    from examples.onboarding.app import ONBOARDING
+
+    text = (Path(__file__).resolve().parents[1] / "examples" / "onboarding" / "onboarding.json").read_text()
+    assert Workflow.parse(text) == ONBOARDING

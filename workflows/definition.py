@@ -141,6 +141,38 @@ class Workflow(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise InvalidWorkflow(_describe(exc)) from None
+        except InvalidWorkflow as exc:
+            # A step or parallel group refused itself (their constructors run during
+            # validation): say which one, as the JSON path of the file.
+            raise InvalidWorkflow(f"invalid workflow at {_failing_stage(data)}: {exc}") from None
+
+
+def _failing_stage(data: dict[str, Any] | str | bytes) -> str:
+    """The JSON path of the first stage (or parallel step) that does not validate
+    alone, e.g. ``'steps[2].steps[0]'``; ``'steps'`` if none can be found."""
+    import json
+
+    try:
+        obj = json.loads(data) if isinstance(data, (str, bytes)) else data
+    except ValueError:
+        return "'steps'"
+    stages = obj.get("steps") if isinstance(obj, dict) else None
+    for i, stage in enumerate(stages if isinstance(stages, list) else []):
+        inner = stage.get("steps") if isinstance(stage, dict) and _stage_type(stage) == "parallel" else None
+        for j, step in enumerate(inner if isinstance(inner, list) else []):
+            if not _validates(Step, step):
+                return f"'steps[{i}].steps[{j}]'"
+        if not _validates(Parallel if inner is not None else Step, stage):
+            return f"'steps[{i}]'"
+    return "'steps'"
+
+
+def _validates(model: type[BaseModel], value: Any) -> bool:
+    try:
+        model.model_validate(value)
+    except (ValidationError, InvalidWorkflow):
+        return False
+    return True
 
 
 def _construct(init: Any, data: dict[str, Any], what: str) -> None:
