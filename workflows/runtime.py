@@ -94,6 +94,8 @@ class Runtime:
         self.host = host
         self._store: WorkflowStore | None = None
         self._store_of: Any = None
+        #: ``Workflows.declare``: definitions to store on first use, with their actor
+        self.declared: dict[str, tuple[Any, str | None]] = {}
         app = host.app
 
         @app.task(name=STEP_TASK, bind=True, base=StepTask, **TASK_OPTIONS)

@@ -49,7 +49,22 @@ class Workflows:
 
     def define(self, workflow: Workflow | dict[str, Any] | str, *, actor: str | None = None) -> int:
         """Validate and store a definition; returns its version (a new one if it changed)."""
+        wf = self._checked(Workflow.parse(workflow))
+        self._ready()
+        return self.store.define(wf.name, wf.model_dump(mode="json"), actor)
+
+    def declare(self, workflow: Workflow | dict[str, Any] | str, *, actor: str | None = "declare") -> Workflow:
+        """Record a definition to be stored on first use (the first call that reads
+        or writes workflows in this process), like a capability declaration: for the
+        app module, which must import without a database. Validated now (its shape;
+        its steps' capabilities when it is stored, so they may be declared later)."""
         wf = Workflow.parse(workflow)
+        self.runtime.declared[wf.name] = (wf, actor)
+        if self._migrated_for is not None:  # already in use: store it now
+            self._store_declared()
+        return wf
+
+    def _checked(self, wf: Workflow) -> Workflow:
         known = set(self.host.capabilities())
         for step in wf.flat():
             if step.slug not in known:
@@ -57,8 +72,12 @@ class Workflows:
                     f"workflow '{wf.name}': step '{step.slug}' is not a declared capability"
                     f" (declared: {', '.join(sorted(known)) or 'none'})"
                 )
-        self._ready()
-        return self.store.define(wf.name, wf.model_dump(mode="json"), actor)
+        return wf
+
+    def _store_declared(self) -> None:
+        for name, (wf, actor) in list(self.runtime.declared.items()):
+            self.store.define(name, self._checked(wf).model_dump(mode="json"), actor)
+            self.runtime.declared.pop(name, None)
 
     def get(self, name: str, version: int | None = None) -> Workflow | None:
         """The newest (or a given) version of a definition, or None."""
@@ -223,4 +242,5 @@ class Workflows:
             self._newest.clear()
             self.host.sync()
             store.migrate()
+            self._store_declared()  # a bad declaration fails every use, loudly
             self._migrated_for = store

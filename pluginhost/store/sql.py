@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -443,6 +444,12 @@ class SQLAlchemyStore:
         return self._unreachable(f"{what}; nothing was written")
 
     def _unreachable(self, what: str) -> StoreUnavailable:
+        found = _MISSING_DATABASE.search(what)
+        if found:  # it answered: the server is there, the database is not
+            return StoreUnavailable(
+                f"store {self._safe_url()}: database {found[1]} does not exist"
+                " (create it; with pluginhost_auto_migrate on, the schema is created on first use)"
+            )
         return StoreUnavailable(f"store {self._safe_url()} is unreachable: {what}")
 
     def _no_answer(self, bound_s: float | None = None) -> str:
@@ -536,6 +543,10 @@ def _utc(at: datetime | None) -> datetime | None:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+#: PostgreSQL's refusal of a connection to a database that does not exist.
+_MISSING_DATABASE = re.compile(r'database ("[^"]*") does not exist')
 
 
 def _reason(exc: BaseException) -> str:
