@@ -147,7 +147,9 @@ class Watch(threading.Thread):
         return {pid: cmd for pid, cmd in self.ours.items() if now.get(pid) == cmd}
 
 
-def run_job(job: Job, quick: bool, log_dir: Path, verbose: bool, timeout: float) -> tuple[list[dict[str, Any]], str | None]:
+def run_job(
+    job: Job, quick: bool, log_dir: Path, verbose: bool, timeout: float
+) -> tuple[list[dict[str, Any]], str | None]:
     """Run one script; returns (its rows, an error message or None)."""
     json_path = log_dir / f"{job.name}.json"
     log_path = log_dir / f"{job.name}.log"
@@ -233,7 +235,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     right = {3}  # ratio
 
     def line(values: list[str] | tuple[str, ...]) -> str:
-        return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+        return "  ".join(
+            v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))
+        ).rstrip()
 
     return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *(line(b) for b in body)])
 
@@ -252,10 +256,16 @@ def main() -> int:
         return soak.main(sys.argv[2:])
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small N/runs/toggles for every script (smoke run)")
-    p.add_argument("--only", default="", help="comma list of: " + ", ".join(j.name for j in JOBS) + " (propagation, bulk: all of each)")
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma list of: " + ", ".join(j.name for j in JOBS) + " (propagation, bulk: all of each)",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="also stream each script's output here")
     p.add_argument("--log-dir", type=Path, help="where the logs and JSON go (default: a new temporary directory)")
-    p.add_argument("--timeout", type=float, help="seconds per script before it is interrupted (default 600 quick, 3600)")
+    p.add_argument(
+        "--timeout", type=float, help="seconds per script before it is interrupted (default 600 quick, 3600)"
+    )
     args = p.parse_args()
     jobs = selected(args.only)
     timeout = args.timeout or (600.0 if args.quick else 3600.0)
@@ -309,7 +319,9 @@ def main() -> int:
         failed += 1
 
     out = table(rows)
-    counts = {k: sum(1 for r in rows if r.get("passed") is v) for k, v in (("pass", True), ("FAIL", False), ("info", None))}
+    counts = {
+        k: sum(1 for r in rows if r.get("passed") is v) for k, v in (("pass", True), ("FAIL", False), ("info", None))
+    }
     summary = (f"{len(rows)} rows: {counts['pass']} pass, {counts['FAIL']} FAIL (target missed), {counts['info']} info"
                f"; {failed} script(s) in error; {time.monotonic() - t_all:.0f} s; logs in {log_dir}")  # fmt: skip
     if disturbed:

@@ -98,11 +98,19 @@ def main() -> None:
             f"   (per round {min(rounds):.2f}..{max(rounds):.2f})"
         )
         broker_name = "Redis" if args.broker == "redis" else "RabbitMQ"
-        write_rows(args.json_out, [summary_row(
-            f"bulk dispatch of {args.n}, PostgreSQL + {broker_name}",
-            f"{args.n / bare_s:.0f} calls/s", f"{args.n / many_s:.0f} calls/s",
-            ratio, f">= {TARGET}", ratio >= TARGET,
-        )])
+        write_rows(
+            args.json_out,
+            [
+                summary_row(
+                    f"bulk dispatch of {args.n}, PostgreSQL + {broker_name}",
+                    f"{args.n / bare_s:.0f} calls/s",
+                    f"{args.n / many_s:.0f} calls/s",
+                    ratio,
+                    f">= {TARGET}",
+                    ratio >= TARGET,
+                )
+            ],
+        )
         print(f"\nload average at the end: {loadavg()}")
     finally:
         redis.release()

@@ -270,7 +270,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--broker", choices=("redis", "amqp"), default="redis")
     p.add_argument("--redis-db", type=int, default=9, help="preferred Redis db index (default 9)")
     p.add_argument("--db", default=PG_DB, help=f"PostgreSQL database, dropped and re-created (default {PG_DB})")
-    p.add_argument("--json-out", metavar="PATH", help="also write the summary figures as JSON rows (python -m benchmarks)")
+    p.add_argument(
+        "--json-out", metavar="PATH", help="also write the summary figures as JSON rows (python -m benchmarks)"
+    )
     return p
 
 
@@ -318,7 +320,10 @@ def loadavg() -> str:
 
 def header(title: str, **inputs: Any) -> None:
     print(f"== {title}")
-    inputs = {**inputs, "load average": f"{loadavg()} (other jobs share this machine: ratios come from interleaved rounds)"}
+    inputs = {
+        **inputs,
+        "load average": f"{loadavg()} (other jobs share this machine: ratios come from interleaved rounds)",
+    }
     width = max(len(k) for k in inputs) if inputs else 0
     for k, v in inputs.items():
         print(f"  {k:<{width}} : {v}")
@@ -354,7 +359,14 @@ def summary_row(
     """One row of the summary table of ``python -m benchmarks`` (see ``write_rows``)."""
     if ratio is not None and not math.isfinite(ratio):
         ratio = None  # NaN/inf: not representable in JSON
-    return {"figure": figure, "bare": bare, "pluginhost": pluginhost, "ratio": ratio, "target": target, "passed": passed}
+    return {
+        "figure": figure,
+        "bare": bare,
+        "pluginhost": pluginhost,
+        "ratio": ratio,
+        "target": target,
+        "passed": passed,
+    }
 
 
 def write_rows(path: str | None, rows: Sequence[dict[str, Any]]) -> None:

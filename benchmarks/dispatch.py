@@ -242,9 +242,19 @@ def main() -> None:
         )
         configs = [
             ("pg", "postgresql (revision read per dispatch)", pg_url, 0),
-            ("pg+toggles", f"postgresql + another plugin toggled every {args.toggle_every} dispatches", pg_url, args.toggle_every),
+            (
+                "pg+toggles",
+                f"postgresql + another plugin toggled every {args.toggle_every} dispatches",
+                pg_url,
+                args.toggle_every,
+            ),
             ("sqlite", "sqlite (revision read per dispatch)", sqlite_url, 0),
-            ("sqlite+toggles", f"sqlite + another plugin toggled every {args.toggle_every} dispatches", sqlite_url, args.toggle_every),
+            (
+                "sqlite+toggles",
+                f"sqlite + another plugin toggled every {args.toggle_every} dispatches",
+                sqlite_url,
+                args.toggle_every,
+            ),
         ]
         only = {s.strip() for s in args.only.split(",") if s.strip()}
         results = []
@@ -276,19 +286,25 @@ def main() -> None:
             print(
                 "  per call, us           : "
                 + ", ".join(f"{k} {bd[k]:.1f}" for k in ("check_input", "check_store", "apply_async"))
-                + f"; bare delay {1e6 / res['bare_rate']:.1f}; one reload (store.load of {OTHERS + 1} plugins) {bd['reload']:.0f}"
+                + f"; bare delay {1e6 / res['bare_rate']:.1f};"
+                f" one reload (store.load of {OTHERS + 1} plugins) {bd['reload']:.0f}"
             )
             print(
                 f"  Python calls per call  : bare {bd['calls_bare']:.0f}, pluginhost {bd['calls_ph']:.0f} "
                 f"({bd['calls_ph'] / bd['calls_bare'] - 1:+.1%}; no toggles)"
             )
             sys.stdout.flush()
-            rows.append(summary_row(
-                f"dispatch, {'PostgreSQL' if key.startswith('pg') else 'SQLite'} + {broker_name}"
-                + (f", other plugin toggled every {toggle_every}" if toggle_every else ""),
-                f"{res['bare_rate']:.0f} calls/s", f"{res['ph_rate']:.0f} calls/s",
-                res["ratio"], f">= {TARGET}", res["ratio"] >= TARGET,
-            ))
+            rows.append(
+                summary_row(
+                    f"dispatch, {'PostgreSQL' if key.startswith('pg') else 'SQLite'} + {broker_name}"
+                    + (f", other plugin toggled every {toggle_every}" if toggle_every else ""),
+                    f"{res['bare_rate']:.0f} calls/s",
+                    f"{res['ph_rate']:.0f} calls/s",
+                    res["ratio"],
+                    f">= {TARGET}",
+                    res["ratio"] >= TARGET,
+                )
+            )
             write_rows(args.json_out, rows)
         print(
             "\nThe check: PluginView.check_store() reads the revision row before every dispatch\n"
@@ -306,11 +322,16 @@ def main() -> None:
                 f"   (G1 expects 0)\n"
                 f"  dispatch refused right after enable() returned   : {se} / {args.probe}"
             )
-            rows.append(summary_row(
-                f"G1 probe: dispatch right after another host's disable(), {args.probe} toggles",
-                "-", f"{sd}/{args.probe} accepted",
-                None, "0 accepted", sd == 0,
-            ))
+            rows.append(
+                summary_row(
+                    f"G1 probe: dispatch right after another host's disable(), {args.probe} toggles",
+                    "-",
+                    f"{sd}/{args.probe} accepted",
+                    None,
+                    "0 accepted",
+                    sd == 0,
+                )
+            )
             write_rows(args.json_out, rows)
         print(f"\nload average at the end: {loadavg()}")
     finally:

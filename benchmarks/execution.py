@@ -84,7 +84,10 @@ def main() -> None:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         header(
             "execution: capability tasks/s vs bare Celery tasks/s (drain time of N queued messages)",
-            N=f"{args.n} per variant, in {args.rounds} rounds of {args.n // args.rounds} (variants rotated), warm-up {args.warmup} each",
+            N=(
+                f"{args.n} per variant, in {args.rounds} rounds of {args.n // args.rounds} (variants rotated),"
+                f" warm-up {args.warmup} each"
+            ),
             broker=f"redis (db {redis.index})" if args.broker == "redis" else "amqp (RabbitMQ)",
             store=pg_url,
             worker=f"1 x prefork, concurrency {args.concurrency}, prefetch multiplier 4 (default), --loglevel=WARNING",
@@ -132,7 +135,7 @@ def main() -> None:
                 enqueue(v, args.warmup)
                 drain(w.hostname, args.warmup)
             for r in range(args.rounds):
-                order = variants[r % len(variants):] + variants[: r % len(variants)]
+                order = variants[r % len(variants) :] + variants[: r % len(variants)]
                 for v in order:
                     left = queue_length(b.app, LOAD)
                     if left:
@@ -144,8 +147,10 @@ def main() -> None:
                     used = (cpu_ns(group) - c0) / 1e3 / chunk
                     results[v].append(chunk / s)
                     cpu[v].append(used)
-                    print(f"  round {r + 1} {v:<10} {chunk / s:7.0f} tasks/s  (drain {s:.2f} s, "
-                          f"worker CPU {used:.0f} us/task)")
+                    print(
+                        f"  round {r + 1} {v:<10} {chunk / s:7.0f} tasks/s  (drain {s:.2f} s, "
+                        f"worker CPU {used:.0f} us/task)"
+                    )
                     sys.stdout.flush()
             pids = [w.pid, *w.children()]
         purge(b.app, LOAD, IDLE)
@@ -162,8 +167,10 @@ def main() -> None:
         for v in variants:
             per = ", ".join(f"{x:.0f}" for x in results[v])
             enq_rate = len(enq[v]) * chunk / sum(enq[v])
-            print(f"  {v:<10} : {agg(v):7.0f} tasks/s   worker CPU {cpu_per_task(v):6.0f} us/task   "
-                  f"(rounds: {per}; enqueue {enq_rate:.0f}/s)")
+            print(
+                f"  {v:<10} : {agg(v):7.0f} tasks/s   worker CPU {cpu_per_task(v):6.0f} us/task   "
+                f"(rounds: {per}; enqueue {enq_rate:.0f}/s)"
+            )
         if "pluginhost" in results and "bare" in results:
             ratio = agg("pluginhost") / agg("bare")
             rr = [p / q for p, q in zip(results["pluginhost"], results["bare"])]
@@ -171,20 +178,32 @@ def main() -> None:
                 f"  ratio pluginhost / bare      : {ratio:.3f}   target >= {TARGET}  {verdict(ratio, TARGET)}"
                 f"   (per round {min(rr):.2f}..{max(rr):.2f}, median {median(rr):.2f})"
             )
-            rows.append(summary_row(
-                f"execution, worker throughput, {where}",
-                f"{agg('bare'):.0f} tasks/s", f"{agg('pluginhost'):.0f} tasks/s",
-                ratio, f">= {TARGET}", ratio >= TARGET,
-            ))
+            rows.append(
+                summary_row(
+                    f"execution, worker throughput, {where}",
+                    f"{agg('bare'):.0f} tasks/s",
+                    f"{agg('pluginhost'):.0f} tasks/s",
+                    ratio,
+                    f">= {TARGET}",
+                    ratio >= TARGET,
+                )
+            )
         if "pluginhost" in results and "bare" in results:
             c = cpu_per_task("bare") / cpu_per_task("pluginhost")
-            print(f"  CPU ratio  pluginhost / bare : {c:.3f}   (bare CPU per task / pluginhost CPU per task; "
-                  f"target >= {TARGET}  {verdict(c, TARGET)})")
-            rows.append(summary_row(
-                f"execution, worker CPU per task, {where}",
-                f"{cpu_per_task('bare'):.0f} us/task", f"{cpu_per_task('pluginhost'):.0f} us/task",
-                c, f">= {TARGET}", c >= TARGET,
-            ))
+            print(
+                f"  CPU ratio  pluginhost / bare : {c:.3f}   (bare CPU per task / pluginhost CPU per task; "
+                f"target >= {TARGET}  {verdict(c, TARGET)})"
+            )
+            rows.append(
+                summary_row(
+                    f"execution, worker CPU per task, {where}",
+                    f"{cpu_per_task('bare'):.0f} us/task",
+                    f"{cpu_per_task('pluginhost'):.0f} us/task",
+                    c,
+                    f">= {TARGET}",
+                    c >= TARGET,
+                )
+            )
         write_rows(args.json_out, rows)
         if "pluginhost" in results and "bare_late" in results:
             c = cpu_per_task("bare_late") / cpu_per_task("pluginhost")
@@ -202,8 +221,6 @@ def main() -> None:
         inprocess(conf)
     finally:
         redis.release()
-
-
 
 
 def inprocess(conf: dict[str, Any]) -> None:
@@ -250,8 +267,10 @@ def inprocess(conf: dict[str, Any]) -> None:
     for name, (us, calls) in figures.items():
         print(f"    {name:<10} {us:6.1f} us/task, {calls:4.0f} Python calls/task")
     d = figures["pluginhost"][0] - figures["bare_late"][0]
-    print(f"    -> pluginhost's worker-side check adds ~{max(d, 0.0):.0f} us and "
-          f"{figures['pluginhost'][1] - figures['bare_late'][1]:.0f} Python calls per execution")
+    print(
+        f"    -> pluginhost's worker-side check adds ~{max(d, 0.0):.0f} us and "
+        f"{figures['pluginhost'][1] - figures['bare_late'][1]:.0f} Python calls per execution"
+    )
 
 
 if __name__ == "__main__":

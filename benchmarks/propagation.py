@@ -103,7 +103,9 @@ def produce(rate: float, backlog: int) -> None:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--toggles", type=int, default=100)
-    p.add_argument("--solo", type=int, default=0, help="instead of the 4 mixed workers, this many solo workers (e.g. 16)")
+    p.add_argument(
+        "--solo", type=int, default=0, help="instead of the 4 mixed workers, this many solo workers (e.g. 16)"
+    )
     p.add_argument("--rate", type=float, default=250.0, help="producer messages/s")
     p.add_argument("--backlog", type=int, default=100, help="producer pauses above this queue length")
     p.add_argument("--off", type=float, default=0.35, help="seconds the plugin stays disabled per toggle")
@@ -113,7 +115,9 @@ def main() -> None:
     if args.solo:
         global WORKERS, TARGET_P99_MS
         TARGET_P99_MS = TARGET_P99_MS_16 if args.solo >= 16 else TARGET_P99_MS
-        WORKERS = [{"name": f"solo-{i:02d}", "pool": "solo", "concurrency": 1, "queues": [QUEUE]} for i in range(args.solo)]
+        WORKERS = [
+            {"name": f"solo-{i:02d}", "pool": "solo", "concurrency": 1, "queues": [QUEUE]} for i in range(args.solo)
+        ]
     if args.produce:
         produce(args.rate, args.backlog)
         return
@@ -128,6 +132,7 @@ def main() -> None:
         b = make_app(conf, "admin")
         host, app = b.host, b.app
         from pluginhost.control import poll_interval
+
         host.sync()
         host.enable(CAPABILITY)
         purge(app, QUEUE)
@@ -137,7 +142,10 @@ def main() -> None:
             broker=f"redis (db {redis.index})" if args.broker == "redis" else "amqp (RabbitMQ)",
             store=f"{pg_url} (poll fallback {poll_interval(app)} s)",
             workers="; ".join(f"{w['name']}: {w['pool']} c{w['concurrency']}" for w in WORKERS),
-            stream=f"producer subprocess, capability task.apply_async at {args.rate:.0f}/s (pauses above {args.backlog} queued)",
+            stream=(
+                f"producer subprocess, capability task.apply_async at {args.rate:.0f}/s"
+                f" (pauses above {args.backlog} queued)"
+            ),
             phases=f"enabled 0.2-0.3 s (one ping timed), disabled {args.off} s",
             versions=versions(),
             servers=server_versions(redis),
@@ -182,9 +190,7 @@ def main() -> None:
                 revision = host.view.revision  # the revision disable() committed (this host's view)
                 ack_ms = None
                 for _ in range(5):
-                    got = app.control.broadcast(
-                        "pluginhost_revision", reply=True, limit=len(WORKERS), timeout=1.0
-                    )
+                    got = app.control.broadcast("pluginhost_revision", reply=True, limit=len(WORKERS), timeout=1.0)
                     seen = {n: body.get("revision", -1) for r in got or [] for n, body in r.items()}
                     if len(seen) == len(WORKERS) and all(int(v) >= revision for v in seen.values()):
                         ack_ms = (time.perf_counter() - t0p) * 1000
@@ -250,45 +256,84 @@ def main() -> None:
         ack_missing = sum(1 for tg in toggles if tg["ack_ms"] is None)
         duration = toggles[-1]["t_enable"] - toggles[0]["t0"] if toggles else 0
 
-        print(f"\n  runs executed during the measured toggles: {len(runs)} ({len(runs) / max(duration, 1e-9):.0f}/s), "
-              f"messages sent by the producer: {sent}")
+        print(
+            f"\n  runs executed during the measured toggles: {len(runs)} ({len(runs) / max(duration, 1e-9):.0f}/s), "
+            f"messages sent by the producer: {sent}"
+        )
         print("  runs per worker: " + ", ".join(f"{k} {v}" for k, v in sorted(per_worker.items())))
         print(f"  workers: {', '.join(names)}")
         p50, p99, mx = pct(props, 50), pct(props, 99), max(props)
         g50, g99 = pct(pings, 50), pct(pings, 99)
         print(f"\n-- propagation ({len(props)} toggles): disable() returned -> last run started on a stale view")
-        print(f"  p50 {p50:.1f} ms   p99 {p99:.1f} ms   max {mx:.1f} ms   "
-              f"(toggles with a stale run: {sum(1 for x in props if x > 0)}, stale runs: {stale_runs}"
-              + (", by " + ", ".join(f"{k} {v}" for k, v in sorted(stale_by.items())) if stale_by else "")
-              + (f"; {capped} lasted the whole disabled phase" if capped else "") + ")")
-        print(f"  p90 {pct(props, 90):.1f} ms   p95 {pct(props, 95):.1f} ms;  latest stale start per worker: "
-              + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(worst_by.items())))
+        print(
+            f"  p50 {p50:.1f} ms   p99 {p99:.1f} ms   max {mx:.1f} ms   "
+            f"(toggles with a stale run: {sum(1 for x in props if x > 0)}, stale runs: {stale_runs}"
+            + (", by " + ", ".join(f"{k} {v}" for k, v in sorted(stale_by.items())) if stale_by else "")
+            + (f"; {capped} lasted the whole disabled phase" if capped else "")
+            + ")"
+        )
+        print(
+            f"  p90 {pct(props, 90):.1f} ms   p95 {pct(props, 95):.1f} ms;  latest stale start per worker: "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(worst_by.items()))
+        )
         print(f"-- app.control.ping(timeout=1.0, limit=len(WORKERS)) ({len(pings)} pings, same load, same workers)")
-        print(f"  p50 {g50:.1f} ms   p90 {pct(pings, 90):.1f} ms   p99 {g99:.1f} ms   max {max(pings):.1f} ms"
-              + (f"   ({ping_short} pings got < {len(WORKERS)} replies)" if ping_short else ""))
-        print(f"-- ack: disable() returned -> all {len(WORKERS)} main processes report the new revision "
-              "(broadcast pluginhost_revision, limit=len(WORKERS))")
+        print(
+            f"  p50 {g50:.1f} ms   p90 {pct(pings, 90):.1f} ms   p99 {g99:.1f} ms   max {max(pings):.1f} ms"
+            + (f"   ({ping_short} pings got < {len(WORKERS)} replies)" if ping_short else "")
+        )
+        print(
+            f"-- ack: disable() returned -> all {len(WORKERS)} main processes report the new revision "
+            "(broadcast pluginhost_revision, limit=len(WORKERS))"
+        )
         if acks:
-            print(f"  p50 {pct(acks, 50):.1f} ms   p99 {pct(acks, 99):.1f} ms   max {max(acks):.1f} ms"
-                  + (f"   ({ack_missing} toggles not acknowledged by all {len(WORKERS)} within 5 tries)" if ack_missing else ""))
+            print(
+                f"  p50 {pct(acks, 50):.1f} ms   p99 {pct(acks, 99):.1f} ms   max {max(acks):.1f} ms"
+                + (
+                    f"   ({ack_missing} toggles not acknowledged by all {len(WORKERS)} within 5 tries)"
+                    if ack_missing
+                    else ""
+                )
+            )
         ratio = p99 / g99 if g99 > 0 else float("inf")
         print("\n-- targets")
-        print(f"  propagation p99 {p99:.1f} ms          target <= {TARGET_P99_MS:.0f} ms   "
-              f"{verdict(p99, TARGET_P99_MS, higher_is_better=False)}")
-        print(f"  propagation p99 / ping p99 = {ratio:.2f}  target <= {TARGET_X_PING:.0f}x     "
-              f"{verdict(ratio, TARGET_X_PING, higher_is_better=False)}")
+        print(
+            f"  propagation p99 {p99:.1f} ms          target <= {TARGET_P99_MS:.0f} ms   "
+            f"{verdict(p99, TARGET_P99_MS, higher_is_better=False)}"
+        )
+        print(
+            f"  propagation p99 / ping p99 = {ratio:.2f}  target <= {TARGET_X_PING:.0f}x     "
+            f"{verdict(ratio, TARGET_X_PING, higher_is_better=False)}"
+        )
         where = (f"{len(WORKERS)} solo workers" if args.solo else f"{len(WORKERS)} mixed workers") + (
-            f", {'Redis' if args.broker == 'redis' else 'RabbitMQ'}, {len(props)} toggles")
-        write_rows(args.json_out, [
-            summary_row(f"propagation p99, {where}", "-", f"{p99:.1f} ms",
-                        None, f"<= {TARGET_P99_MS:.0f} ms", p99 <= TARGET_P99_MS),
-            summary_row(f"propagation p99 / ping p99, {where}", f"ping p99 {g99:.1f} ms", f"{p99:.1f} ms",
-                        ratio, f"<= {TARGET_X_PING:.0f}", ratio <= TARGET_X_PING),
-        ])
+            f", {'Redis' if args.broker == 'redis' else 'RabbitMQ'}, {len(props)} toggles"
+        )
+        write_rows(
+            args.json_out,
+            [
+                summary_row(
+                    f"propagation p99, {where}",
+                    "-",
+                    f"{p99:.1f} ms",
+                    None,
+                    f"<= {TARGET_P99_MS:.0f} ms",
+                    p99 <= TARGET_P99_MS,
+                ),
+                summary_row(
+                    f"propagation p99 / ping p99, {where}",
+                    f"ping p99 {g99:.1f} ms",
+                    f"{p99:.1f} ms",
+                    ratio,
+                    f"<= {TARGET_X_PING:.0f}",
+                    ratio <= TARGET_X_PING,
+                ),
+            ],
+        )
         print(f"\n  host.workers(timeout=2.0) took {host_workers_ms:.0f} ms for {len(hw)} workers")
-        print("  host.disable(wait=True, timeout=2.0) took "
-              + ", ".join(f"{ms:.0f} ms ({n} acks)" for ms, n in waited)
-              + " (both return when every registered worker has answered)")
+        print(
+            "  host.disable(wait=True, timeout=2.0) took "
+            + ", ".join(f"{ms:.0f} ms ({n} acks)" for ms, n in waited)
+            + " (both return when every registered worker has answered)"
+        )
         print(f"  load average at the end: {loadavg()}")
     finally:
         if producer is not None and producer.poll() is None:

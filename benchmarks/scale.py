@@ -46,7 +46,8 @@ def host_for(url: str, plugins: int) -> PluginHost:
     host.sync()
     with psycopg.connect(url.replace("+psycopg", "")) as conn:
         conn.execute(
-            "INSERT INTO pluginhost_plugins (slug, kind, enabled, config, sort, label_en, label_ar, version, updated_at)"
+            "INSERT INTO pluginhost_plugins"
+            " (slug, kind, enabled, config, sort, label_en, label_ar, version, updated_at)"
             " SELECT 'p' || g, 'capability', g %% 2 = 0, '{\"n\": 1}', g, 'Plugin ' || g, 'إضافة ' || g, 1, now()"
             " FROM generate_series(1, %s) g",
             (plugins - 1,),
@@ -98,14 +99,29 @@ def plugins_part(count: int) -> list[dict[str, Any]]:
         )
         host.store.close()
     ratio = results[count] / results[10]
-    print(f"  dispatch check ratio {count:,} / 10 plugins: {ratio:.2f} (target <= 1.1: {'met' if ratio <= 1.1 else 'MISSED'})")
+    print(
+        f"  dispatch check ratio {count:,} / 10 plugins: {ratio:.2f}"
+        f" (target <= 1.1: {'met' if ratio <= 1.1 else 'MISSED'})"
+    )
     return [
-        summary_row(f"scale: dispatch check p50, {count:,} plugins vs 10", "-",
-                    f"{results[count]:.0f} us (10: {results[10]:.0f} us)", ratio, "<= 1.1", ratio <= 1.1),
-        summary_row(f"scale: full reload of {count:,} plugins, p50", "-",
-                    f"{reload_figures[count][0]:.1f} ms (10: {reload_figures[10][0]:.1f} ms)"),
-        summary_row(f"scale: peak memory of the first reload, {count:,} plugins", "-",
-                    f"{reload_figures[count][1]:.1f} MiB (10: {reload_figures[10][1]:.2f} MiB)"),
+        summary_row(
+            f"scale: dispatch check p50, {count:,} plugins vs 10",
+            "-",
+            f"{results[count]:.0f} us (10: {results[10]:.0f} us)",
+            ratio,
+            "<= 1.1",
+            ratio <= 1.1,
+        ),
+        summary_row(
+            f"scale: full reload of {count:,} plugins, p50",
+            "-",
+            f"{reload_figures[count][0]:.1f} ms (10: {reload_figures[10][0]:.1f} ms)",
+        ),
+        summary_row(
+            f"scale: peak memory of the first reload, {count:,} plugins",
+            "-",
+            f"{reload_figures[count][1]:.1f} MiB (10: {reload_figures[10][1]:.2f} MiB)",
+        ),
     ]
 
 
@@ -124,13 +140,16 @@ def history_part(rows: int) -> list[dict[str, Any]]:
             with psycopg.connect(url.replace("+psycopg", "")) as conn:
                 conn.execute(
                     "INSERT INTO workflows_runs (id, name, version, status, input, context, created_at, finished_at)"
-                    " SELECT 'old-' || g, 'old' || (g %% 50), 1, CASE WHEN g %% 10 = 0 THEN 'failed' ELSE 'succeeded' END,"
+                    " SELECT 'old-' || g, 'old' || (g %% 50), 1,"
+                    " CASE WHEN g %% 10 = 0 THEN 'failed' ELSE 'succeeded' END,"
                     " '{}', '{}', now() - interval '1 day', now() - interval '1 day' FROM generate_series(1, %s) g",
                     (n // 4,),
                 )
                 conn.execute(
-                    "INSERT INTO workflows_steps (run_id, position, stage, slug, status, attempts, output, started_at, finished_at)"
-                    " SELECT 'old-' || r, p, p, 'probe', 'succeeded', 1, '{}', now() - interval '1 day', now() - interval '1 day'"
+                    "INSERT INTO workflows_steps"
+                    " (run_id, position, stage, slug, status, attempts, output, started_at, finished_at)"
+                    " SELECT 'old-' || r, p, p, 'probe', 'succeeded', 1, '{}',"
+                    " now() - interval '1 day', now() - interval '1 day'"
                     " FROM generate_series(1, %s) r, generate_series(0, 3) p",
                     (n // 4,),
                 )
@@ -141,6 +160,7 @@ def history_part(rows: int) -> list[dict[str, Any]]:
                     "EXPLAIN SELECT * FROM workflows_runs WHERE status = 'failed' ORDER BY created_at DESC LIMIT 50"
                 ).fetchall()
             print(f"  runs(status=...) plan: {plan[1][0].strip() if len(plan) > 1 else plan[0][0]}")
+
         def one_run(store=store, layout=((0, 0, "probe"),)) -> None:  # type: ignore[no-untyped-def]
             run_id = str(uuid.uuid4())
             store.create_run(run_id, "scale", 1, {"x": 1}, layout)
@@ -165,11 +185,20 @@ def history_part(rows: int) -> list[dict[str, Any]]:
         host.store.close()
     empty, full = results[0], results[rows]
     ratio = full[0] / empty[0]
-    print(f"  a run's store writes, ratio {rows:,} rows / empty: {ratio:.2f} (target <= 1.1: {'met' if ratio <= 1.1 else 'MISSED'})")
+    print(
+        f"  a run's store writes, ratio {rows:,} rows / empty: {ratio:.2f}"
+        f" (target <= 1.1: {'met' if ratio <= 1.1 else 'MISSED'})"
+    )
     print("  (runs() returns 50 rows from the large history and none from the empty one: compare its absolute time)")
     return [
-        summary_row(f"scale: a run's store writes p50, {rows:,} step rows vs empty", "-",
-                    f"{full[0] / 1e3:.2f} ms (empty: {empty[0] / 1e3:.2f} ms)", ratio, "<= 1.1", ratio <= 1.1),
+        summary_row(
+            f"scale: a run's store writes p50, {rows:,} step rows vs empty",
+            "-",
+            f"{full[0] / 1e3:.2f} ms (empty: {empty[0] / 1e3:.2f} ms)",
+            ratio,
+            "<= 1.1",
+            ratio <= 1.1,
+        ),
     ]
 
 
@@ -177,7 +206,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plugins", type=int, default=10_000)
     parser.add_argument("--history", type=int, default=1_000_000)
-    parser.add_argument("--json-out", metavar="PATH", help="also write the summary figures as JSON rows (python -m benchmarks)")
+    parser.add_argument(
+        "--json-out", metavar="PATH", help="also write the summary figures as JSON rows (python -m benchmarks)"
+    )
     args = parser.parse_args()
     with open("/proc/loadavg") as f:
         print(f"scale benchmark; load average {' '.join(f.read().split()[:3])}")

@@ -17,11 +17,15 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks soak", description=__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, required=True, help="minutes of faults (start-up and the check come on top)")
+    p.add_argument(
+        "--minutes", type=float, required=True, help="minutes of faults (start-up and the check come on top)"
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock; printed)")
     p.add_argument("--producers", type=int, default=3)
     p.add_argument("--admins", type=int, default=2, choices=(1, 2))
-    p.add_argument("--work-dir", type=Path, help="where events, logs and the report go (default: a new temporary directory)")
+    p.add_argument(
+        "--work-dir", type=Path, help="where events, logs and the report go (default: a new temporary directory)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the event files even when nothing was found")
     p.add_argument("--show", type=int, default=20, help="violations printed in full (all are in <work dir>/report.txt)")
     args = p.parse_args(argv)

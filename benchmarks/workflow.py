@@ -81,9 +81,7 @@ def ensure_database(admin_url: str, name: str) -> None:
 class Worker:
     """One ``celery worker`` subprocess in its own session (so its whole group can be stopped)."""
 
-    def __init__(
-        self, pool: str, concurrency: int, queue: str, env: dict[str, str], log_path: Path
-    ) -> None:
+    def __init__(self, pool: str, concurrency: int, queue: str, env: dict[str, str], log_path: Path) -> None:
         self.name = f"wfbench-{pool}-{os.getpid()}@{socket.gethostname()}"
         cmd = [
             sys.executable,
@@ -120,9 +118,7 @@ class Worker:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"worker exited with {self.proc.returncode}; log: {self.log_path}"
-                )
+                raise RuntimeError(f"worker exited with {self.proc.returncode}; log: {self.log_path}")
             if app.control.ping(destination=[self.name], timeout=0.5, limit=1):
                 return time.monotonic() - t0
         raise RuntimeError(f"worker not ready after {timeout}s; log: {self.log_path}")
@@ -216,12 +212,8 @@ def check_history(bench: Any, since_runs: int) -> str:
     from workflows.store import runs, steps
 
     with bench.flows.store.engine.connect() as conn:
-        by_status = dict(
-            conn.execute(select(runs.c.status, func.count()).group_by(runs.c.status)).all()
-        )
-        step_status = dict(
-            conn.execute(select(steps.c.status, func.count()).group_by(steps.c.status)).all()
-        )
+        by_status = dict(conn.execute(select(runs.c.status, func.count()).group_by(runs.c.status)).all())
+        step_status = dict(conn.execute(select(steps.c.status, func.count()).group_by(steps.c.status)).all())
     total = sum(by_status.values())
     ok = by_status.get("succeeded", 0) == total and set(step_status) == {"succeeded"}
     return f"runs {by_status}, steps {step_status} ({'all recorded' if ok and total >= since_runs else 'MISMATCH'})"
@@ -229,9 +221,7 @@ def check_history(bench: Any, since_runs: int) -> str:
 
 def report(pool: str, data: dict[str, dict[str, list[float]]], ready_s: float) -> list[str]:
     lines = [f"\n== {pool} (worker ready in {ready_s:.1f}s; load average {load()}) =="]
-    lines.append(
-        f"{'case':18} {'n':>4} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'dispatch p50':>13}"
-    )
+    lines.append(f"{'case':18} {'n':>4} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'dispatch p50':>13}")
     for name, d in data.items():
         e = d["e2e"]
         lines.append(
@@ -263,14 +253,16 @@ def write_json_rows(path: str | None, pool: str, data: dict[str, dict[str, list[
     for kind, what in (("seq", "5 steps vs chain"), ("par", "3 parallel vs chord")):
         a, b = data[f"{kind}/pluginhost"]["e2e"], data[f"{kind}/bare"]["e2e"]
         r50 = pct(a, 50) / pct(b, 50)
-        rows.append({
-            "figure": f"workflow {kind} p50 ({what}), {pool}, {len(a)} runs",
-            "bare": f"{pct(b, 50) * 1e3:.1f} ms",
-            "pluginhost": f"{pct(a, 50) * 1e3:.1f} ms",
-            "ratio": r50,
-            "target": "<= 1.3",
-            "passed": r50 <= 1.3,
-        })
+        rows.append(
+            {
+                "figure": f"workflow {kind} p50 ({what}), {pool}, {len(a)} runs",
+                "bare": f"{pct(b, 50) * 1e3:.1f} ms",
+                "pluginhost": f"{pct(a, 50) * 1e3:.1f} ms",
+                "ratio": r50,
+                "target": "<= 1.3",
+                "passed": r50 <= 1.3,
+            }
+        )
     Path(path).write_text(json.dumps(rows, indent=1))
 
 
@@ -301,24 +293,18 @@ def profile(bench: Any, app: Any, worker: Worker, runs: int) -> list[str]:
         bench.bare_chord({"n": i}).apply_async().get(timeout=30)
     worker_stats = bench.stats.apply_async(queue=bench.QUEUE).get(timeout=10)
     local = {k: list(v) for k, v in bench.STATS.items()}
-    lines = [
-        f"\n== profile: solo worker, {runs} rounds of seq, par, bare chain, bare chord (load average {load()}) =="
-    ]
+    lines = [f"\n== profile: solo worker, {runs} rounds of seq, par, bare chain, bare chord (load average {load()}) =="]
     lines.append(f"{'operation':58} {'calls':>6} {'mean ms':>8} {'max ms':>8} {'ms/run*':>8}")
 
     def rows(stats: dict[str, list[float]], where: str) -> None:
         for name in sorted(stats):
             n, total, mx = stats[name]
-            lines.append(
-                f"{where + ' ' + name:58} {int(n):6d} {ms(total / n)} {ms(mx)} {ms(total / (2 * runs))}"
-            )
+            lines.append(f"{where + ' ' + name:58} {int(n):6d} {ms(total / n)} {ms(mx)} {ms(total / (2 * runs))}")
 
     rows(worker_stats, "[worker]")
     rows(local, "[producer]")
     for name, v in producer.items():
-        lines.append(
-            f"{'[producer] ' + name + ' (seq, p50)':58} {len(v):6d} {ms(pct(v, 50))} {ms(max(v))}"
-        )
+        lines.append(f"{'[producer] ' + name + ' (seq, p50)':58} {len(v):6d} {ms(pct(v, 50))} {ms(max(v))}")
     lines.append(
         "* ms/run: total time / (seq + par workflow runs); .sql = the statements, .txn = pool checkout + BEGIN + COMMIT"
     )
@@ -330,9 +316,7 @@ def profile(bench: Any, app: Any, worker: Worker, runs: int) -> list[str]:
     per_step = mean(worker_stats, "store.begin_step") + mean(worker_stats, "store.post_step")
     body = mean(worker_stats, "step.run_step (whole body)")
     step_task = mean(worker_stats, "task workflows.step")
-    bare_task = statistics.fmean(
-        [mean(worker_stats, f"task wfbench.bare.s{i}") for i in range(1, 6)]
-    )
+    bare_task = statistics.fmean([mean(worker_stats, f"task wfbench.bare.s{i}") for i in range(1, 6)])
     with bench.flows.store.engine.connect() as conn:
         probe = []
         for _ in range(50):
@@ -343,7 +327,8 @@ def profile(bench: Any, app: Any, worker: Worker, runs: int) -> list[str]:
         f"summary: history writes per step (begin_step + post_step, the last step's finish_step apart)"
         f" {per_step * 1e3:.2f} ms of a"
         f" {body * 1e3:.2f} ms step body; workflows.step task {step_task * 1e3:.2f} ms vs bare task"
-        f" {bare_task * 1e3:.2f} ms; per par run: workflows.merge task {mean(worker_stats, 'task workflows.merge') * 1e3:.2f} ms"
+        f" {bare_task * 1e3:.2f} ms; per par run:"
+        f" workflows.merge task {mean(worker_stats, 'task workflows.merge') * 1e3:.2f} ms"
         f" vs bare merge {mean(worker_stats, 'task wfbench.bare.merge') * 1e3:.2f} ms,"
         f" producer create_newest_run {mean(local, 'store.create_newest_run') * 1e3:.2f} ms;"
         f" PostgreSQL round trip (SELECT 1) p50 {pct(probe, 50) * 1e3:.2f} ms"
@@ -383,9 +368,7 @@ def py_spy(worker: Worker, bench: Any, seconds: float, out_dir: Path) -> list[st
         n += 1
     spy.wait(30)
     if not out.exists():
-        return [
-            f"\n(py-spy failed: {spy.stderr.read().decode(errors='replace')[-300:] if spy.stderr else ''})"
-        ]
+        return [f"\n(py-spy failed: {spy.stderr.read().decode(errors='replace')[-300:] if spy.stderr else ''})"]
     return summarize_pyspy(out, n)
 
 
@@ -398,7 +381,8 @@ def summarize_pyspy(path: Path, runs: int) -> list[str]:
         "  WorkflowStore.begin_step": "WorkflowStore.begin_step (",
         "  WorkflowStore.finish_step": "WorkflowStore.finish_step (",
         "  the capability call (host.call_capability[_with])": (
-            "PluginHost.call_capability (", "PluginHost.call_capability_with (",
+            "PluginHost.call_capability (",
+            "PluginHost.call_capability_with (",
         ),
         "workflows.merge: WorkflowStore.merge_stage": "WorkflowStore.merge_stage (",
         "workflows.finish: WorkflowStore.finish_run": "WorkflowStore.finish_run (",
@@ -429,9 +413,7 @@ def summarize_pyspy(path: Path, runs: int) -> list[str]:
             if key in innermost:
                 own[name] += n
                 break
-    lines = [
-        f"\n== py-spy: solo worker, {runs} seq runs back to back, {total} samples (non-idle) =="
-    ]
+    lines = [f"\n== py-spy: solo worker, {runs} seq runs back to back, {total} samples (non-idle) =="]
     for name, n in inc.items():
         lines.append(f"  {name:48} {100 * n / max(1, total):5.1f}% (inclusive)")
     for name, n in own.items():
@@ -449,13 +431,13 @@ def main() -> int:
     p.add_argument("--broker", choices=("redis", "amqp"), default="redis")
     p.add_argument("--pools", default="prefork,solo", help="comma-separated: prefork (-c 2), solo")
     p.add_argument("--profile-runs", type=int, default=50, help="0: no profile pass")
-    p.add_argument(
-        "--py-spy", action="store_true", help="also sample the solo worker with py-spy for 8 s"
-    )
+    p.add_argument("--py-spy", action="store_true", help="also sample the solo worker with py-spy for 8 s")
     p.add_argument("--redis-db", type=int, default=11)
     p.add_argument("--db", default="pluginhost_wfbench")
     p.add_argument("--queue", default="wfbench")
-    p.add_argument("--json-out", metavar="PATH", help="also write the summary figures as JSON rows (python -m benchmarks)")
+    p.add_argument(
+        "--json-out", metavar="PATH", help="also write the summary figures as JSON rows (python -m benchmarks)"
+    )
     args = p.parse_args()
 
     t_start = time.monotonic()
@@ -505,13 +487,9 @@ def run(args: argparse.Namespace, redis_url: str) -> None:
         f"  python {platform.python_version()}, celery {celery.__version__}, kombu {kombu.__version__},"
         f" sqlalchemy {sqlalchemy.__version__}, {os.cpu_count()} cores, load average at start {load()}"
     )
-    print(
-        f"  broker {broker}, result backend {redis_url}, store {store} (synchronous_commit={sync_commit})"
-    )
+    print(f"  broker {broker}, result backend {redis_url}, store {store} (synchronous_commit={sync_commit})")
     print(f"  workflows package: {Path(workflows.__file__).parent}")
-    print(
-        f"  runs {args.runs} per case after {args.warmup} warm-up rounds, interleaved; pools {args.pools}"
-    )
+    print(f"  runs {args.runs} per case after {args.warmup} warm-up rounds, interleaved; pools {args.pools}")
     print(
         f"  seq: {bench.SEQ} = {' -> '.join(bench.SEQ_SLUGS)} vs chain(5 tasks);"
         f" par: {bench.PAR} = [Parallel({', '.join(bench.PAR_SLUGS)})] vs chord(3, merge)",
@@ -523,16 +501,18 @@ def run(args: argparse.Namespace, redis_url: str) -> None:
     try:
         total_runs = 0
         for pool in [x.strip() for x in args.pools.split(",") if x.strip()]:
-            worker = Worker(
-                pool, 2, args.queue, env, logs / f"wfbench-worker-{pool}-{uuid.uuid4().hex[:6]}.log"
-            )
+            worker = Worker(pool, 2, args.queue, env, logs / f"wfbench-worker-{pool}-{uuid.uuid4().hex[:6]}.log")
             ready = worker.wait_ready(app)
             data = measure(bench, args.runs, args.warmup)
             total_runs += 2 * (args.runs + args.warmup + 1)
             worker.stop()
             worker = None
             block = report(pool if pool != "prefork" else "prefork -c 2", data, ready)
-            write_json_rows(args.json_out, f"{'prefork c2' if pool == 'prefork' else pool}, {dict(redis='Redis', amqp='RabbitMQ')[args.broker]}", data)
+            write_json_rows(
+                args.json_out,
+                f"{'prefork c2' if pool == 'prefork' else pool}, {dict(redis='Redis', amqp='RabbitMQ')[args.broker]}",
+                data,
+            )
             block.append("history: " + check_history(bench, total_runs))
             print("\n".join(block), flush=True)
         if args.profile_runs > 0 or args.py_spy:

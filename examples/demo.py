@@ -70,10 +70,29 @@ def start_worker() -> subprocess.Popen[bytes]:
     log = open(DATA / "worker.log", "wb")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "examples.onboarding.app", "worker",
-         "--pool=prefork", "-c", "2", "-n", "demo@%h", "-Q", "onboarding",
-         "--without-gossip", "--without-mingle", "--loglevel=INFO"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "examples.onboarding.app",
+            "worker",
+            "--pool=prefork",
+            "-c",
+            "2",
+            "-n",
+            "demo@%h",
+            "-Q",
+            "onboarding",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel=INFO",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -151,13 +170,22 @@ def wait_runs(ids: list[str], label: str) -> None:
 def step_table(ids: list[str]) -> Table:
     # light borders and two-line headers: the table is 70 columns wide, and narrower
     # terminals get wrapped headers rather than cut-off statuses
-    table = Table(title="onboarding runs (one row per run, one column per step)",
-                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table = Table(
+        title="onboarding runs (one row per run, one column per step)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     table.add_column("run", no_wrap=True)
     for step in ONBOARDING.flat():
         table.add_column(step.slug.replace("_", "\n", 1))
     table.add_column("status", no_wrap=True)
-    shown = {"succeeded": "[green]ok[/]", "skipped": "[yellow]skip[/]", "failed": "[red]FAIL[/]", "cancelled": "[red]cancel[/]"}
+    shown = {
+        "succeeded": "[green]ok[/]",
+        "skipped": "[yellow]skip[/]",
+        "failed": "[red]FAIL[/]",
+        "cancelled": "[red]cancel[/]",
+    }
     for run_id in ids:
         run = flows.run(run_id)
         assert run is not None
@@ -174,7 +202,9 @@ def statuses(run_id: str) -> dict[str, str]:
 def part_two() -> None:
     console.rule("2. onboarding workflows, a step toggled while they run")
     say("define", f"onboarding version {flows.define(ONBOARDING, actor='demo')}")
-    early = [host.run_capability("onboard", {"email": f"user{i}@example.com", "name": f"User {i}"}).id for i in range(4)]
+    early = [
+        host.run_capability("onboard", {"email": f"user{i}@example.com", "name": f"User {i}"}).id for i in range(4)
+    ]
     say("start", f"{len(early)} onboarding runs started")
     time.sleep(0.3)
     host.disable("notify_crm", actor="demo", wait=True)

@@ -104,7 +104,9 @@ def declare(
     check_slug(slug, "capability slug")
     check_slug(plugin, "plugin slug")
     if on_disabled not in POLICIES:
-        raise InvalidPlugin(f"capability '{slug}': on_disabled must be one of {', '.join(POLICIES)}, got {on_disabled!r}")
+        raise InvalidPlugin(
+            f"capability '{slug}': on_disabled must be one of {', '.join(POLICIES)}, got {on_disabled!r}"
+        )
     if "pickle" in str(task_options.get("serializer", "")):
         raise InvalidPlugin(f"capability '{slug}': only JSON is accepted for capability messages, not pickle")
     if input_model is not None and not (isinstance(input_model, type) and issubclass(input_model, BaseModel)):
@@ -129,8 +131,13 @@ def declare(
     run.__module__ = getattr(fn, "__module__", __name__)
     options = {**DEFAULT_TASK_OPTIONS, **task_options}
     cap.task = host.app.task(
-        name=cap.task_name, bind=True, base=CapabilityTask, shared=False, lazy=False,
-        pluginhost_capability=slug, **options,
+        name=cap.task_name,
+        bind=True,
+        base=CapabilityTask,
+        shared=False,
+        lazy=False,
+        pluginhost_capability=slug,
+        **options,
     )(run)
     return cap
 
@@ -151,7 +158,9 @@ def dispatch_many(view: PluginView, cap: Capability, inputs: Any, options: dict[
     batch is being published does not stop the rest of it; the workers refuse
     those runs (G2)."""
     if isinstance(inputs, (str, bytes, dict)) or not isinstance(inputs, Iterable):
-        raise InvalidInput(f"capability '{cap.slug}': inputs must be a list of JSON objects, got {type(inputs).__name__}")
+        raise InvalidInput(
+            f"capability '{cap.slug}': inputs must be a list of JSON objects, got {type(inputs).__name__}"
+        )
     for reserved in ("task_id", "args", "kwargs", "producer"):
         if reserved in options:
             raise InvalidArgument(f"capability '{cap.slug}': {reserved}= is not accepted for a batch (one per message)")
@@ -261,9 +270,7 @@ def _send_again(task: CapabilityTask, countdown: float, **headers: Any) -> NoRet
     is rejected back to the queue rather than lost.
     """
     request = task.request
-    sig = task.signature_from_request(
-        request, countdown=countdown, headers={**(request.headers or {}), **headers}
-    )
+    sig = task.signature_from_request(request, countdown=countdown, headers={**(request.headers or {}), **headers})
     try:
         sig.apply_async()
     except Exception as exc:  # broker unreachable: keep the delivery itself
@@ -303,16 +310,12 @@ def _wants_ctx(slug: str, fn: Callable[..., Any]) -> bool:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return False
-    positional = [
-        p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
     if any(p.kind == p.VAR_POSITIONAL for p in params):
         return True
     if len(positional) not in (1, 2):
         shown = ", ".join(p.name for p in params)
-        raise InvalidPlugin(
-            f"capability '{slug}': the function must take (payload) or (payload, ctx), got ({shown})"
-        )
+        raise InvalidPlugin(f"capability '{slug}': the function must take (payload) or (payload, ctx), got ({shown})")
     return len(positional) == 2
 
 
@@ -325,9 +328,7 @@ def execute_with(view: PluginView, host: PluginHost, cap: Capability, plugin: Pl
     is not the capability's plugin, or is disabled, is refused."""
     if not isinstance(plugin, Plugin) or plugin.slug != cap.plugin:
         got = plugin.slug if isinstance(plugin, Plugin) else type(plugin).__name__
-        raise InvalidPlugin(
-            f"capability '{cap.slug}' belongs to plugin '{cap.plugin}', got a record of {got!r}"
-        )
+        raise InvalidPlugin(f"capability '{cap.slug}' belongs to plugin '{cap.plugin}', got a record of {got!r}")
     if not plugin.enabled:
         raise CapabilityDisabled(_disabled_reason(cap, "is disabled"))
     _, arg = check_input(cap, input)

@@ -141,10 +141,18 @@ def _plugins_table(plugins: list[Any], title: str | None = None) -> None:
     for col in ("slug", "kind", "enabled", "sort", "label_en", "label_ar", "version", "config"):
         table.add_column(col)
     for p in plugins:
-        table.add_row(*row(
-            p.slug, str(p.kind), "yes" if p.enabled else "no", str(p.sort), p.label_en, p.label_ar,
-            str(p.version), json.dumps(mask_secrets(p.config), ensure_ascii=False),
-        ))
+        table.add_row(
+            *row(
+                p.slug,
+                str(p.kind),
+                "yes" if p.enabled else "no",
+                str(p.sort),
+                p.label_en,
+                p.label_ar,
+                str(p.version),
+                json.dumps(mask_secrets(p.config), ensure_ascii=False),
+            )
+        )
     console().print(table)
 
 
@@ -154,7 +162,9 @@ def _json_arg(text: str, what: str) -> Any:
     except json.JSONDecodeError as exc:
         raise CLIError(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}") from None
     except ValueError:  # Python refuses to read longer integers
-        raise CLIError(f"{what} is not valid JSON: integer of more than {sys.get_int_max_str_digits()} digits") from None
+        raise CLIError(
+            f"{what} is not valid JSON: integer of more than {sys.get_int_max_str_digits()} digits"
+        ) from None
     except RecursionError:
         raise CLIError(f"{what} is not valid JSON: nested too deeply") from None
 
@@ -263,7 +273,9 @@ def _commands(group: click.Group) -> None:
         plugin = host.get(check_slug(slug))
         if plugin is None:
             raise host.not_found(slug)
-        click.echo(json.dumps({**plugin.to_json(), "config": mask_secrets(plugin.config)}, ensure_ascii=False, indent=2))
+        click.echo(
+            json.dumps({**plugin.to_json(), "config": mask_secrets(plugin.config)}, ensure_ascii=False, indent=2)
+        )
 
     @group.command()
     @click.argument("slug")
@@ -290,7 +302,16 @@ def _commands(group: click.Group) -> None:
     @click.option("--merge", is_flag=True, help="Change only the keys given; the others keep their stored values.")
     @_wait_opts
     @click.pass_context
-    def configure(ctx: click.Context, slug: str, pairs: tuple[str, ...], json_text: str | None, merge: bool, actor: str | None, wait: bool, timeout: float) -> None:
+    def configure(
+        ctx: click.Context,
+        slug: str,
+        pairs: tuple[str, ...],
+        json_text: str | None,
+        merge: bool,
+        actor: str | None,
+        wait: bool,
+        timeout: float,
+    ) -> None:
         """Set a plugin's config from KEY=VALUE pairs (VALUE read as JSON if it is
         JSON, else as text) or --json '{...}'.
 
@@ -370,7 +391,9 @@ def _commands(group: click.Group) -> None:
             table.add_column(col)
         for slug in host.capabilities():
             cap = host.declared(slug)
-            table.add_row(*row(slug, cap.task_name, cap.plugin, "yes" if host.is_enabled(cap.plugin) else "no", cap.on_disabled))
+            table.add_row(
+                *row(slug, cap.task_name, cap.plugin, "yes" if host.is_enabled(cap.plugin) else "no", cap.on_disabled)
+            )
         console().print(table)
 
     @group.command()
@@ -435,9 +458,21 @@ def _commands(group: click.Group) -> None:
                 table.add_row(*row(name, "-", "NO", info["error"], "-"))
                 continue
             rev = info.get("revision")
-            table.add_row(*row(name, str(rev), "yes" if rev == current else "NO", str(info.get("pool")), str(len(info.get("processes") or []) or 1)))
+            table.add_row(
+                *row(
+                    name,
+                    str(rev),
+                    "yes" if rev == current else "NO",
+                    str(info.get("pool")),
+                    str(len(info.get("processes") or []) or 1),
+                )
+            )
         console().print(table)
-        click.echo(f"{len(found) - silent} worker(s) answered" + (f", {silent} without a revision" if silent else "") + f"; store revision {current}")
+        click.echo(
+            f"{len(found) - silent} worker(s) answered"
+            + (f", {silent} without a revision" if silent else "")
+            + f"; store revision {current}"
+        )
 
     @group.command()
     @click.argument("slug", required=False)

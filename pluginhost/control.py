@@ -187,7 +187,8 @@ def unsafe_serialisation(app: Celery) -> str | None:
     if not problems:
         return None
     return (
-        "pluginhost refuses to start: " + "; ".join(problems)
+        "pluginhost refuses to start: "
+        + "; ".join(problems)
         + ". Capability messages must be JSON (accept_content=['json']): a pickled"
         " message runs arbitrary code on the worker."
     )
@@ -294,8 +295,12 @@ def broadcast_refresh(
     limit = len(destination) if wait and destination else None
     try:
         replies = app.control.broadcast(
-            REFRESH_COMMAND, arguments={"revision": revision}, reply=wait, timeout=timeout,
-            destination=destination, limit=limit,
+            REFRESH_COMMAND,
+            arguments={"revision": revision},
+            reply=wait,
+            timeout=timeout,
+            destination=destination,
+            limit=limit,
         )
     except Exception as exc:  # broker down: the change is committed, polling delivers it
         log.warning("pluginhost: refresh broadcast failed (%s); workers will converge by polling", exc)
@@ -307,9 +312,7 @@ def broadcast_refresh(
         name
         for reply in replies or []
         for name, body in reply.items()
-        if (wanted is None or name in wanted)
-        and isinstance(body, dict)
-        and int(body.get("revision", -1)) >= revision
+        if (wanted is None or name in wanted) and isinstance(body, dict) and int(body.get("revision", -1)) >= revision
     )
 
 
@@ -319,8 +322,5 @@ def worker_revisions(
     """``{hostname: {"revision": ..., "pool": ..., ...}}`` for every worker that
     answers (of ``destination``, if given: until all of them answered, or ``timeout``)."""
     limit = len(destination) if destination else None
-    replies = app.control.broadcast(
-        REVISION_COMMAND, reply=True, timeout=timeout, destination=destination, limit=limit
-    )
+    replies = app.control.broadcast(REVISION_COMMAND, reply=True, timeout=timeout, destination=destination, limit=limit)
     return {name: body for reply in replies or [] for name, body in reply.items()}
-

@@ -215,7 +215,9 @@ class PluginHost:
         input is invalid or the plugin is disabled in the store."""
         return dispatch(self.view, self._capability(slug), input, apply_async_options)
 
-    def run_capability_many(self, slug: str, inputs: Iterable[dict[str, Any]], **apply_async_options: Any) -> GroupResult:
+    def run_capability_many(
+        self, slug: str, inputs: Iterable[dict[str, Any]], **apply_async_options: Any
+    ) -> GroupResult:
         """Enqueue one run per input. Every input is validated first (one bad input
         rejects the batch, naming its index) and the store is checked once; nothing
         is enqueued unless all pass. Published on one producer connection."""
@@ -225,9 +227,7 @@ class PluginHost:
         """Run a capability in this process with the same checks; returns its result."""
         return execute_inline(self.view, self, self._capability(slug), input)
 
-    def call_capability_with(
-        self, slug: str, plugin: Plugin, input: dict[str, Any] | None = None
-    ) -> Any:
+    def call_capability_with(self, slug: str, plugin: Plugin, input: dict[str, Any] | None = None) -> Any:
         """Run a capability in this process against ``plugin``, the record of its
         plugin the caller already read and checked (e.g. from ``get()``): the
         decision and the run use that one snapshot, the view is not read again.
@@ -267,7 +267,9 @@ class PluginHost:
         found = self.view.plugin(slug)
         return found.config.get(key, default) if found else default
 
-    def audit(self, slug: str | None = None, *, actor: str | None = None, limit: int = 100) -> builtins.list[AuditEntry]:
+    def audit(
+        self, slug: str | None = None, *, actor: str | None = None, limit: int = 100
+    ) -> builtins.list[AuditEntry]:
         """Admin changes, newest first (at most ``limit``, 1 or more; of plugin
         ``slug`` and by ``actor`` if given). Secrets are masked as the entries were
         written: ``********`` set, ``******** (changed)`` set to a new value by that
@@ -291,40 +293,148 @@ class PluginHost:
     # -- admin -----------------------------------------------------------------
 
     @overload
-    def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = ..., wait: Literal[False] = ..., timeout: float = ..., expected_version: int | None = ...) -> Plugin: ...
+    def register(
+        self,
+        plugin: Plugin | dict[str, Any],
+        *,
+        actor: str | None = ...,
+        wait: Literal[False] = ...,
+        timeout: float = ...,
+        expected_version: int | None = ...,
+    ) -> Plugin: ...
     @overload
-    def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = ..., wait: Literal[True], timeout: float = ..., expected_version: int | None = ...) -> builtins.list[str]: ...
+    def register(
+        self,
+        plugin: Plugin | dict[str, Any],
+        *,
+        actor: str | None = ...,
+        wait: Literal[True],
+        timeout: float = ...,
+        expected_version: int | None = ...,
+    ) -> builtins.list[str]: ...
     @overload
-    def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = ..., wait: bool, timeout: float = ..., expected_version: int | None = ...) -> Plugin | builtins.list[str]: ...
-    def register(self, plugin: Plugin | dict[str, Any], *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Plugin | builtins.list[str]:
+    def register(
+        self,
+        plugin: Plugin | dict[str, Any],
+        *,
+        actor: str | None = ...,
+        wait: bool,
+        timeout: float = ...,
+        expected_version: int | None = ...,
+    ) -> Plugin | builtins.list[str]: ...
+    def register(
+        self,
+        plugin: Plugin | dict[str, Any],
+        *,
+        actor: str | None = None,
+        wait: bool = False,
+        timeout: float = 1.0,
+        expected_version: int | None = None,
+    ) -> Plugin | builtins.list[str]:
         """Insert or update a plugin record (the whole record, config included:
         ``configure`` is the call that keeps stored secrets), then refresh everywhere."""
         check_actor(actor)
         record = Plugin.parse(plugin)
         record = record.model_copy(update={"config": self._validated_config(record.slug, record.config)})
-        return self._admin(lambda: self.store.upsert(record, actor=actor, expected_version=expected_version), wait, timeout)
+        return self._admin(
+            lambda: self.store.upsert(record, actor=actor, expected_version=expected_version), wait, timeout
+        )
 
     @overload
-    def enable(self, slug: str, *, actor: str | None = ..., wait: Literal[False] = ..., timeout: float = ..., expected_version: int | None = ...) -> Plugin: ...
+    def enable(
+        self,
+        slug: str,
+        *,
+        actor: str | None = ...,
+        wait: Literal[False] = ...,
+        timeout: float = ...,
+        expected_version: int | None = ...,
+    ) -> Plugin: ...
     @overload
-    def enable(self, slug: str, *, actor: str | None = ..., wait: Literal[True], timeout: float = ..., expected_version: int | None = ...) -> builtins.list[str]: ...
+    def enable(
+        self,
+        slug: str,
+        *,
+        actor: str | None = ...,
+        wait: Literal[True],
+        timeout: float = ...,
+        expected_version: int | None = ...,
+    ) -> builtins.list[str]: ...
     @overload
-    def enable(self, slug: str, *, actor: str | None = ..., wait: bool, timeout: float = ..., expected_version: int | None = ...) -> Plugin | builtins.list[str]: ...
-    def enable(self, slug: str, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Plugin | builtins.list[str]:
+    def enable(
+        self,
+        slug: str,
+        *,
+        actor: str | None = ...,
+        wait: bool,
+        timeout: float = ...,
+        expected_version: int | None = ...,
+    ) -> Plugin | builtins.list[str]: ...
+    def enable(
+        self,
+        slug: str,
+        *,
+        actor: str | None = None,
+        wait: bool = False,
+        timeout: float = 1.0,
+        expected_version: int | None = None,
+    ) -> Plugin | builtins.list[str]:
         """Enable a plugin: persisted, audited, applied here and broadcast to workers."""
         return self._update(slug, {"enabled": True}, "enable", actor, wait, timeout, expected_version)
 
     @overload
-    def disable(self, slug: str, *, actor: str | None = ..., wait: Literal[False] = ..., timeout: float = ..., expected_version: int | None = ...) -> Plugin: ...
+    def disable(
+        self,
+        slug: str,
+        *,
+        actor: str | None = ...,
+        wait: Literal[False] = ...,
+        timeout: float = ...,
+        expected_version: int | None = ...,
+    ) -> Plugin: ...
     @overload
-    def disable(self, slug: str, *, actor: str | None = ..., wait: Literal[True], timeout: float = ..., expected_version: int | None = ...) -> builtins.list[str]: ...
+    def disable(
+        self,
+        slug: str,
+        *,
+        actor: str | None = ...,
+        wait: Literal[True],
+        timeout: float = ...,
+        expected_version: int | None = ...,
+    ) -> builtins.list[str]: ...
     @overload
-    def disable(self, slug: str, *, actor: str | None = ..., wait: bool, timeout: float = ..., expected_version: int | None = ...) -> Plugin | builtins.list[str]: ...
-    def disable(self, slug: str, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Plugin | builtins.list[str]:
+    def disable(
+        self,
+        slug: str,
+        *,
+        actor: str | None = ...,
+        wait: bool,
+        timeout: float = ...,
+        expected_version: int | None = ...,
+    ) -> Plugin | builtins.list[str]: ...
+    def disable(
+        self,
+        slug: str,
+        *,
+        actor: str | None = None,
+        wait: bool = False,
+        timeout: float = 1.0,
+        expected_version: int | None = None,
+    ) -> Plugin | builtins.list[str]:
         """Disable a plugin: persisted, audited, applied here and broadcast to workers."""
         return self._update(slug, {"enabled": False}, "disable", actor, wait, timeout, expected_version)
 
-    def configure(self, slug: str, config: dict[str, Any], *, merge: bool = False, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Any:
+    def configure(
+        self,
+        slug: str,
+        config: dict[str, Any],
+        *,
+        merge: bool = False,
+        actor: str | None = None,
+        wait: bool = False,
+        timeout: float = 1.0,
+        expected_version: int | None = None,
+    ) -> Any:
         """Set a plugin's config; returns the plugin (the acknowledging workers with ``wait``).
 
         By default ``config`` replaces the stored config: a key left out goes back
@@ -368,13 +478,24 @@ class PluginHost:
                 time.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))  # writers spread out
         raise AssertionError("unreachable")
 
-    def set_sort(self, slug: str, sort: int, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0, expected_version: int | None = None) -> Any:
+    def set_sort(
+        self,
+        slug: str,
+        sort: int,
+        *,
+        actor: str | None = None,
+        wait: bool = False,
+        timeout: float = 1.0,
+        expected_version: int | None = None,
+    ) -> Any:
         """Move a plugin in the navigation order (``sort`` is a 32-bit integer)."""
         check_slug(slug)
         check_sort(slug, sort)
         return self._update(slug, {"sort": sort}, "sort", actor, wait, timeout, expected_version)
 
-    def refresh(self, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0) -> builtins.list[str] | None:
+    def refresh(
+        self, *, actor: str | None = None, wait: bool = False, timeout: float = 1.0
+    ) -> builtins.list[str] | None:
         """Re-read the store here and tell every worker to do the same."""
         view = self.view
         view.ensure_ready()
@@ -416,7 +537,16 @@ class PluginHost:
         known = self.view.slugs() | {c.plugin for c in self._caps.values()}
         return PluginNotFound(f"plugin '{slug}' not found{did_you_mean(slug, known)}")
 
-    def _update(self, slug: str, changes: dict[str, Any], action: str, actor: str | None, wait: bool, timeout: float, expected_version: int | None) -> Any:
+    def _update(
+        self,
+        slug: str,
+        changes: dict[str, Any],
+        action: str,
+        actor: str | None,
+        wait: bool,
+        timeout: float,
+        expected_version: int | None,
+    ) -> Any:
         check_slug(slug)
         check_actor(actor)
 
@@ -448,9 +578,7 @@ class PluginHost:
         control.broadcast_refresh(self.app, revision)
         if not registered:
             return []
-        return control.broadcast_refresh(
-            self.app, revision, wait=True, timeout=timeout, destination=sorted(registered)
-        )
+        return control.broadcast_refresh(self.app, revision, wait=True, timeout=timeout, destination=sorted(registered))
 
     def _validated_config(self, slug: str, config: Any) -> dict[str, Any]:
         """``config`` as it is stored: a JSON object the store can hold, validated

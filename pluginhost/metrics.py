@@ -13,9 +13,7 @@ from functools import lru_cache
 
 from prometheus_client import Counter, Gauge
 
-DISPATCHED = Counter(
-    "pluginhost_dispatched", "Capability runs enqueued by run_capability", ["capability"]
-)
+DISPATCHED = Counter("pluginhost_dispatched", "Capability runs enqueued by run_capability", ["capability"])
 REFUSED = Counter(
     "pluginhost_refused",
     "Capability runs refused because their plugin is disabled",
@@ -59,4 +57,3 @@ def executed(capability: str) -> None:
 
 def applied_revision(revision: int) -> None:
     REVISION.set(revision)
-

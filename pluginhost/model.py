@@ -156,7 +156,9 @@ def _check_json(value: object, owner: str, path: str, error: type[Exception], de
         for i, item in enumerate(value):
             _check_json(item, owner, f"{path}[{i}]", error, depth + 1, secret)
         return
-    detail = f"a {type(value).__name__} value; a secret, not shown" if secret else f"{type(value).__name__} {_short(value)}"
+    detail = (
+        f"a {type(value).__name__} value; a secret, not shown" if secret else f"{type(value).__name__} {_short(value)}"
+    )
     raise error(f"{owner}: field '{_short_path(where)}' is not JSON-serialisable ({detail})")
 
 
@@ -259,6 +261,7 @@ class AuditEntry(BaseModel):
 
     def masked(self) -> AuditEntry:
         """A copy with secret-looking config values masked in before/after (masks kept)."""
+
         def mask(record: dict[str, Any] | None) -> dict[str, Any] | None:
             if record is None or not isinstance(record.get("config"), dict):
                 return record
@@ -279,10 +282,13 @@ class AuditEntry(BaseModel):
         """One line: ``enabled: True -> False; sort: 0 -> 5``."""
         if self.before is None:
             return "created"
-        return "; ".join(
-            f"{k}: {json.dumps(b, ensure_ascii=False)} -> {json.dumps(a, ensure_ascii=False)}"
-            for k, (b, a) in self.changes().items()
-        ) or "no change"
+        return (
+            "; ".join(
+                f"{k}: {json.dumps(b, ensure_ascii=False)} -> {json.dumps(a, ensure_ascii=False)}"
+                for k, (b, a) in self.changes().items()
+            )
+            or "no change"
+        )
 
 
 # -- secrets --------------------------------------------------------------------------
@@ -331,6 +337,7 @@ def _mask_pair(before: Any, after: Any, secret: bool) -> tuple[Any, Any]:
             shown_after = MASK_CHANGED
         return shown_before, shown_after
     if isinstance(before, dict) and isinstance(after, dict):
+
         def one(key: Any, value: Any) -> Any:
             return _mask(value) if isinstance(key, str) and is_secret_key(key) else mask_secrets(value)
 
@@ -344,8 +351,8 @@ def _mask_pair(before: Any, after: Any, secret: bool) -> tuple[Any, Any]:
     if isinstance(before, list) and isinstance(after, list):
         common = [_mask_pair(b, a, False) for b, a in zip(before, after)]
         return (
-            [c[0] for c in common] + mask_secrets(before[len(common):]),
-            [c[1] for c in common] + mask_secrets(after[len(common):]),
+            [c[0] for c in common] + mask_secrets(before[len(common) :]),
+            [c[1] for c in common] + mask_secrets(after[len(common) :]),
         )
     return mask_secrets(before), mask_secrets(after)
 

@@ -26,20 +26,32 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("pluginhost_store", None, "Store URL (`memory://`, `sqlite:///...`, `postgresql://...`); default `sqlite:///pluginhost.db` in the working directory."),
-    Setting("pluginhost_auto_migrate", True, "Upgrade a SQL store's schema on first use (else `pluginhost db upgrade`)."),
-    Setting("pluginhost_store_timeout_s", 2.0, "Deadline of every store call (connecting, lock waits, a server or network that stops answering): past it `StoreUnavailable`, fail closed.", number=True),
-    Setting("pluginhost_poll_interval_s", 2.0, "How often a worker reads the store revision (missed broadcasts, direct SQL).", replaces="pluginhost_poll_interval", number=True),
-    Setting("pluginhost_heartbeat_interval_s", 10.0, "How often a worker reports itself alive in the store's worker registry.", replaces="pluginhost_heartbeat_interval", number=True),
-    Setting("pluginhost_defer_interval_s", 2.0, "`on_disabled=\"defer\"`: how long a run waits before it is tried again.", replaces="pluginhost_defer_interval", number=True),
-    Setting("pluginhost_defer_max_s", None, "`defer`: give up after this long with `CapabilityDisabled` (default: wait until enabled).", number=True),
-    Setting("pluginhost_stale_retry_s", 1.0, "A pool process that cannot load a published revision retries the run after this long (doubling, at most 30 s).", number=True),
-    Setting("pluginhost_workflows_synchronous_commit", True, "False: PostgreSQL step-state writes use `synchronous_commit=off` (faster; a server crash may lose the last marks, which `sweep` finds).", replaces="workflows_synchronous_commit"),
-    Setting("pluginhost_workflows_step_lease_s", 3600.0, "A `running` step whose owner cannot be proven dead is taken over by a redelivery after this long.", number=True),
+    Setting("pluginhost_store", None, "Store URL (`memory://`, `sqlite:///...`, `postgresql://...`); default "
+            "`sqlite:///pluginhost.db` in the working directory."),
+    Setting("pluginhost_auto_migrate", True, "Upgrade a SQL store's schema on first use (else "
+            "`pluginhost db upgrade`)."),
+    Setting("pluginhost_store_timeout_s", 2.0, "Deadline of every store call (connecting, lock waits, a server or "
+            "network that stops answering): past it `StoreUnavailable`, fail closed.", number=True),
+    Setting("pluginhost_poll_interval_s", 2.0, "How often a worker reads the store revision (missed broadcasts, direct "
+            "SQL).", replaces="pluginhost_poll_interval", number=True),
+    Setting("pluginhost_heartbeat_interval_s", 10.0, "How often a worker reports itself alive in the store's worker "
+            "registry.", replaces="pluginhost_heartbeat_interval", number=True),
+    Setting("pluginhost_defer_interval_s", 2.0, "`on_disabled=\"defer\"`: how long a run waits before it is tried "
+            "again.", replaces="pluginhost_defer_interval", number=True),
+    Setting("pluginhost_defer_max_s", None, "`defer`: give up after this long with `CapabilityDisabled` (default: wait "
+            "until enabled).", number=True),
+    Setting("pluginhost_stale_retry_s", 1.0, "A pool process that cannot load a published revision retries the run "
+            "after this long (doubling, at most 30 s).", number=True),
+    Setting("pluginhost_workflows_synchronous_commit", True, "False: PostgreSQL step-state writes use "
+            "`synchronous_commit=off` (faster; a server crash may lose the last marks, which `sweep` finds).",
+            replaces="workflows_synchronous_commit"),
+    Setting("pluginhost_workflows_step_lease_s", 3600.0, "A `running` step whose owner cannot be proven dead is taken "
+            "over by a redelivery after this long.", number=True),
     Setting("pluginhost_web_users", None, "Console users: `{\"name\": \"password hash\"}`."),
     Setting("pluginhost_web_token", None, "Console/API bearer token."),
     Setting("pluginhost_web_secret", None, "Console session-cookie secret."),
-    Setting("pluginhost_web_origins", None, "Extra origins allowed to send state-changing console requests (e.g. behind a TLS proxy)."),
+    Setting("pluginhost_web_origins", None, "Extra origins allowed to send state-changing console requests (e.g. "
+            "behind a TLS proxy)."),
 )  # fmt: skip
 
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -20,8 +20,11 @@ from .templating import HERE, is_api
 SECURITY_HEADERS = [
     # no inline script or style anywhere: a label that smuggles markup past the
     # escaping still could not run
-    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; script-src 'self'; "
-     b"style-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data:; script-src 'self'; "
+        b"style-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    ),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
@@ -100,8 +103,10 @@ class LoopbackHostOnly:
             await send({"type": "websocket.close", "code": 1008})
             return
         shown = host if len(host) <= 100 else host[:100] + "..."
-        detail = (f"this console runs in local mode (--insecure-local) and answers only loopback "
-                  f"host names ({LOOPBACK_NAMES}, any port), not {shown!r}")
+        detail = (
+            f"this console runs in local mode (--insecure-local) and answers only loopback "
+            f"host names ({LOOPBACK_NAMES}, any port), not {shown!r}"
+        )
         response: Response = (
             JSONResponse({"error": "HostNotAllowed", "detail": detail}, status_code=421)
             if is_api(Request(scope))

@@ -86,8 +86,12 @@ class WebAuth:
         origins = [*_split(app.conf.get("pluginhost_web_origins")), *_split(env.get("PLUGINHOST_WEB_ORIGINS"))]
         if not secret:
             return cls(users=users, token=token, origins=origins)
-        return cls(users=users, token=token, origins=origins,
-                   secret=secret.encode() if isinstance(secret, str) else bytes(secret))
+        return cls(
+            users=users,
+            token=token,
+            origins=origins,
+            secret=secret.encode() if isinstance(secret, str) else bytes(secret),
+        )
 
     @classmethod
     def local(cls) -> WebAuth:
@@ -181,8 +185,10 @@ async def check_csrf(request: Request) -> None:
         sent = value if isinstance(value, str) else None
     expected = request.session.get("csrf")
     if not sent or not isinstance(expected, str) or not hmac.compare_digest(sent.encode(), expected.encode()):
-        raise CsrfFailed("missing or wrong CSRF token: send the session's token as the "
-                         f"'{CSRF_FIELD}' form field or the {CSRF_HEADER} header")
+        raise CsrfFailed(
+            "missing or wrong CSRF token: send the session's token as the "
+            f"'{CSRF_FIELD}' form field or the {CSRF_HEADER} header"
+        )
 
 
 def check_request_origin(request: Request, *, required: bool = True) -> None:

@@ -120,14 +120,17 @@ class Console:
             steps = {s.slug: s.on_disabled for s in definition.flat() if s.slug in capabilities}
             if steps:
                 uses.append(WorkflowUse(name=definition.name, steps=steps))
-        return UsageView(
-            slug=slug, enabled=plugin.enabled, capabilities=capabilities, workflows=uses
-        )
+        return UsageView(slug=slug, enabled=plugin.enabled, capabilities=capabilities, workflows=uses)
 
     def nav(self, lang: Literal["en", "ar"] = "en", kind: str | None = None) -> NavView:
         """The navigation menu in one language (a missing label falls back to English, then the slug)."""
         items = [
-            NavItem(slug=p.slug, kind=p.kind, sort=p.sort, label=(p.label_ar if lang == "ar" else "") or p.label_en or p.slug)
+            NavItem(
+                slug=p.slug,
+                kind=p.kind,
+                sort=p.sort,
+                label=(p.label_ar if lang == "ar" else "") or p.label_en or p.slug,
+            )
             for p in self.host.nav(kind)
         ]
         return NavView(lang=lang, dir="rtl" if lang == "ar" else "ltr", items=items)
@@ -138,14 +141,16 @@ class Console:
         rows = []
         for name, info in sorted(self.host.workers(timeout=self.workers_timeout_s).items()):
             applied = info.get("revision")
-            rows.append(WorkerStatus(
-                hostname=name,
-                revision=applied if isinstance(applied, int) else None,
-                current=applied == revision,
-                pool=info.get("pool"),
-                processes=len(info.get("processes") or []),
-                error=info.get("error"),
-            ))
+            rows.append(
+                WorkerStatus(
+                    hostname=name,
+                    revision=applied if isinstance(applied, int) else None,
+                    current=applied == revision,
+                    pool=info.get("pool"),
+                    processes=len(info.get("processes") or []),
+                    error=info.get("error"),
+                )
+            )
         return WorkersView(revision=revision, workers=rows)
 
     def audit(self, slug: str | None = None, actor: str | None = None, limit: int = 100) -> list[AuditRow]:
@@ -171,7 +176,8 @@ class Console:
         if restored != config and expected_version is None:
             expected_version = stored.version  # the secrets kept must be the ones read
         return self._admin(
-            slug, lambda **wait: self.host.configure(slug, restored, actor=actor, expected_version=expected_version, **wait)
+            slug,
+            lambda **wait: self.host.configure(slug, restored, actor=actor, expected_version=expected_version, **wait),
         )
 
     def configure_text(self, slug: str, text: str, *, actor: str, expected_version: int | None = None) -> AdminResult:
@@ -207,8 +213,9 @@ class Console:
         for plugin, sort in changes[:-1]:
             self.host.set_sort(plugin.slug, sort, actor=actor, expected_version=plugin.version)
         last, sort = changes[-1]
-        return self._admin(slug, lambda **wait: self.host.set_sort(
-            last.slug, sort, actor=actor, expected_version=last.version, **wait))
+        return self._admin(
+            slug, lambda **wait: self.host.set_sort(last.slug, sort, actor=actor, expected_version=last.version, **wait)
+        )
 
     # -- workflows -------------------------------------------------------------
 
@@ -233,11 +240,13 @@ class Console:
             row = PlanRow.model_validate(step, from_attributes=True)
             policy = policies.get(row.slug)
             if policy is not None:
-                row = row.model_copy(update={
-                    "on_disabled": policy.on_disabled,
-                    "retries": policy.retries,
-                    "timeout": policy.timeout,
-                })
+                row = row.model_copy(
+                    update={
+                        "on_disabled": policy.on_disabled,
+                        "retries": policy.retries,
+                        "timeout": policy.timeout,
+                    }
+                )
             rows.append(row)
         return rows
 
@@ -310,9 +319,7 @@ def sorts_for(plugins: Sequence[Plugin], order: Sequence[str], *, moving: str) -
         previous = current[slug] if previous is None or current[slug] > previous else previous + 1
         renumbered[slug] = previous
     if previous is not None and previous > SORT_MAX:
-        raise InvalidArgument(
-            f"no room to move '{moving}': the sort weights would pass {SORT_MAX}; lower them first"
-        )
+        raise InvalidArgument(f"no room to move '{moving}': the sort weights would pass {SORT_MAX}; lower them first")
     return renumbered
 
 
@@ -326,14 +333,16 @@ def config_fields(model: type[BaseModel], stored: dict[str, Any]) -> list[Config
         default = to_jsonable_python(default, fallback=str)
         if secret and default not in (None, ""):
             default = MASK
-        rows.append(ConfigField(
-            name=name,
-            type=type_name(field.annotation),
-            required=field.is_required(),
-            default=default,
-            secret=secret,
-            is_set=stored.get(name) not in (None, "") if secret else None,
-        ))
+        rows.append(
+            ConfigField(
+                name=name,
+                type=type_name(field.annotation),
+                required=field.is_required(),
+                default=default,
+                secret=secret,
+                is_set=stored.get(name) not in (None, "") if secret else None,
+            )
+        )
     return rows
 
 

@@ -41,10 +41,7 @@ class Box:
 
 def plan_boxes(plan: Sequence[PlanRow]) -> list[Box]:
     """Boxes for a dry run: green if the step's plugin is enabled, else what happens to it."""
-    return [
-        Box(p.stage, p.slug, p.outcome, "enabled" if p.enabled else f"disabled: {p.outcome}")
-        for p in plan
-    ]
+    return [Box(p.stage, p.slug, p.outcome, "enabled" if p.enabled else f"disabled: {p.outcome}") for p in plan]
 
 
 def run_boxes(steps: Sequence[StepRow]) -> list[Box]:

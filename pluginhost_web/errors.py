@@ -71,8 +71,13 @@ def status_for(exc: PluginHostError) -> int:
 
 
 #: The console's sections (first path segment) and how a Back link names them.
-SECTIONS = {"plugins": "the plugins", "nav": "the navigation", "workflows": "the workflows",
-            "runs": "the runs", "audit": "the audit log"}
+SECTIONS = {
+    "plugins": "the plugins",
+    "nav": "the navigation",
+    "workflows": "the workflows",
+    "runs": "the runs",
+    "audit": "the audit log",
+}
 
 
 def error_response(request: Request, status: int, error: str, detail: str) -> Response:
@@ -80,8 +85,7 @@ def error_response(request: Request, status: int, error: str, detail: str) -> Re
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
     href, label = back_link(request)
-    context = {"status": status, "error": error, "detail": detail, "back": href,
-               "back_label": label}
+    context = {"status": status, "error": error, "detail": detail, "back": href, "back_label": label}
     return render(request, "error.html", context, status_code=status)
 
 
@@ -110,7 +114,7 @@ def referer_path(request: Request) -> str | None:
     prefix = root(request)
     if not referer.path.startswith(prefix + "/") or "//" in referer.path or "\\" in referer.path:
         return None
-    path = referer.path[len(prefix):]
+    path = referer.path[len(prefix) :]
     return f"{path}?{referer.query}" if referer.query else path
 
 
@@ -138,7 +142,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        return error_response(request, exc.status_code, HTTPStatus(exc.status_code).phrase.replace(" ", ""), str(exc.detail))
+        return error_response(
+            request, exc.status_code, HTTPStatus(exc.status_code).phrase.replace(" ", ""), str(exc.detail)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> Response:

@@ -107,4 +107,6 @@ def _parse(text: str, *, whole_url: bool) -> str | None:
     if not whole_url and (parts.path not in ("", "/") or parts.query or parts.fragment):
         return None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}" if port in (None, DEFAULT_PORTS[parts.scheme]) else f"{parts.scheme}://{host}:{port}"
+    return (
+        f"{parts.scheme}://{host}" if port in (None, DEFAULT_PORTS[parts.scheme]) else f"{parts.scheme}://{host}:{port}"
+    )

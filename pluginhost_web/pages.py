@@ -61,7 +61,9 @@ def safe_next(target: str) -> str:
 def login_form(request: Request, next: str = "/plugins") -> Response:
     if authenticate(request) is not None:
         return redirect(request, safe_next(next))
-    return render(request, "login.html", {"next": safe_next(next), "error": None, "has_users": bool(auth_of(request).users)})
+    return render(
+        request, "login.html", {"next": safe_next(next), "error": None, "has_users": bool(auth_of(request).users)}
+    )
 
 
 @public.post("/login", name="login")
@@ -116,7 +118,9 @@ def plugins_page(
     return render(request, "plugins.html", context, status_code=status_code)
 
 
-def after_change(request: Request, console: ConsoleDep, slug: str, what: str, change: Any, draft: str | None = None) -> Response:
+def after_change(
+    request: Request, console: ConsoleDep, slug: str, what: str, change: Any, draft: str | None = None
+) -> Response:
     """Run an admin change; redirect with its acknowledgements, or re-render with its error
     (a client asking for JSON gets the API's error body)."""
     try:
@@ -125,8 +129,13 @@ def after_change(request: Request, console: ConsoleDep, slug: str, what: str, ch
         if wants_json(request):
             raise
         drafts = {slug: draft} if draft is not None else None
-        return plugins_page(request, console, errors={slug: f"{type(exc).__name__}: {exc}"}, drafts=drafts, status_code=status_for(exc))
-    request.session["flash"] = {"text": f"{what} '{slug}' (version {result.plugin.version}, store revision {result.revision})", "acks": result.acknowledged_by}
+        return plugins_page(
+            request, console, errors={slug: f"{type(exc).__name__}: {exc}"}, drafts=drafts, status_code=status_for(exc)
+        )
+    request.session["flash"] = {
+        "text": f"{what} '{slug}' (version {result.plugin.version}, store revision {result.revision})",
+        "acks": result.acknowledged_by,
+    }
     return redirect(request, f"/plugins#plugin-{slug}")
 
 
@@ -144,28 +153,48 @@ def confirm_disable(request: Request, slug: str, console: ConsoleDep) -> Respons
 
 
 @router.post("/plugins/{slug}/enabled")
-def set_enabled(request: Request, slug: str, console: ConsoleDep, user: User, enabled: Annotated[bool, Form()], version: Version = None) -> Response:
+def set_enabled(
+    request: Request,
+    slug: str,
+    console: ConsoleDep,
+    user: User,
+    enabled: Annotated[bool, Form()],
+    version: Version = None,
+) -> Response:
     change = lambda: console.set_enabled(slug, enabled, actor=user, expected_version=version)  # noqa: E731
     return after_change(request, console, slug, "Enabled" if enabled else "Disabled", change)
 
 
 @router.post("/plugins/{slug}/config")
-def configure(request: Request, slug: str, console: ConsoleDep, user: User, config: Annotated[str, Form()], version: Version = None) -> Response:
+def configure(
+    request: Request,
+    slug: str,
+    console: ConsoleDep,
+    user: User,
+    config: Annotated[str, Form()],
+    version: Version = None,
+) -> Response:
     change = lambda: console.configure_text(slug, config, actor=user, expected_version=version)  # noqa: E731
     return after_change(request, console, slug, "Configured", change, draft=config)
 
 
 @router.post("/plugins/{slug}/sort")
 def set_sort(
-    request: Request, slug: str, console: ConsoleDep, user: User,
-    sort: Annotated[int, Form(ge=SORT_MIN, lt=SORT_END)], version: Version = None,
+    request: Request,
+    slug: str,
+    console: ConsoleDep,
+    user: User,
+    sort: Annotated[int, Form(ge=SORT_MIN, lt=SORT_END)],
+    version: Version = None,
 ) -> Response:
     change = lambda: console.set_sort(slug, sort, actor=user, expected_version=version)  # noqa: E731
     return after_change(request, console, slug, f"Sort {sort} for", change)
 
 
 @router.post("/plugins/{slug}/move")
-def move(request: Request, slug: str, console: ConsoleDep, user: User, direction: Annotated[Literal["up", "down"], Form()]) -> Response:
+def move(
+    request: Request, slug: str, console: ConsoleDep, user: User, direction: Annotated[Literal["up", "down"], Form()]
+) -> Response:
     change = lambda: console.move(slug, direction, actor=user)  # noqa: E731
     return after_change(request, console, slug, f"Moved {direction}", change)
 

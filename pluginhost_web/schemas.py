@@ -102,9 +102,7 @@ class ConfigField(BaseModel):
     required: bool
     default: Any = None
     secret: bool = False
-    is_set: bool | None = Field(
-        default=None, description="Secrets only: whether the stored config holds a value."
-    )
+    is_set: bool | None = Field(default=None, description="Secrets only: whether the stored config holds a value.")
 
 
 class ConfigView(BaseModel):
@@ -115,9 +113,7 @@ class ConfigView(BaseModel):
     slug: str
     model: str | None
     fields: list[ConfigField]
-    problem: str | None = Field(
-        default=None, description="Why the stored config does not fit the model."
-    )
+    problem: str | None = Field(default=None, description="Why the stored config does not fit the model.")
 
 
 class WorkflowUse(BaseModel):
@@ -143,9 +139,7 @@ class PlanRow(BaseModel):
     plugin: str
     enabled: bool
     outcome: str = Field(description='"run", "skip" or "fail"')
-    on_disabled: str | None = Field(
-        default=None, description='The step\'s policy: "skip" or "fail".'
-    )
+    on_disabled: str | None = Field(default=None, description='The step\'s policy: "skip" or "fail".')
     retries: int | None = None
     timeout: float | None = Field(default=None, description="Seconds per attempt (None: no limit).")
 
@@ -164,12 +158,8 @@ class StepRow(BaseModel):
     status: str
     attempts: int
     error: str | None = None
-    note: str | None = Field(
-        default=None, description="Why a skipped step was skipped (not an error)."
-    )
-    output: dict[str, Any] | None = Field(
-        default=None, description="What the step added to the context."
-    )
+    note: str | None = Field(default=None, description="Why a skipped step was skipped (not an error).")
+    output: dict[str, Any] | None = Field(default=None, description="What the step added to the context.")
     plugin_version: int | None = None
     worker: str | None = None
     started_at: datetime | None = None

@@ -36,7 +36,7 @@ def root(request: Request) -> str:
 def local_path(request: Request) -> str:
     """The request path below the mount point."""
     path, prefix = request.url.path, root(request)
-    return (path[len(prefix):] or "/") if prefix and path.startswith(prefix) else path
+    return (path[len(prefix) :] or "/") if prefix and path.startswith(prefix) else path
 
 
 def is_api(request: Request) -> bool:

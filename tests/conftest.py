@@ -67,8 +67,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         problems = sorted({m for messages in down.values() for m in messages})
         if problems:
             pytest.exit(
-                "CI=true and a service the integration tests need is down:\n  "
-                + "\n  ".join(problems),
+                "CI=true and a service the integration tests need is down:\n  " + "\n  ".join(problems),
                 returncode=3,
             )
     for item in items:
@@ -214,9 +213,7 @@ def nologin_role(app_conf: dict[str, Any]) -> Any:
     yield url, set_login
     with engine.connect() as conn:
         conn.execute(text(f"ALTER ROLE {role} LOGIN"))
-        conn.execute(text(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :r"
-        ), {"r": role})
+        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :r"), {"r": role})
     for _ in range(50):
         try:
             with engine.connect() as conn:

@@ -106,9 +106,7 @@ def _ping_postgres() -> None:
 def _ping_redis() -> None:
     import redis
 
-    client = redis.Redis(
-        host=LOCALHOST, port=REDIS_PORT, socket_connect_timeout=3, socket_timeout=3
-    )
+    client = redis.Redis(host=LOCALHOST, port=REDIS_PORT, socket_connect_timeout=3, socket_timeout=3)
     try:
         client.ping()
     finally:
@@ -230,9 +228,7 @@ def create_pg_database(name: str) -> None:
     from psycopg import sql
 
     with psycopg.connect(pg_conninfo(PG_ADMIN_DB), autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
@@ -242,9 +238,7 @@ def drop_pg_database(name: str) -> None:
     from psycopg import sql
 
     with psycopg.connect(pg_conninfo(PG_ADMIN_DB), autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def drop_stale_pg_databases() -> list[str]:
@@ -254,15 +248,9 @@ def drop_stale_pg_databases() -> list[str]:
     with psycopg.connect(pg_conninfo(PG_ADMIN_DB), autocommit=True) as conn:
         names = [
             row[0]
-            for row in conn.execute(
-                "SELECT datname FROM pg_database WHERE datname LIKE %s", (PG_DB_PREFIX + "%",)
-            )
+            for row in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (PG_DB_PREFIX + "%",))
         ]
-    stale = [
-        n
-        for n in names
-        if n[len(PG_DB_PREFIX) :].isdigit() and not pid_alive(int(n[len(PG_DB_PREFIX) :]))
-    ]
+    stale = [n for n in names if n[len(PG_DB_PREFIX) :].isdigit() and not pid_alive(int(n[len(PG_DB_PREFIX) :]))]
     for name in stale:
         drop_pg_database(name)
     return stale
@@ -292,15 +280,12 @@ def claim_redis_db(owner: str) -> int:
             current_s = _text(client.get(REDIS_OWNER_KEY))
             if current_s and _owner_alive(current_s, host):
                 continue
-            if client.eval(
-                _CLAIM_REDIS_DB, 1, REDIS_OWNER_KEY, owner, current_s, REDIS_CLAIM_TTL_S
-            ):
+            if client.eval(_CLAIM_REDIS_DB, 1, REDIS_OWNER_KEY, owner, current_s, REDIS_CLAIM_TTL_S):
                 return index
         finally:
             client.close()
     raise RuntimeError(
-        "every Redis db index 1..15 is claimed by a running test session; "
-        f"set {REDIS_DB_ENV} to force one"
+        f"every Redis db index 1..15 is claimed by a running test session; set {REDIS_DB_ENV} to force one"
     )
 
 
@@ -439,16 +424,12 @@ def _empty_sqlite(path: str) -> list[str]:
     with sqlite3.connect(path, timeout=30) as db:
         names = [
             row[0]
-            for row in db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-            )
+            for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
         ]
         tables = [n for n in names if not _keep(n)]
         for name in tables:
             db.execute(f'DELETE FROM "{name}"')
-        has_sequence = db.execute(
-            "SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'"
-        ).fetchone()
+        has_sequence = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone()
         if has_sequence:
             db.execute("DELETE FROM sqlite_sequence")
         for name in tables:
@@ -590,9 +571,7 @@ def isolation_conf(tag: str) -> dict[str, Any]:
     }
 
 
-def build_conf(
-    backend: Backend, tmp_dir: Path, resources: SessionResources, tag: str | None = None
-) -> dict[str, Any]:
+def build_conf(backend: Backend, tmp_dir: Path, resources: SessionResources, tag: str | None = None) -> dict[str, Any]:
     """The complete settings for one test: the backend's plus isolation keys."""
     conf: dict[str, Any] = {"broker_connection_retry_on_startup": True}
     conf.update(backend.make_conf(tmp_dir, resources))
@@ -717,9 +696,7 @@ def list_processes() -> list[ProcInfo]:
 
 def group_members(pgid: int, *, include_zombies: bool = False) -> list[int]:
     """Pids in process group ``pgid``; zombies only if asked for."""
-    return sorted(
-        p.pid for p in list_processes() if p.pgid == pgid and (include_zombies or p.alive)
-    )
+    return sorted(p.pid for p in list_processes() if p.pgid == pgid and (include_zombies or p.alive))
 
 
 def child_pids(pid: int) -> list[int]:
@@ -870,15 +847,11 @@ class Worker:
 
         child_env = dict(os.environ)
         child_env[PH_CONF_ENV] = json.dumps(conf)
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
-        )
+        child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         child_env["PYTHONUNBUFFERED"] = "1"  # prints from tasks reach the log at once
         child_env.update(env or {})
 
-        log_dir = (
-            Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="ph-worker-"))
-        )
+        log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="ph-worker-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"worker-{name}.log"
         with open(log_path, "ab") as log:
@@ -967,9 +940,7 @@ class Worker:
             return self._ping(app, conn, timeout)
 
     def _ping(self, app: Any, conn: Any, timeout: float) -> bool:
-        replies = app.control.ping(
-            destination=[self.hostname], timeout=timeout, limit=1, connection=conn
-        )
+        replies = app.control.ping(destination=[self.hostname], timeout=timeout, limit=1, connection=conn)
         return any(self.hostname in reply for reply in replies or ())
 
     def wait_ready(self, timeout: float = 30.0, *, ping_timeout: float = 0.5) -> float:

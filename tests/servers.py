@@ -93,14 +93,10 @@ class Server:
         deadline = started + timeout_s
         while not self.answers():
             if not self.running:
-                raise ServerError(
-                    f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
+                raise ServerError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 self.kill()
-                raise ServerError(
-                    f"{self.name} did not answer within {timeout_s} s:\n{self.log_tail()}"
-                )
+                raise ServerError(f"{self.name} did not answer within {timeout_s} s:\n{self.log_tail()}")
             time.sleep(0.1)
         return time.monotonic() - started
 
@@ -174,9 +170,7 @@ class PrivateRedis(Server):
     def answers(self) -> bool:
         import redis
 
-        client = redis.Redis(
-            host=LOCALHOST, port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5
-        )
+        client = redis.Redis(host=LOCALHOST, port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
         try:
             return bool(client.ping())
         except redis.RedisError:

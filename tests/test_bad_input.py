@@ -73,7 +73,10 @@ def stored_config(host: PluginHost, slug: str) -> dict[str, Any]:
 def test_configure_refuses_unknown_keys_naming_them_and_writes_nothing(host: PluginHost) -> None:
     host.configure("welcome_email", {"sender": "a@b.c", "api_key": "real-key"})
     before = written(host)
-    with pytest.raises(InvalidConfig, match=r"plugin 'welcome_email': unknown config key 'sendr' \(known: api_key, port, sender, smtp_password\)"):
+    with pytest.raises(
+        InvalidConfig,
+        match=r"plugin 'welcome_email': unknown config key 'sendr' \(known: api_key, port, sender, smtp_password\)",
+    ):
         host.configure("welcome_email", {"sendr": "x"})
     with pytest.raises(InvalidConfig, match="unknown config keys 'a', 'b'"):
         host.configure("welcome_email", {"b": 1, "a": 2, "sender": "x"}, merge=True)
@@ -81,13 +84,26 @@ def test_configure_refuses_unknown_keys_naming_them_and_writes_nothing(host: Plu
 
 
 def test_configure_replaces_but_keeps_a_stored_secret_that_is_left_out(host: PluginHost) -> None:
-    host.configure("welcome_email", {"sender": "a@b.c", "port": 2525, "api_key": "real-key", "smtp_password": "hunter2"})
+    host.configure(
+        "welcome_email", {"sender": "a@b.c", "port": 2525, "api_key": "real-key", "smtp_password": "hunter2"}
+    )
     host.configure("welcome_email", {"sender": "x@y.z"})
     # replaced: port is back to its default; the secrets are not
-    assert stored_config(host, "welcome_email") == {"sender": "x@y.z", "port": 25, "api_key": "real-key", "smtp_password": "hunter2"}
-    host.configure("webhook", {"url": "https://a", "token": "t0k", "auth": {"password": "p", "user": "u"}, "retries": 3})
+    assert stored_config(host, "welcome_email") == {
+        "sender": "x@y.z",
+        "port": 25,
+        "api_key": "real-key",
+        "smtp_password": "hunter2",
+    }
+    host.configure(
+        "webhook", {"url": "https://a", "token": "t0k", "auth": {"password": "p", "user": "u"}, "retries": 3}
+    )
     host.configure("webhook", {"url": "https://b", "auth": {"user": "v"}})
-    assert stored_config(host, "webhook") == {"url": "https://b", "token": "t0k", "auth": {"user": "v", "password": "p"}}
+    assert stored_config(host, "webhook") == {
+        "url": "https://b",
+        "token": "t0k",
+        "auth": {"user": "v", "password": "p"},
+    }
 
 
 def test_a_secret_is_cleared_only_when_set_explicitly(host: PluginHost) -> None:
@@ -103,7 +119,12 @@ def test_a_secret_is_cleared_only_when_set_explicitly(host: PluginHost) -> None:
 def test_configure_with_merge_changes_only_the_keys_given(host: PluginHost) -> None:
     host.configure("welcome_email", {"sender": "a@b.c", "port": 2525, "api_key": "real-key"})
     host.configure("welcome_email", {"port": 587}, merge=True)
-    assert stored_config(host, "welcome_email") == {"sender": "a@b.c", "port": 587, "api_key": "real-key", "smtp_password": None}
+    assert stored_config(host, "welcome_email") == {
+        "sender": "a@b.c",
+        "port": 587,
+        "api_key": "real-key",
+        "smtp_password": None,
+    }
     host.configure("webhook", {"url": "https://a", "retries": 1})
     host.configure("webhook", {"retries": 2}, merge=True)
     assert stored_config(host, "webhook") == {"url": "https://a", "retries": 2}
@@ -206,7 +227,9 @@ def test_a_merge_with_an_expected_version_is_not_retried(host: PluginHost) -> No
 @pytest.mark.parametrize("sort", [2**31, -(2**31) - 1, 2**40, HUGE], ids=["2**31", "-2**31-1", "2**40", "10**5000"])
 def test_a_sort_out_of_the_columns_range_is_invalid_plugin(host: PluginHost, sort: int) -> None:
     before = written(host)
-    with pytest.raises(InvalidPlugin, match=r"plugin 'webhook': sort must be a 32-bit integer \(-2147483648 to 2147483647\)"):
+    with pytest.raises(
+        InvalidPlugin, match=r"plugin 'webhook': sort must be a 32-bit integer \(-2147483648 to 2147483647\)"
+    ):
         host.set_sort("webhook", sort)
     assert written(host) == before
     host.set_sort("webhook", 2**31 - 1)
@@ -268,7 +291,9 @@ def test_bad_audit_arguments_are_invalid_argument(host: PluginHost, kwargs: dict
     ids=["10**5000", "2**64", "nul-value", "nul-key", "surrogate", "deep"],
 )
 @pytest.mark.parametrize("slug", ["welcome_email", "webhook"])
-def test_config_postgresql_or_json_cannot_hold_is_invalid_config(host: PluginHost, slug: str, config: dict[str, Any], fragment: str) -> None:
+def test_config_postgresql_or_json_cannot_hold_is_invalid_config(
+    host: PluginHost, slug: str, config: dict[str, Any], fragment: str
+) -> None:
     before = written(host)
     with pytest.raises(InvalidConfig, match=fragment):
         host.configure(slug, config)
@@ -279,7 +304,11 @@ def test_config_postgresql_or_json_cannot_hold_is_invalid_config(host: PluginHos
     assert written(host) == before
 
 
-@pytest.mark.parametrize("payload", [{"n": HUGE}, {"s": "\x00"}, {"s": "\udcff"}, {"k": [{"n": -(2**63) - 1}]}], ids=["10**5000", "nul", "surrogate", "-2**63-1"])
+@pytest.mark.parametrize(
+    "payload",
+    [{"n": HUGE}, {"s": "\x00"}, {"s": "\udcff"}, {"k": [{"n": -(2**63) - 1}]}],
+    ids=["10**5000", "nul", "surrogate", "-2**63-1"],
+)
 def test_input_postgresql_or_json_cannot_hold_is_invalid_input(host: PluginHost, payload: dict[str, Any]) -> None:
     before = written(host)
     for slug in ("webhook", "welcome_email"):
@@ -346,8 +375,16 @@ def cli(app_conf: dict[str, Any], secrets: ModuleType) -> Any:
     """Runs the real console script (bytes arguments allowed: argv is bytes on Linux)."""
 
     def run(*args: str | bytes) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "PH_CONF": json.dumps(app_conf), "PYTHONPATH": str(ROOT), "COLUMNS": "200", "PLUGINHOST_APP": SECRETS_APP}
-        return subprocess.run([str(BIN / "pluginhost"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        env = {
+            **os.environ,
+            "PH_CONF": json.dumps(app_conf),
+            "PYTHONPATH": str(ROOT),
+            "COLUMNS": "200",
+            "PLUGINHOST_APP": SECRETS_APP,
+        }
+        return subprocess.run(
+            [str(BIN / "pluginhost"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
 
     return run
 
@@ -367,22 +404,45 @@ def cli_state(module: ModuleType) -> Any:
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (("configure", "welcome_email", "sendr=x"), "InvalidConfig: plugin 'welcome_email': unknown config key 'sendr'"),
+        (
+            ("configure", "welcome_email", "sendr=x"),
+            "InvalidConfig: plugin 'welcome_email': unknown config key 'sendr'",
+        ),
         (("configure", "welcome_email", "--merge", "--json", '{"sendr": "x"}'), "unknown config key 'sendr'"),
         (("configure", "welcome_email", "api_key=[1]"), "InvalidConfig: plugin 'welcome_email': field 'api_key'"),
-        (("configure", "webhook", "--json", '{"s": "a\\u0000"}'), "InvalidConfig: plugin 'webhook': field 's' contains a NUL character"),
-        (("configure", "webhook", "--json", '{"n": ' + "9" * 5000 + "}"), "--json is not valid JSON: integer of more than 4300 digits"),
-        (("configure", "webhook", "n=" + "9" * 5000), "value of 'n' is not valid JSON: integer of more than 4300 digits"),
-        (("configure", "webhook", "n=" + "9" * 30), "InvalidConfig: plugin 'webhook': field 'n' must be a 64-bit integer"),
-        (("run", "webhook", "--input", '{"n": ' + "9" * 5000 + "}"), "--input is not valid JSON: integer of more than 4300 digits"),
-        (("run", "webhook", "--input", '{"s": "\\u0000"}'), "InvalidInput: capability 'webhook' input: field 's' contains a NUL character"),
+        (
+            ("configure", "webhook", "--json", '{"s": "a\\u0000"}'),
+            "InvalidConfig: plugin 'webhook': field 's' contains a NUL character",
+        ),
+        (
+            ("configure", "webhook", "--json", '{"n": ' + "9" * 5000 + "}"),
+            "--json is not valid JSON: integer of more than 4300 digits",
+        ),
+        (
+            ("configure", "webhook", "n=" + "9" * 5000),
+            "value of 'n' is not valid JSON: integer of more than 4300 digits",
+        ),
+        (
+            ("configure", "webhook", "n=" + "9" * 30),
+            "InvalidConfig: plugin 'webhook': field 'n' must be a 64-bit integer",
+        ),
+        (
+            ("run", "webhook", "--input", '{"n": ' + "9" * 5000 + "}"),
+            "--input is not valid JSON: integer of more than 4300 digits",
+        ),
+        (
+            ("run", "webhook", "--input", '{"s": "\\u0000"}'),
+            "InvalidInput: capability 'webhook' input: field 's' contains a NUL character",
+        ),
         (("sort", "webhook", str(2**40)), "InvalidPlugin: plugin 'webhook': sort must be a 32-bit integer"),
         (("disable", "webhook", "--actor", b"ops\xff"), "InvalidArgument: actor is not valid Unicode"),
         (("audit", "--actor", b"ops\xff"), "InvalidArgument: actor is not valid Unicode"),
         (("audit", "--limit", "-1"), "Invalid value for '--limit'"),
     ],
 )
-def test_cli_bad_input_is_one_line_and_writes_nothing(cli: Any, secrets: ModuleType, args: tuple[Any, ...], fragment: str) -> None:
+def test_cli_bad_input_is_one_line_and_writes_nothing(
+    cli: Any, secrets: ModuleType, args: tuple[Any, ...], fragment: str
+) -> None:
     secrets.host.configure("welcome_email", {"api_key": "real-key"})
     before = cli_state(secrets)
     done = cli(*args)
@@ -393,14 +453,21 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(cli: Any, secrets: ModuleT
 
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 def test_cli_configure_replaces_unless_merge_and_keeps_secrets(cli: Any, secrets: ModuleType) -> None:
-    secrets.host.configure("welcome_email", {"sender": "a@b.c", "port": 2525, "api_key": "real-key", "smtp_password": "hunter2"})
+    secrets.host.configure(
+        "welcome_email", {"sender": "a@b.c", "port": 2525, "api_key": "real-key", "smtp_password": "hunter2"}
+    )
     merged = cli("configure", "welcome_email", "--merge", "port=587")
     assert merged.returncode == 0, merged.stderr
     shown = merged.stdout.splitlines()[1].removeprefix("config: ")
     assert json.loads(shown) == {"sender": "a@b.c", "port": 587, "api_key": MASK, "smtp_password": MASK}
     replaced = cli("configure", "welcome_email", "sender=x@y.z")
     assert replaced.returncode == 0, replaced.stderr
-    assert secrets.host.store.get("welcome_email").config == {"sender": "x@y.z", "port": 25, "api_key": "real-key", "smtp_password": "hunter2"}
+    assert secrets.host.store.get("welcome_email").config == {
+        "sender": "x@y.z",
+        "port": 25,
+        "api_key": "real-key",
+        "smtp_password": "hunter2",
+    }
     assert cli("configure", "welcome_email", "--json", '{"api_key": "rotated"}').returncode == 0
     audit = cli("audit", "welcome_email")
     assert "(changed)" in audit.stdout and "rotated" not in audit.stdout and "real-key" not in audit.stdout

@@ -106,15 +106,34 @@ def test_beat_ticks_while_a_plugin_is_off_follow_the_capability_policy(
     eco.host.disable("feed", wait=True)
     with Events(eco.app) as events:
         beat = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", APP, "beat", "-s", str(tmp_path / "beat-schedule"), "--loglevel=INFO"],
-            cwd=REPO_ROOT, env={**os.environ, PH_CONF_ENV: json.dumps(app_conf)},
-            stdout=open(tmp_path / "beat.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                APP,
+                "beat",
+                "-s",
+                str(tmp_path / "beat-schedule"),
+                "--loglevel=INFO",
+            ],
+            cwd=REPO_ROOT,
+            env={**os.environ, PH_CONF_ENV: json.dumps(app_conf)},
+            stdout=open(tmp_path / "beat.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
-            ticked = wait_until(lambda: all(
-                len([i for i in events.ids(f"pluginhost.capability.{slug}") if events.finished(i) or slug == "feed"]) >= 3
-                for slug in ("report", "report_tick", "feed")
-            ), 30)
+            ticked = wait_until(
+                lambda: all(
+                    len(
+                        [i for i in events.ids(f"pluginhost.capability.{slug}") if events.finished(i) or slug == "feed"]
+                    )
+                    >= 3
+                    for slug in ("report", "report_tick", "feed")
+                ),
+                30,
+            )
             assert ticked, (tmp_path / "beat.log").read_text()[-2000:]
             time.sleep(0.3)  # the events of ticks in flight
             # the ticks the worker has run while the plugins were off
@@ -159,9 +178,7 @@ def test_beat_ticks_while_a_plugin_is_off_follow_the_capability_policy(
         assert runs(ran, "feed") == len(every_feed)
 
 
-def test_a_capability_is_not_a_chord_callback_but_follows_one_that_collects(
-    eco: ModuleType, workers: Any
-) -> None:
+def test_a_capability_is_not_a_chord_callback_but_follows_one_that_collects(eco: ModuleType, workers: Any) -> None:
     workers(APP)
     count, total = eco.host.task("count"), eco.host.task("total")
     header = [count.s({"n": n}) for n in (1, 2, 3)]
@@ -171,13 +188,18 @@ def test_a_capability_is_not_a_chord_callback_but_follows_one_that_collects(
     assert chord(header)(eco.collect.s() | total.s()).get(timeout=30) == {"total": 6}
 
 
-def test_celery_inspect_registered_lists_every_capability_task(eco: ModuleType, workers: Any, app_conf: dict[str, Any]) -> None:
+def test_celery_inspect_registered_lists_every_capability_task(
+    eco: ModuleType, workers: Any, app_conf: dict[str, Any]
+) -> None:
     worker = workers(APP)
     eco.host.disable("report", wait=True)  # enablement is checked per run; registration stays
     done = subprocess.run(
         [sys.executable, "-m", "celery", "-A", APP, "inspect", "registered", "-d", worker.hostname, "-t", "5"],
-        cwd=REPO_ROOT, env={**os.environ, PH_CONF_ENV: json.dumps(app_conf)},
-        capture_output=True, text=True, timeout=60,
+        cwd=REPO_ROOT,
+        env={**os.environ, PH_CONF_ENV: json.dumps(app_conf)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()

@@ -29,7 +29,9 @@ def cli(app_conf: dict[str, Any], core: ModuleType) -> Any:
         env.pop("PLUGINHOST_APP", None)
         if app is not None and program == "pluginhost":
             env["PLUGINHOST_APP"] = app
-        return subprocess.run([str(BIN / program), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [str(BIN / program), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
 
     return run
 
@@ -129,15 +131,15 @@ def test_the_same_commands_as_a_celery_subcommand(cli: Any, core: ModuleType) ->
         (("frobnicate",), "No such command 'frobnicate'"),
     ],
 )
-def test_bad_input_is_one_line_and_a_non_zero_exit(cli: Any, core: ModuleType, args: tuple[str, ...], fragment: str) -> None:
+def test_bad_input_is_one_line_and_a_non_zero_exit(
+    cli: Any, core: ModuleType, args: tuple[str, ...], fragment: str
+) -> None:
     before = [(p.slug, p.version) for p in core.host.list()]
     one_line_error(cli(*args), fragment)
     assert [(p.slug, p.version) for p in core.host.list()] == before
 
 
-def test_every_mutation_prints_the_new_state_and_with_wait_the_acks(
-    cli: Any, core: ModuleType, workers: Any
-) -> None:
+def test_every_mutation_prints_the_new_state_and_with_wait_the_acks(cli: Any, core: ModuleType, workers: Any) -> None:
     def state() -> str:
         p = core.host.get("work")
         return f"work: enabled={'yes' if p.enabled else 'no'} sort={p.sort} version={p.version}"
@@ -155,9 +157,7 @@ def test_every_mutation_prints_the_new_state_and_with_wait_the_acks(
     assert lines[2].startswith("acknowledged by 1 worker(s): ")
 
 
-def test_run_without_input_names_every_missing_field_and_enqueues_nothing(
-    cli: Any, core: ModuleType
-) -> None:
+def test_run_without_input_names_every_missing_field_and_enqueues_nothing(cli: Any, core: ModuleType) -> None:
     done = cli("run", "two_fields")
     one_line_error(done, "InvalidInput: capability 'two_fields' input: fields 'name', 'email' are required")
 
@@ -173,7 +173,9 @@ def test_run_input_file_validates_every_line_first_then_runs_each_once(
 ) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"name": "a"}\n{"name": "b"}\n{"nom": "c"}\n', encoding="utf-8")
-    one_line_error(cli("run", "named", "--input-file", str(bad)), "input 2: capability 'named' input: field 'name' is required")
+    one_line_error(
+        cli("run", "named", "--input-file", str(bad)), "input 2: capability 'named' input: field 'name' is required"
+    )
     assert f"{bad} line 3" in cli("run", "named", "--input-file", str(bad)).stderr
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"name": "a"}\n{"name": \n', encoding="utf-8")

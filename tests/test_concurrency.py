@@ -36,7 +36,9 @@ def _writer(url: str, index: int, results: Any) -> None:
         else:
             current = host.store.get("cas")
             try:
-                host.configure("cas", {"writer": index, "seq": seq}, actor=f"w{index}", expected_version=current.version)
+                host.configure(
+                    "cas", {"writer": index, "seq": seq}, actor=f"w{index}", expected_version=current.version
+                )
                 applied += 1
             except ConcurrentUpdate:
                 conflicts += 1
@@ -117,4 +119,7 @@ def test_eight_processes_of_admin_updates_lose_nothing(url: str) -> None:
     assert len(cas) == applied and host.get("cas").version == 1 + applied
     for i in range(PROCESSES):
         assert host.get(f"own{i}").config == {"seq": max(s for s in range(UPDATES) if s % 4 == 2)}
-    print(f"\nG6: {PROCESSES}x{UPDATES} updates; optimistic: {applied} applied, {conflicts} ConcurrentUpdate; {len(seen)} reads checked")
+    print(
+        f"\nG6: {PROCESSES}x{UPDATES} updates; optimistic: {applied} applied,"
+        f" {conflicts} ConcurrentUpdate; {len(seen)} reads checked"
+    )

@@ -17,9 +17,16 @@ def test_readme_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "examples/demo.py"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         # no TTY, as in CI or `| tee`: the width comes from COLUMNS
-        env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PLUGINHOST_DEMO_DIR": str(tmp_path), "COLUMNS": "80"},
+        env={
+            "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+            "PLUGINHOST_DEMO_DIR": str(tmp_path),
+            "COLUMNS": "80",
+        },
     )
     wall_s = time.monotonic() - started
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

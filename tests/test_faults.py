@@ -62,9 +62,7 @@ def faults(app_conf: dict[str, Any], configure_app: Callable[[Any], Any]) -> Ite
     module.host.store.close()
 
 
-def start_workers(
-    workers: harness.WorkerFactory, count: int, **kwargs: Any
-) -> list[harness.Worker]:
+def start_workers(workers: harness.WorkerFactory, count: int, **kwargs: Any) -> list[harness.Worker]:
     """Start ``count`` workers at once (their start-up overlaps), then wait for each."""
     started = [workers(APP, wait=False, **kwargs) for _ in range(count)]
     for worker in started:
@@ -155,9 +153,7 @@ def settle_and_resume(faults: ModuleType, run_ids: list[str], timeout_s: float) 
     }
 
 
-def sweep_when_quiet(
-    faults: ModuleType, run_ids: list[str], quiet_s: float = 3.0
-) -> dict[str, Any]:
+def sweep_when_quiet(faults: ModuleType, run_ids: list[str], quiet_s: float = 3.0) -> dict[str, Any]:
     """Once no step has moved for ``quiet_s``, run the sweeper as an operator's cron
     would (``sweep(older_than_s=quiet_s)``); return what it saw and what is still
     unfinished afterwards (a run lost without a trace)."""
@@ -165,11 +161,7 @@ def sweep_when_quiet(
     untouched = run_statuses(faults, run_ids)
     swept = faults.flows.sweep(older_than_s=quiet_s)
     after = run_statuses(faults, run_ids)
-    stuck = {
-        i: (s, [r.status for r in step_rows(faults, [i])])
-        for i, s in after.items()
-        if s not in FINISHED
-    }
+    stuck = {i: (s, [r.status for r in step_rows(faults, [i])]) for i, s in after.items() if s not in FINISHED}
     return {"untouched": untouched, "swept": swept, "stuck": stuck}
 
 
@@ -204,9 +196,7 @@ def report(name: str, **counts: Any) -> None:
     print(f"\nFAULTS {name}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
-def step_messages(
-    faults: ModuleType, run_id: str
-) -> dict[int, tuple[tuple[Any, ...], dict[str, Any]]]:
+def step_messages(faults: ModuleType, run_id: str) -> dict[int, tuple[tuple[Any, ...], dict[str, Any]]]:
     """Position -> (args after the context, kwargs) of each step task, taken from the
     canvas workflows/compile.py builds for the run (what its messages carry)."""
     run = faults.flows.run(run_id)
@@ -272,9 +262,7 @@ def back_or_replaced(
 
 
 @pytest.mark.parametrize("backend", ["amqp"], indirect=True)
-def test_sigkilled_workers_and_pool_children_lose_no_run(
-    faults: ModuleType, workers: harness.WorkerFactory
-) -> None:
+def test_sigkilled_workers_and_pool_children_lose_no_run(faults: ModuleType, workers: harness.WorkerFactory) -> None:
     """Fault: 20 SIGKILLs while ~30 workflow runs execute on two prefork workers
     (concurrency 2) over RabbitMQ: 4 kill a whole worker (main process and pool; a
     replacement is started each time), 16 kill one pool child, each chosen while it is
@@ -299,9 +287,7 @@ def test_sigkilled_workers_and_pool_children_lose_no_run(
 
     def busy_children() -> list[tuple[harness.Worker, int]]:
         if all(s in FINISHED for s in run_statuses(faults, run_ids).values()):
-            run_ids.extend(
-                start_runs(faults, 6, f"k{len(run_ids)}-", step_s=step_s)
-            )  # keep work in flight
+            run_ids.extend(start_runs(faults, 6, f"k{len(run_ids)}-", step_s=step_s))  # keep work in flight
         busy = faults.busy_pids()
         return [(w, pid) for w in live for pid in w.children() if pid in busy]
 
@@ -384,9 +370,7 @@ def test_a_redelivered_finished_step_reuses_its_recorded_output(
             args, kwargs = messages[position]
             again = rt.step_task.apply_async(args=(context, *args), kwargs=kwargs)
             result = again.get(timeout=30)
-            parts = (
-                [result] if isinstance(result, dict) else [p for p in result if isinstance(p, dict)]
-            )
+            parts = [result] if isinstance(result, dict) else [p for p in result if isinstance(p, dict)]
             returned = {k: v for part in parts for k, v in part.items()}
             assert returned.items() >= before.steps[position].output.items(), (position, result)
         for position in positions:
@@ -433,9 +417,7 @@ def test_a_step_delivered_twice_while_it_runs_runs_once_and_the_run_succeeds(
         return result
 
     monkeypatch.setattr(amqp, "send_task_message", send_twice)
-    run_id = faults.flows.start(
-        "faulty", {"tag": "twice", "step_s": 0.05, "hold": {"prepare": 1.5}}
-    ).id
+    run_id = faults.flows.start("faulty", {"tag": "twice", "step_s": 0.05, "hold": {"prepare": 1.5}}).id
     monkeypatch.undo()
     assert len(doubled) == 1
 
@@ -445,9 +427,7 @@ def test_a_step_delivered_twice_while_it_runs_runs_once_and_the_run_succeeds(
     run = faults.flows.run(run_id)
     executions = [faults.execution_count(slug, "twice") for slug in faults.OUTPUT_KEYS]
     assert ([s.attempts for s in run.steps], executions) == ([1, 1, 1, 1], [1, 1, 1, 1])
-    report(
-        "duplicate-while-running", attempts=[s.attempts for s in run.steps], executions=executions
-    )
+    report("duplicate-while-running", attempts=[s.attempts for s in run.steps], executions=executions)
 
 
 # -- 3. a worker lost on Redis: the sweeper ---------------------------------------------
@@ -547,9 +527,7 @@ def test_a_lost_chord_callback_is_swept_and_resume_keeps_both_branches(
     worker = workers(APP, concurrency=2)
     run_id = flows.start("faulty", {"tag": "nomerge", "step_s": 0.05, "hold": {"score": 1.5}}).id
     wait_until(
-        lambda: (
-            faults.execution_count("score", "nomerge") and faults.finished_count("fetch", "nomerge")
-        ),
+        lambda: faults.execution_count("score", "nomerge") and faults.finished_count("fetch", "nomerge"),
         30,
         "score to start after fetch finished",
     )
@@ -570,9 +548,7 @@ def test_a_lost_chord_callback_is_swept_and_resume_keeps_both_branches(
         ["succeeded"] * 3 + ["pending"],
     )
 
-    assert flows.sweep(older_than_s=1) == [run_id], (
-        "a run whose next message was lost is not reported"
-    )
+    assert flows.sweep(older_than_s=1) == [run_id], "a run whose next message was lost is not reported"
     assert flows.run(run_id).status == "failed"
     flows.resume(run_id)
     assert wait_finished(faults, [run_id], 60) == {run_id: "succeeded"}
@@ -621,21 +597,14 @@ def test_rabbitmq_restart_loses_no_run(
     conf = {**app_conf, "broker_url": private_rabbitmq.url()}
     harness.configure_app(faults.app, conf)  # reset again by configure_app's teardown
     live = start_workers(workers, 2, conf=conf, concurrency=2)
-    chord_run = faults.flows.start(
-        "faulty", {"tag": "outage", "step_s": 0.05, "hold": {"score": 6.0}}
-    ).id
+    chord_run = faults.flows.start("faulty", {"tag": "outage", "step_s": 0.05, "hold": {"score": 6.0}}).id
     wait_until(
-        lambda: (
-            faults.execution_count("score", "outage") == 1
-            and faults.finished_count("fetch", "outage")
-        ),
+        lambda: faults.execution_count("score", "outage") == 1 and faults.finished_count("fetch", "outage"),
         30,
         "the held branch to start after the other one finished",
     )
     run_ids = start_runs(faults, 20, "rmq", step_s=0.3)
-    wait_until(
-        lambda: faults.finished_count("prepare", "rmq0"), 30, "steps of the new runs to finish"
-    )
+    wait_until(lambda: faults.finished_count("prepare", "rmq0"), 30, "steps of the new runs to finish")
     before = Counter(run_statuses(faults, run_ids).values())
 
     stopped_at = time.monotonic()
@@ -669,9 +638,7 @@ def test_rabbitmq_restart_loses_no_run(
         swept=dict(Counter(swept["untouched"][i] for i in swept["swept"])),
         stuck_after_sweep=len(swept["stuck"]),
     )
-    assert swept["stuck"] == {}, (
-        f"runs still pending/running after sweep (not reported): {swept['stuck']}"
-    )
+    assert swept["stuck"] == {}, f"runs still pending/running after sweep (not reported): {swept['stuck']}"
     outcome = settle_and_resume(faults, everything, timeout_s=90)
     report(
         "rabbitmq-restart-resume",
@@ -725,9 +692,7 @@ def test_redis_restart_reports_the_runs_it_lost(
         waiting = {r.run_id for r in step_rows(faults) if r.status == "succeeded"} - {
             r.run_id for r in step_rows(faults) if r.status == "running"
         }
-        return bool(faults.busy_pids()) and any(
-            s == "running" for i, s in run_statuses(faults, waiting).items()
-        )
+        return bool(faults.busy_pids()) and any(s == "running" for i, s in run_statuses(faults, waiting).items())
 
     wait_until(between_steps, 30, "a run waiting for its next step while others execute")
     before = Counter(run_statuses(faults, run_ids).values())

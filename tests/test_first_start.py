@@ -24,9 +24,7 @@ REDIS_ONLY = pytest.mark.parametrize("backend", ["redis"], indirect=True)
 
 
 @REDIS_ONLY
-def test_a_worker_started_before_its_database_exists_waits_for_it(
-    app_conf: dict[str, Any], workers: Any
-) -> None:
+def test_a_worker_started_before_its_database_exists_waits_for_it(app_conf: dict[str, Any], workers: Any) -> None:
     problem = harness.check_service("postgres")
     if problem:
         pytest.skip(harness.service_down_message("postgres", problem))

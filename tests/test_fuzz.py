@@ -23,8 +23,12 @@ from pluginhost.model import SLUG_PATTERN
 from workflows import Workflows
 
 EXAMPLES = {"slugs": 2500, "kinds": 500, "configs": 2500, "inputs": 2500, "workflows": 1500, "cli": 600}
+
+
 def fast(kind: str) -> settings:
-    return settings(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, max_examples=EXAMPLES[kind])
+    return settings(
+        deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, max_examples=EXAMPLES[kind]
+    )
 
 
 class Config(BaseModel):
@@ -74,19 +78,44 @@ def state(host: PluginHost) -> tuple[int, list[tuple[str, int]], int]:
     return host.store.revision(), [(p.slug, p.version) for p in host.store.load()[1]], queued(host)
 
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20)
+)
 non_json = st.one_of(
-    st.just(float("nan")), st.just(float("inf")), st.binary(max_size=8), st.frozensets(st.integers(), max_size=3),
-    st.sets(st.integers(), max_size=3), st.complex_numbers(), st.just(object()), st.just(Path("/etc/passwd")),
+    st.just(float("nan")),
+    st.just(float("inf")),
+    st.binary(max_size=8),
+    st.frozensets(st.integers(), max_size=3),
+    st.sets(st.integers(), max_size=3),
+    st.complex_numbers(),
+    st.just(object()),
+    st.just(Path("/etc/passwd")),
 )
 values = st.recursive(
     st.one_of(json_scalars, non_json),
-    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=4)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 hostile_text = st.one_of(
     st.text(max_size=80),
-    st.sampled_from(["", "a" * 65, "x'; DROP TABLE pluginhost_plugins; --", "../../etc/passwd", "a/b", "é", "ا", "a\n", "A", "-x", "a b", "\x00"]),
+    st.sampled_from(
+        [
+            "",
+            "a" * 65,
+            "x'; DROP TABLE pluginhost_plugins; --",
+            "../../etc/passwd",
+            "a/b",
+            "é",
+            "ا",
+            "a\n",
+            "A",
+            "-x",
+            "a b",
+            "\x00",
+        ]
+    ),
 )
 
 
@@ -99,7 +128,10 @@ def is_json(value: Any) -> bool:
 
 
 @fast("slugs")
-@given(slug=hostile_text, action=st.sampled_from(["enable", "disable", "get", "is_enabled", "config_value", "run", "register"]))
+@given(
+    slug=hostile_text,
+    action=st.sampled_from(["enable", "disable", "get", "is_enabled", "config_value", "run", "register"]),
+)
 def test_any_slug_is_accepted_or_rejected_cleanly(host: PluginHost, slug: str, action: str) -> None:
     import re
 
@@ -127,7 +159,10 @@ def test_any_slug_is_accepted_or_rejected_cleanly(host: PluginHost, slug: str, a
 
 
 @fast("kinds")
-@given(kind=st.one_of(st.text(max_size=12), st.integers(), st.none()), sort=st.one_of(st.integers(), st.text(max_size=3), st.floats()))
+@given(
+    kind=st.one_of(st.text(max_size=12), st.integers(), st.none()),
+    sort=st.one_of(st.integers(), st.text(max_size=3), st.floats()),
+)
 def test_any_kind_and_sort_are_accepted_or_rejected_cleanly(host: PluginHost, kind: Any, sort: Any) -> None:
     before = state(host)
     try:
@@ -137,7 +172,10 @@ def test_any_kind_and_sort_are_accepted_or_rejected_cleanly(host: PluginHost, ki
 
 
 @fast("configs")
-@given(config=st.one_of(values, st.dictionaries(st.text(max_size=6), values, max_size=5)), slug=st.sampled_from(["target", "free"]))
+@given(
+    config=st.one_of(values, st.dictionaries(st.text(max_size=6), values, max_size=5)),
+    slug=st.sampled_from(["target", "free"]),
+)
 def test_any_config_is_validated_before_anything_is_written(host: PluginHost, config: Any, slug: str) -> None:
     before = state(host)
     try:
@@ -152,7 +190,10 @@ def test_any_config_is_validated_before_anything_is_written(host: PluginHost, co
 
 
 @fast("inputs")
-@given(payload=st.one_of(values, st.dictionaries(st.text(max_size=6), values, max_size=5)), slug=st.sampled_from(["target", "free", "nope"]))
+@given(
+    payload=st.one_of(values, st.dictionaries(st.text(max_size=6), values, max_size=5)),
+    slug=st.sampled_from(["target", "free", "nope"]),
+)
 def test_any_input_is_validated_before_anything_is_enqueued(host: PluginHost, payload: Any, slug: str) -> None:
     for name in ("target", "free"):
         if not host.is_enabled(name):
@@ -171,10 +212,21 @@ def test_any_input_is_validated_before_anything_is_enqueued(host: PluginHost, pa
 
 step = st.fixed_dictionaries(
     {"slug": st.one_of(st.sampled_from(["target", "free"]), hostile_text)},
-    optional={"on_disabled": st.one_of(st.sampled_from(["skip", "fail"]), st.text(max_size=5)), "retries": st.one_of(st.integers(), st.text(max_size=3)), "type": st.sampled_from(["step", "bogus"])},
+    optional={
+        "on_disabled": st.one_of(st.sampled_from(["skip", "fail"]), st.text(max_size=5)),
+        "retries": st.one_of(st.integers(), st.text(max_size=3)),
+        "type": st.sampled_from(["step", "bogus"]),
+    },
 )
 definitions = st.one_of(
-    st.fixed_dictionaries({"name": hostile_text, "steps": st.lists(st.one_of(step, st.fixed_dictionaries({"steps": st.lists(step, max_size=3)})), max_size=4)}),
+    st.fixed_dictionaries(
+        {
+            "name": hostile_text,
+            "steps": st.lists(
+                st.one_of(step, st.fixed_dictionaries({"steps": st.lists(step, max_size=3)})), max_size=4
+            ),
+        }
+    ),
     values,
     st.text(max_size=60),
     st.builds(lambda d: json.dumps(d, default=str), st.dictionaries(st.text(max_size=5), json_scalars, max_size=3)),
@@ -193,11 +245,21 @@ def test_any_workflow_definition_is_rejected_cleanly_or_stored(flows: Workflows,
     assert isinstance(definition, (dict, str))
 
 
-cli_args = st.lists(st.one_of(hostile_text, st.sampled_from(["--json", "--input", "{", "level=", "=x", "--wait", "--limit", "-1", "--kind"])), max_size=4)
+cli_args = st.lists(
+    st.one_of(
+        hostile_text, st.sampled_from(["--json", "--input", "{", "level=", "=x", "--wait", "--limit", "-1", "--kind"])
+    ),
+    max_size=4,
+)
 
 
 @fast("cli")
-@given(command=st.sampled_from(["show", "enable", "disable", "configure", "config", "run", "nav", "audit", "sort", "bogus", "workflows"]), args=cli_args)
+@given(
+    command=st.sampled_from(
+        ["show", "enable", "disable", "configure", "config", "run", "nav", "audit", "sort", "bogus", "workflows"]
+    ),
+    args=cli_args,
+)
 def test_any_cli_arguments_end_in_one_line_or_success(host: PluginHost, command: str, args: list[str]) -> None:
     before = state(host)
     runner = CliRunner()

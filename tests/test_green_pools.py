@@ -34,9 +34,11 @@ def _sessions(url: str) -> int:
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            return int(conn.execute(
-                text("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
-            ).scalar_one())
+            return int(
+                conn.execute(
+                    text("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+                ).scalar_one()
+            )
     finally:
         engine.dispose()
 

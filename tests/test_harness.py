@@ -145,9 +145,7 @@ def test_pause_resume_and_a_sigkilled_worker_is_reaped_by_teardown(
 
 
 @pytest.mark.parametrize("backend", ["embedded", "redis"], indirect=True)
-def test_empty_store_keeps_tables_and_alembic_version(
-    backend: harness.Backend, app_conf: dict[str, Any]
-) -> None:
+def test_empty_store_keeps_tables_and_alembic_version(backend: harness.Backend, app_conf: dict[str, Any]) -> None:
     from sqlalchemy import create_engine, text
 
     engine = create_engine(app_conf["pluginhost_store"])
@@ -174,9 +172,7 @@ def test_empty_store_keeps_tables_and_alembic_version(
 
 
 @pytest.mark.parametrize("backend", ["embedded", "redis"], indirect=True)
-def test_empty_store_leaves_a_migrated_store_usable(
-    backend: harness.Backend, app_conf: dict[str, Any]
-) -> None:
+def test_empty_store_leaves_a_migrated_store_usable(backend: harness.Backend, app_conf: dict[str, Any]) -> None:
     """SEED_ROWS matches the migrations: after emptying, the store works as if new."""
     from pluginhost import Plugin, SQLAlchemyStore
 

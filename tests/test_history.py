@@ -150,7 +150,9 @@ def test_g1_an_enable_that_raised_still_closes_the_window() -> None:
 def test_g1_deadline_a_dispatch_that_hangs_is_reported_unless_the_broker_restarted() -> None:
     story = Story().dispatch(1000, 7500, "p0", "p0#1")
     assert rules(story.check(deadline_s=5.0)) == ["G1-deadline"]
-    story.at(2000, "injector", "fault_start", fault="broker_restart").at(3000, "injector", "fault_end", fault="broker_restart")
+    story.at(2000, "injector", "fault_start", fault="broker_restart").at(
+        3000, "injector", "fault_end", fault="broker_restart"
+    )
     assert rules(story.check(deadline_s=5.0)) == []
     hung = Story().at(1000, "p0", "dispatch_start", op="p0#9", slug="alpha_job", plugin="alpha")
     hung.at(9000, "injector", "role_stopped", role_proc="p0", how="SIGKILL")
@@ -192,7 +194,8 @@ def test_g2_g3_an_unacknowledged_disable_bounds_nothing_in_workers() -> None:
 
 def run(status: str, tag: str = "p0-1", steps: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     return {"id": f"run-{tag}", "status": status, "tag": tag, "error": None,
-            "steps": [{"position": i, "slug": s, "status": st, "attempts": 1} for i, (s, st) in enumerate(steps or [])]}  # fmt: skip
+            "steps": [{"position": i, "slug": s, "status": st, "attempts": 1}
+                      for i, (s, st) in enumerate(steps or [])]}  # fmt: skip
 
 
 def test_g4_a_run_left_unfinished_and_not_swept_is_reported() -> None:
@@ -201,7 +204,10 @@ def test_g4_a_run_left_unfinished_and_not_swept_is_reported() -> None:
     report = story.check(empty_final(runs=[run("running", steps=[("wf_prep", "succeeded"), ("wf_done", "pending")])]))
     assert rules(report) == ["G4"]
     assert "not terminal, and sweep did not report it" in report.violations[0].message
-    assert story.check(empty_final(runs=[run("running", steps=[("wf_prep", "succeeded")])], swept=["run-p0-1"])).violations == []
+    assert (
+        story.check(empty_final(runs=[run("running", steps=[("wf_prep", "succeeded")])], swept=["run-p0-1"])).violations
+        == []
+    )
     assert story.check(empty_final(runs=[run("failed", steps=[("wf_prep", "succeeded")])])).violations == []
 
 

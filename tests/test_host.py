@@ -40,8 +40,15 @@ def host(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PluginHost]
     store: Any = MemoryStore() if request.param == "memory" else f"sqlite:///{tmp_path / 'ph.db'}"
     h = PluginHost(app, store=store)
 
-    @h.capability("greet", plugin="email", config_model=SmtpConfig, input_model=Greeting,
-                  label_en="Greet", label_ar="تحية", sort=2)
+    @h.capability(
+        "greet",
+        plugin="email",
+        config_model=SmtpConfig,
+        input_model=Greeting,
+        label_en="Greet",
+        label_ar="تحية",
+        sort=2,
+    )
     def greet(payload: Greeting, ctx: Any) -> dict[str, Any]:
         return {"hello": payload.name, "via": f"{ctx.config.host}:{ctx.config.port}", "plugin": ctx.plugin.slug}
 

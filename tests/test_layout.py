@@ -13,7 +13,9 @@ WEB = ("fastapi", "starlette", "uvicorn", "jinja2", "multipart")
 
 def _modules_after(code: str) -> set[str]:
     script = code + "\nimport sys\nprint('\\n'.join(sorted(sys.modules)))\n"
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
     return set(done.stdout.split())
 
 

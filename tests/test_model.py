@@ -80,7 +80,10 @@ def test_an_unset_secret_is_shown_as_unset_not_masked() -> None:
     from pluginhost.model import MASK
 
     assert mask_secrets({"token": None, "password": "", "api_key": "k", "auth": {"secret": None}}) == {
-        "token": None, "password": "", "api_key": MASK, "auth": {"secret": None},
+        "token": None,
+        "password": "",
+        "api_key": MASK,
+        "auth": {"secret": None},
     }
 
 
@@ -88,11 +91,20 @@ def test_a_rotated_secret_is_masked_as_changed_on_both_sides_of_a_change() -> No
     from pluginhost.model import MASK, mask_change
 
     before = {"api_key": "k1", "db": {"password": "p", "host": "a"}, "token": None, "keys": [{"secret": "s1"}]}
-    after = {"api_key": "k2", "db": {"password": "p", "host": "b"}, "token": "t", "keys": [{"secret": "s2"}, {"secret": "s3"}]}
+    after = {
+        "api_key": "k2",
+        "db": {"password": "p", "host": "b"},
+        "token": "t",
+        "keys": [{"secret": "s2"}, {"secret": "s3"}],
+    }
     assert mask_change(before, after) == (
         {"api_key": MASK, "db": {"password": MASK, "host": "a"}, "token": None, "keys": [{"secret": MASK}]},
-        {"api_key": f"{MASK} (changed)", "db": {"password": MASK, "host": "b"}, "token": MASK,
-         "keys": [{"secret": f"{MASK} (changed)"}, {"secret": MASK}]},
+        {
+            "api_key": f"{MASK} (changed)",
+            "db": {"password": MASK, "host": "b"},
+            "token": MASK,
+            "keys": [{"secret": f"{MASK} (changed)"}, {"secret": MASK}],
+        },
     )
     # an entry masked once keeps its marks when masked again (CLI, console)
     assert mask_secrets(mask_change(before, after)[1])["api_key"] == f"{MASK} (changed)"
@@ -108,7 +120,10 @@ def test_a_rotated_secret_is_masked_as_changed_on_both_sides_of_a_change() -> No
         ({"a": {"b\x00": 1}}, "key 'b\\x00' at 'a' contains a NUL character"),
         ({"s": ["ok", "\udc80"]}, "field 's[1]' is not valid Unicode"),
         ({"password": b"hunter2"}, "field 'password' is not JSON-serialisable (a bytes value; a secret, not shown)"),
-        ({"api": {"token": float("nan")}}, "field 'api.token' must be a finite number, got a value of type float (a secret, not shown)"),
+        (
+            {"api": {"token": float("nan")}},
+            "field 'api.token' must be a finite number, got a value of type float (a secret, not shown)",
+        ),
     ],
 )
 def test_json_the_store_or_its_readers_cannot_hold_is_refused_by_path(config: dict, fragment: str) -> None:
@@ -148,7 +163,10 @@ def test_validation_errors_hide_secret_values_and_mask_containers() -> None:
             return describe_validation_error(exc, owner="plugin 'x'", secret={"smtp_password"})
         raise AssertionError("valid")
 
-    assert message({"smtp_password": 1234567}) == "plugin 'x': field 'smtp_password' input should be a valid string, got a value of type int (a secret, not shown)"
+    assert message({"smtp_password": 1234567}) == (
+        "plugin 'x': field 'smtp_password' input should be a valid string,"
+        " got a value of type int (a secret, not shown)"
+    )
     assert "1234567" not in message({"smtp_password": "p", "port": {"token": 1234567}})
     assert message({"smtp_password": "p", "port": 10**5000}).endswith("got an integer of 16610 bits")
 

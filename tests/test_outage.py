@@ -147,9 +147,10 @@ def test_dispatch_blocked_by_a_lock_on_the_revision_table_fails_closed_within_th
     host.run_capability("pure", {"n": 0})
     before = queue_size(core.app, queue)
     dbname = str(make_url(proxied["pluginhost_store"]).database)
-    with psycopg.connect(harness.pg_conninfo(dbname)) as locker, psycopg.connect(
-        harness.pg_conninfo(dbname), autocommit=True
-    ) as observer:
+    with (
+        psycopg.connect(harness.pg_conninfo(dbname)) as locker,
+        psycopg.connect(harness.pg_conninfo(dbname), autocommit=True) as observer,
+    ):
         locker.execute("LOCK TABLE pluginhost_revision IN ACCESS EXCLUSIVE MODE")
         safety = _after(STORE_TIMEOUT_S + 6, locker.rollback)
         try:
@@ -161,8 +162,7 @@ def test_dispatch_blocked_by_a_lock_on_the_revision_table_fails_closed_within_th
             # the server gave up too: no session of ours is left queued behind the lock
             # (each would hold a connection until the lock goes)
             waiting = observer.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
             ).fetchone()
             assert waiting == (0,)
         finally:
@@ -188,8 +188,12 @@ def test_a_worker_whose_store_stalls_still_answers_pings_and_broadcasts(
             started = time.monotonic()
             assert w.ping(timeout=STORE_TIMEOUT_S + 1.5), "a store call blocks the event loop"
             replies = core.app.control.broadcast(
-                "pluginhost_refresh", arguments={"revision": 0}, reply=True,
-                timeout=STORE_TIMEOUT_S + 1.5, destination=[w.hostname], limit=1,
+                "pluginhost_refresh",
+                arguments={"revision": 0},
+                reply=True,
+                timeout=STORE_TIMEOUT_S + 1.5,
+                destination=[w.hostname],
+                limit=1,
             )
             assert any(w.hostname in r for r in replies), "no pluginhost_refresh reply in the stall"
             assert time.monotonic() - started <= 2 * STORE_TIMEOUT_S + 3

@@ -54,13 +54,19 @@ def test_readme_own_app_runs_on_a_real_worker_as_written(workers: Any, tmp_path:
     assert argv[:4] == ["celery", "-A", "shop", "worker"], worker_line
     conf = embedded_conf(tmp_path / ".pluginhost")  # what shop.py's embedded_app uses
     worker = workers(
-        "shop", conf=conf, queues=["celery"], extra_args=argv[4:],
-        env={"PYTHONPATH": f"{tmp_path}:{ROOT}"}, wait=False,
+        "shop",
+        conf=conf,
+        queues=["celery"],
+        extra_args=argv[4:],
+        env={"PYTHONPATH": f"{tmp_path}:{ROOT}"},
+        wait=False,
     )
 
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path)}
     for command, comment in steps:
-        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
         said = f"$ {command}\nexit {done.returncode}\n{done.stdout}{done.stderr}"
         if comment.startswith("refused"):
             assert done.returncode != 0, said

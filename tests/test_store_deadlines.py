@@ -128,9 +128,7 @@ def _after(delay_s: float, action: Callable[[], Any]) -> threading.Timer:
 
 def _rows(admin: psycopg.Connection[Any]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """Plugins (slug, enabled, version) and audit rows (slug, action), read past the store."""
-    plugins = admin.execute(
-        "SELECT slug, enabled, version FROM pluginhost_plugins ORDER BY slug"
-    ).fetchall()
+    plugins = admin.execute("SELECT slug, enabled, version FROM pluginhost_plugins ORDER BY slug").fetchall()
     audit = admin.execute("SELECT slug, action FROM pluginhost_audit ORDER BY id").fetchall()
     return plugins, audit
 
@@ -144,9 +142,7 @@ def test_an_admin_write_that_fails_in_its_transaction_writes_nothing_after_a_rea
     for attempt in range(5):  # an operator retrying; each attempt may get another pooled connection
         with pytest.raises(StoreUnavailable) as raised:
             store.update("email", {"enabled": False}, action="disable", actor="ops")
-        assert _rows(admin) == ([("email", True, 1)], [("email", "create")]), (
-            f"attempt {attempt} raised, yet wrote"
-        )
+        assert _rows(admin) == ([("email", True, 1)], [("email", "create")]), f"attempt {attempt} raised, yet wrote"
     assert "audit refused by the test" in str(raised.value)
     assert "nothing was written" in str(raised.value)
 
@@ -179,10 +175,7 @@ def test_the_public_engine_hands_out_transactions_after_an_autocommit_borrower(
         raw.close()
     with pytest.raises(RuntimeError):
         with store.engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO pluginhost_workers (hostname, revision, seen_at)"
-                " VALUES ('w', 1, now())"
-            ))
+            conn.execute(text("INSERT INTO pluginhost_workers (hostname, revision, seen_at) VALUES ('w', 1, now())"))
             raise RuntimeError("the caller fails inside its transaction")
     assert admin.execute("SELECT count(*) FROM pluginhost_workers").fetchone() == (0,)
 
@@ -221,10 +214,9 @@ def test_revision_readers_are_a_bounded_free_list_of_connections_of_their_own(
 ) -> None:
     def sessions() -> set[int]:
         rows = admin.execute(
-            "SELECT pid FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
         ).fetchall()
-        return {int(pid) for pid, in rows}
+        return {int(pid) for (pid,) in rows}
 
     s = SQLAlchemyStore(empty_pg_url, timeout_s=TIMEOUT_S, idle_readers=3)
     try:
@@ -263,9 +255,7 @@ def test_pooled_calls_through_a_stalled_store_fail_within_the_timeout(
     proxy.stall()
     safety = _after(TIMEOUT_S + 8, proxy.restore)
     try:
-        calls: list[Callable[[], Any]] = [
-            s.load, lambda: s.report_worker("w1@host", 2), lambda: s.live_workers(30)
-        ]
+        calls: list[Callable[[], Any]] = [s.load, lambda: s.report_worker("w1@host", 2), lambda: s.live_workers(30)]
         for call in calls:
             started = time.monotonic()
             with pytest.raises(StoreUnavailable, match=NO_ANSWER):

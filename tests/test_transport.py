@@ -71,9 +71,7 @@ def _declare(url: str, options: dict[str, Any]) -> None:
         conn.SimpleQueue(QUEUE).close()
 
 
-def _consume(
-    url: str, options: dict[str, Any], out: str, scratch: str, start: Barrier, stop: Event
-) -> None:
+def _consume(url: str, options: dict[str, Any], out: str, scratch: str, start: Barrier, stop: Event) -> None:
     # stock kombu moves each message through the temp folder: keep that in the test's
     tempfile.tempdir = scratch
     start.wait()
@@ -138,14 +136,9 @@ def run_load(url: str, data_dir: Path) -> LoadOutcome:
     logs = [data_dir / f"consumer-{i}.jsonl" for i in range(CONSUMERS)]
     start = _mp.Barrier(PRODUCERS + CONSUMERS + 1)
     stop = _mp.Event()
-    producers = [
-        _mp.Process(target=_produce, args=(url, options, i, start), daemon=True)
-        for i in range(PRODUCERS)
-    ]
+    producers = [_mp.Process(target=_produce, args=(url, options, i, start), daemon=True) for i in range(PRODUCERS)]
     consumers = [
-        _mp.Process(
-            target=_consume, args=(url, options, str(log), str(scratch), start, stop), daemon=True
-        )
+        _mp.Process(target=_consume, args=(url, options, str(log), str(scratch), start, stop), daemon=True)
         for log in logs
     ]
     began = time.monotonic()
@@ -222,9 +215,7 @@ def test_processes_binding_at_once_keep_every_binding(tmp_path: Path) -> None:
     for run in range(10):
         options = embedded_conf(tmp_path / str(run))["broker_transport_options"]
         start = _mp.Barrier(BINDERS)
-        binders = [
-            _mp.Process(target=_bind, args=(options, i, start), daemon=True) for i in range(BINDERS)
-        ]
+        binders = [_mp.Process(target=_bind, args=(options, i, start), daemon=True) for i in range(BINDERS)]
         try:
             for binder in binders:
                 binder.start()

@@ -45,8 +45,7 @@ def _in_other_process(url: str, code: str) -> None:
     script = (
         "from celery import Celery\n"
         "from pluginhost import PluginHost\n"
-        f"host = PluginHost(Celery('other', broker='memory://'), store={url!r})\n"
-        + code
+        f"host = PluginHost(Celery('other', broker='memory://'), store={url!r})\n" + code
     )
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=60)
 
@@ -170,9 +169,7 @@ def test_a_pool_process_that_cannot_reload_runs_nothing_and_loses_nothing(
 
 
 @REDIS_ONLY
-def test_defer_waits_past_celerys_default_max_retries(
-    core: ModuleType, workers: Any, app_conf: dict[str, Any]
-) -> None:
+def test_defer_waits_past_celerys_default_max_retries(core: ModuleType, workers: Any, app_conf: dict[str, Any]) -> None:
     conf = {**app_conf, "pluginhost_defer_interval_s": 0.1}
     workers("tests.apps.core", conf=conf, pool="solo")
     host = core.host
@@ -236,8 +233,7 @@ def test_acknowledgements_count_only_this_deployments_workers(
 def _wait_until_someone_waits_for(conn: Any, relation: str, timeout_s: float = 10) -> None:
     """Return once a backend waits for a lock on ``relation`` (seen in pg_locks)."""
     query = text(
-        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-        " WHERE NOT l.granted AND c.relname = :rel"
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE NOT l.granted AND c.relname = :rel"
     )
     give_up = time.monotonic() + timeout_s
     while conn.execute(query, {"rel": relation}).scalar_one() == 0:

@@ -207,7 +207,9 @@ def test_local_mode_serves_loopback_clients_only(web: ModuleType) -> None:
     assert web.host.audit("greet", limit=1)[0].actor == "local"
 
 
-@pytest.mark.parametrize("host_name", ["127.0.0.1:8000", "127.0.0.1", "localhost:8000", "LocalHost", "[::1]:8000", "127.0.0.2:9"])
+@pytest.mark.parametrize(
+    "host_name", ["127.0.0.1:8000", "127.0.0.1", "localhost:8000", "LocalHost", "[::1]:8000", "127.0.0.2:9"]
+)
 def test_local_mode_accepts_loopback_host_names_with_any_port(web: ModuleType, host_name: str) -> None:
     local = local_console(web, host_name, origin=f"http://{host_name}")
     assert local.get("/api/session").json()["user"] == "local"
@@ -217,8 +219,17 @@ def test_local_mode_accepts_loopback_host_names_with_any_port(web: ModuleType, h
 
 
 @pytest.mark.parametrize(
-    "host_name", ["attacker.example", "attacker.example:8000", "127.0.0.1.nip.io:8000", "app.localhost:8000",
-                  "localhost.attacker.example", "0.0.0.0:8000", "", "127.0.0.1:8000@attacker.example"],
+    "host_name",
+    [
+        "attacker.example",
+        "attacker.example:8000",
+        "127.0.0.1.nip.io:8000",
+        "app.localhost:8000",
+        "localhost.attacker.example",
+        "0.0.0.0:8000",
+        "",
+        "127.0.0.1:8000@attacker.example",
+    ],
 )
 def test_local_mode_refuses_a_rebound_host_name(web: ModuleType, host_name: str) -> None:
     """DNS rebinding: attacker.example resolves to 127.0.0.1, so the browser's requests
@@ -250,13 +261,22 @@ def test_login_sets_a_signed_session_and_logout_ends_it(web: ModuleType) -> None
     assert no_csrf.status_code == 403
     ok = client.post(
         "/login",
-        data={"username": "ops", "password": USERS["ops"], "csrf_token": form_token(page.text), "next": "//evil.example/x"},
+        data={
+            "username": "ops",
+            "password": USERS["ops"],
+            "csrf_token": form_token(page.text),
+            "next": "//evil.example/x",
+        },
         follow_redirects=False,
     )
     assert ok.status_code == 303 and ok.headers["location"] == "/plugins"  # never off-site
     cookie = ok.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
-    assert client.get("/api/session").json() == {"user": "ops", "via": "session", "csrf_token": client.get("/api/session").json()["csrf_token"]}
+    assert client.get("/api/session").json() == {
+        "user": "ops",
+        "via": "session",
+        "csrf_token": client.get("/api/session").json()["csrf_token"],
+    }
     # a forged cookie (another user name, same signature) is no session at all
     value = client.cookies["pluginhost_session"]
     _body, stamp, mac = value.split(".")
@@ -323,7 +343,9 @@ def test_enable_and_disable_record_the_user_and_report_acknowledgements(web: Mod
         ("post", "/api/runs/nope/resume", None),
     ],
 )
-def test_unknown_names_are_404_and_write_nothing(web: ModuleType, ops: Operator, method: str, path: str, body: Any) -> None:
+def test_unknown_names_are_404_and_write_nothing(
+    web: ModuleType, ops: Operator, method: str, path: str, body: Any
+) -> None:
     before = audit_ids(web)
     response = getattr(ops, method)(path, **({"json": body} if body is not None else {}))
     assert response.status_code == 404, response.text
@@ -351,7 +373,9 @@ def test_bad_input_is_422_and_writes_nothing(web: ModuleType, ops: Operator) -> 
 
 
 @pytest.mark.parametrize("value", [str(2**40), str(2**31), str(-(2**31) - 1), "1.5", "abc", ""])
-def test_a_bad_sort_on_the_page_or_the_api_is_4xx_and_writes_nothing(web: ModuleType, ops: Operator, value: str) -> None:
+def test_a_bad_sort_on_the_page_or_the_api_is_4xx_and_writes_nothing(
+    web: ModuleType, ops: Operator, value: str
+) -> None:
     before = audit_ids(web)
     page = ops.form("/plugins/greet/sort", {"sort": value})
     assert 400 <= page.status_code < 500, (page.status_code, page.text[:200])
@@ -376,10 +400,23 @@ def test_every_plugin_host_error_maps_to_an_explicit_status() -> None:
         pass
 
     expected = {
-        ph.PluginNotFound: 404, ph.CapabilityNotFound: 404, RunNotFound: 404, WorkflowNotFound: 404,
-        WorkflowsNotConfigured: 404, ph.InvalidPlugin: 422, ph.InvalidConfig: 422, ph.InvalidInput: 422,
-        InvalidWorkflow: 422, InvalidRunState: 422, ph.ConcurrentUpdate: 409, ph.CapabilityDisabled: 409,
-        ph.StoreUnavailable: 503, StoreTimedOut: 503, SlugGone: 404, InvalidArgument: 400, ph.PluginHostError: 400,
+        ph.PluginNotFound: 404,
+        ph.CapabilityNotFound: 404,
+        RunNotFound: 404,
+        WorkflowNotFound: 404,
+        WorkflowsNotConfigured: 404,
+        ph.InvalidPlugin: 422,
+        ph.InvalidConfig: 422,
+        ph.InvalidInput: 422,
+        InvalidWorkflow: 422,
+        InvalidRunState: 422,
+        ph.ConcurrentUpdate: 409,
+        ph.CapabilityDisabled: 409,
+        ph.StoreUnavailable: 503,
+        StoreTimedOut: 503,
+        SlugGone: 404,
+        InvalidArgument: 400,
+        ph.PluginHostError: 400,
     }
     assert {cls: status_for(cls("x")) for cls in expected} == expected
 
@@ -388,13 +425,18 @@ def test_invalid_config_on_the_page_is_shown_next_to_the_field(web: ModuleType, 
     before = audit_ids(web)
     response = ops.form("/plugins/mailer/config", {"config": '{"smtp_port": "abc"}', "version": "1"})
     assert response.status_code == 422
-    assert 'id="error-mailer" role="alert">InvalidConfig: plugin &#39;mailer&#39;: field &#39;smtp_port&#39;' in response.text
+    assert (
+        'id="error-mailer" role="alert">InvalidConfig: plugin &#39;mailer&#39;: field &#39;smtp_port&#39;'
+        in response.text
+    )
     assert 'aria-describedby="error-mailer"' in response.text
     assert "{&#34;smtp_port&#34;: &#34;abc&#34;}</textarea>" in response.text  # the draft is kept
     broken = ops.form("/plugins/mailer/config", {"config": "{not json", "version": "1"})
     assert broken.status_code == 422 and "config is not valid JSON" in broken.text
     assert audit_ids(web) == before
-    saved = ops.form("/plugins/mailer/config", {"config": '{"smtp_port": 2525, "smtp_password": "********"}', "version": "1"})
+    saved = ops.form(
+        "/plugins/mailer/config", {"config": '{"smtp_port": 2525, "smtp_password": "********"}', "version": "1"}
+    )
     assert saved.status_code == 200 and "Configured &#39;mailer&#39;" in saved.text
     assert web.host.get("mailer").config["smtp_port"] == 2525
 
@@ -423,7 +465,9 @@ FOREIGN_ORIGINS = [
 def poster(mode: str, module: ModuleType) -> tuple[Any, str]:
     """A POST function for one auth mode (valid credentials and CSRF token) and its own origin."""
     if mode == "token":
-        client = TestClient(create_app(module.host, flows=module.flows, auth=AUTH, ack_timeout_s=0.2, workers_timeout_s=0.2))
+        client = TestClient(
+            create_app(module.host, flows=module.flows, auth=AUTH, ack_timeout_s=0.2, workers_timeout_s=0.2)
+        )
         return (lambda path, headers, **kw: client.post(path, headers={**BEARER, **headers}, **kw)), ORIGIN
     if mode == "local":
         local = local_console(module)
@@ -433,9 +477,14 @@ def poster(mode: str, module: ModuleType) -> tuple[Any, str]:
         operator = log_in(console(module))
         client, own, csrf = without_origin(operator.client), ORIGIN, operator.csrf
     if mode.endswith("form"):
-        return (lambda path, headers, data=None, **kw: client.post(
-            path.replace("/api/plugins/greet/disable", "/plugins/greet/enabled"), headers=headers,
-            data={"enabled": "false", "csrf_token": csrf, **(data or {})}, **kw)), own
+        return (
+            lambda path, headers, data=None, **kw: client.post(
+                path.replace("/api/plugins/greet/disable", "/plugins/greet/enabled"),
+                headers=headers,
+                data={"enabled": "false", "csrf_token": csrf, **(data or {})},
+                **kw,
+            )
+        ), own
     return (lambda path, headers, **kw: client.post(path, headers={"X-CSRF-Token": csrf, **headers}, **kw)), own
 
 
@@ -460,7 +509,9 @@ def test_a_cookie_post_needs_origin_or_referer_but_a_token_needs_neither(web: Mo
     assert refused.status_code == 403 and "OriginRefused" in refused.text and "no Origin" in refused.text
     assert web.host.is_enabled("greet") and audit_ids(web) == before
     # a same-origin page whose browser sent only the Referer
-    assert post("/api/plugins/greet/disable", {"Referer": f"{own}/plugins?x=1"}, follow_redirects=False).status_code in (200, 303)
+    assert post(
+        "/api/plugins/greet/disable", {"Referer": f"{own}/plugins?x=1"}, follow_redirects=False
+    ).status_code in (200, 303)
     assert not web.host.is_enabled("greet")
     script, _ = poster("token", web)
     assert script("/api/plugins/greet/enable", {}).status_code == 200 and web.host.is_enabled("greet")
@@ -490,20 +541,30 @@ def test_a_configured_origin_is_accepted_as_well(web: ModuleType) -> None:
     configured.conf.pluginhost_web_users = {"u": "pw"}
     configured.conf.pluginhost_web_origins = ["https://a.example"]
     env = {"PLUGINHOST_WEB_ORIGINS": "https://b.example:8443, http://c.example"}
-    assert WebAuth.from_app(configured, environ=env).origins == ("https://a.example", "https://b.example:8443", "http://c.example")
+    assert WebAuth.from_app(configured, environ=env).origins == (
+        "https://a.example",
+        "https://b.example:8443",
+        "http://c.example",
+    )
     with pytest.raises(NoCredentials, match="'console.example/path'"):
         WebAuth(users=USERS, origins=["console.example/path"])
 
 
 def test_a_masked_secret_sent_back_keeps_the_stored_secret(web: ModuleType, ops: Operator) -> None:
-    response = ops.post("/api/plugins/mailer/configure", json={"config": {"smtp_host": "smtp.local", "smtp_port": 587, "smtp_password": "********"}})
+    response = ops.post(
+        "/api/plugins/mailer/configure",
+        json={"config": {"smtp_host": "smtp.local", "smtp_port": 587, "smtp_password": "********"}},
+    )
     assert response.status_code == 200 and response.json()["plugin"]["config"]["smtp_password"] == "********"
     assert web.host.get("mailer").config == {"smtp_host": "smtp.local", "smtp_port": 587, "smtp_password": "hunter2"}
     ops.post("/api/plugins/mailer/configure", json={"config": {"smtp_password": "new-secret"}})
     assert web.host.get("mailer").config["smtp_password"] == "new-secret"
     # nested secrets under a plugin without a config model
     ops.post("/api/plugins/report/configure", json={"config": {"db": {"url": "x", "password": "p1"}, "api_key": "k1"}})
-    ops.post("/api/plugins/report/configure", json={"config": {"db": {"url": "y", "password": "********"}, "api_key": "********"}})
+    ops.post(
+        "/api/plugins/report/configure",
+        json={"config": {"db": {"url": "y", "password": "********"}, "api_key": "********"}},
+    )
     assert web.host.get("report").config == {"db": {"url": "y", "password": "p1"}, "api_key": "k1"}
     for text in (ops.get("/plugins").text, ops.get("/audit").text, json.dumps(ops.get("/api/audit").json())):
         assert "new-secret" not in text and "hunter2" not in text and "p1" not in text and "k1" not in text
@@ -523,10 +584,17 @@ def test_sort_and_moves_reorder_the_navigation(web: ModuleType, ops: Operator) -
     assert web.host.audit("flaky", limit=1)[0].action == "sort"
     nav = ops.get("/api/nav?lang=ar").json()
     assert nav["dir"] == "rtl" and nav["items"][-1]["slug"] == "flaky"
-    assert ops.get("/api/nav").json()["items"][0] == {"slug": "greet", "kind": "capability", "sort": 10, "label": "Greeting"}
+    assert ops.get("/api/nav").json()["items"][0] == {
+        "slug": "greet",
+        "kind": "capability",
+        "sort": 10,
+        "label": "Greeting",
+    }
     page = ops.get("/nav").text
     assert '<section class="menu menu-ar" dir="rtl" lang="ar">' in page
-    assert page.index('data-slug="mailer"><a href="#mailer">البريد') < page.index('data-slug="flaky"><a href="#flaky">خطوة')
+    assert page.index('data-slug="mailer"><a href="#mailer">البريد') < page.index(
+        'data-slug="flaky"><a href="#flaky">خطوة'
+    )
 
 
 def nav_order(module: ModuleType) -> list[str]:
@@ -546,7 +614,10 @@ def test_a_move_with_tied_sort_weights_moves_exactly_one_row(web: ModuleType, op
     assert [(p.slug, p.sort) for p in web.host.list()] == [("greet", 0), ("flaky", 1), ("mailer", 2), ("report", 3)]
     entries = web.host.audit(limit=len(audit_ids(web)) - before)
     assert sorted((e.slug, e.action, e.actor) for e in entries) == [
-        ("flaky", "sort", "ops"), ("mailer", "sort", "ops"), ("report", "sort", "ops")]
+        ("flaky", "sort", "ops"),
+        ("mailer", "sort", "ops"),
+        ("report", "sort", "ops"),
+    ]
     ops.form("/plugins/report/move", {"direction": "up"})  # distinct weights now: a swap
     assert [(p.slug, p.sort) for p in web.host.list()] == [("greet", 0), ("flaky", 1), ("report", 2), ("mailer", 3)]
     # a third plugin tied with the neighbour: swapping the two weights alone would jump past it
@@ -583,17 +654,36 @@ def test_a_plugin_shows_its_config_model_and_which_secrets_are_set(web: ModuleTy
     view = ops.get("/api/plugins/mailer/config-model").json()
     assert view["model"] == "MailerConfig" and view["problem"] is None
     assert view["fields"] == [
-        {"name": "smtp_host", "type": "str", "required": False, "default": "mail.example.com", "secret": False, "is_set": None},
+        {
+            "name": "smtp_host",
+            "type": "str",
+            "required": False,
+            "default": "mail.example.com",
+            "secret": False,
+            "is_set": None,
+        },
         {"name": "smtp_port", "type": "int", "required": False, "default": 25, "secret": False, "is_set": None},
-        {"name": "smtp_password", "type": "str", "required": False, "default": "********", "secret": True, "is_set": True},
+        {
+            "name": "smtp_password",
+            "type": "str",
+            "required": False,
+            "default": "********",
+            "secret": True,
+            "is_set": True,
+        },
     ]
-    assert ops.get("/api/plugins/greet/config-model").json() == {"slug": "greet", "model": None, "fields": [], "problem": None}
+    assert ops.get("/api/plugins/greet/config-model").json() == {
+        "slug": "greet",
+        "model": None,
+        "fields": [],
+        "problem": None,
+    }
     html = ops.get("/plugins").text
-    mailer = html[html.index('id="plugin-mailer"'):html.index('id="plugin-report"')]
+    mailer = html[html.index('id="plugin-mailer"') : html.index('id="plugin-report"')]
     assert '<code class="name">smtp_port</code> <span class="type">int</span>' in mailer
-    assert 'default <code>25</code>' in mailer
+    assert "default <code>25</code>" in mailer
     assert '<span class="secret secret-set">secret, set</span>' in mailer and "hunter2" not in html
-    greet = html[html.index('id="plugin-greet"'):html.index('id="plugin-mailer"')]
+    greet = html[html.index('id="plugin-greet"') : html.index('id="plugin-mailer"')]
     assert "<textarea" not in greet and "No config model" in greet  # nothing to configure
     ops.post("/api/plugins/mailer/configure", json={"config": {"smtp_password": ""}})
     unset = ops.get("/plugins").text
@@ -602,25 +692,29 @@ def test_a_plugin_shows_its_config_model_and_which_secrets_are_set(web: ModuleTy
     # a model-less plugin that does hold config keeps its free-form editor
     ops.post("/api/plugins/report/configure", json={"config": {"note": "x"}})
     html = ops.get("/plugins").text
-    report = html[html.index('id="plugin-report"'):html.index('id="plugin-flaky"')]
+    report = html[html.index('id="plugin-report"') : html.index('id="plugin-flaky"')]
     assert "<textarea" in report and "any JSON object is stored" in report
     # a stored config the model refuses (written before the model changed): said, still editable
     web.host.store.update("mailer", {"config": {"smtp_port": "abc"}}, action="configure")
     broken = ops.get("/api/plugins/mailer/config-model").json()
     assert broken["model"] == "unknown" and "field 'smtp_port'" in broken["problem"]
     html = ops.get("/plugins").text
-    mailer = html[html.index('id="plugin-mailer"'):html.index('id="plugin-report"')]
+    mailer = html[html.index('id="plugin-mailer"') : html.index('id="plugin-report"')]
     assert '<p class="error">plugin &#39;mailer&#39;: field &#39;smtp_port&#39;' in mailer and "<textarea" in mailer
 
 
 def test_disabling_on_the_page_asks_first_with_what_uses_the_plugin(web: ModuleType, ops: Operator) -> None:
     before = audit_ids(web)
     html = ops.get("/plugins").text
-    greet = html[html.index('id="plugin-greet"'):html.index('id="plugin-mailer"')]
+    greet = html[html.index('id="plugin-greet"') : html.index('id="plugin-mailer"')]
     assert '<form method="get" action="/plugins/greet/disable">' in greet  # the switch asks first
     usage = ops.get("/api/plugins/flaky/usage").json()
-    assert usage == {"slug": "flaky", "enabled": True, "capabilities": ["flaky"],
-                     "workflows": [{"name": "welcome", "steps": {"flaky": "fail"}}]}
+    assert usage == {
+        "slug": "flaky",
+        "enabled": True,
+        "capabilities": ["flaky"],
+        "workflows": [{"name": "welcome", "steps": {"flaky": "fail"}}],
+    }
     confirm = ops.get("/plugins/flaky/disable")
     assert confirm.status_code == 200
     assert re.search(r"1 capability and 1\s+workflow use this plugin", confirm.text)
@@ -636,8 +730,15 @@ def test_disabling_on_the_page_asks_first_with_what_uses_the_plugin(web: ModuleT
 
 
 def test_hostile_labels_slugs_and_config_are_escaped(web: ModuleType, ops: Operator) -> None:
-    web.host.register({"slug": "evil", "kind": "ui", "label_en": HOSTILE, "label_ar": HOSTILE,
-                       "config": {"note": "</textarea><script>alert(2)</script>"}})
+    web.host.register(
+        {
+            "slug": "evil",
+            "kind": "ui",
+            "label_en": HOSTILE,
+            "label_ar": HOSTILE,
+            "config": {"note": "</textarea><script>alert(2)</script>"},
+        }
+    )
     for path in ("/plugins", "/nav", "/audit"):
         html = ops.get(path).text
         assert "<script>alert" not in html, path
@@ -674,7 +775,7 @@ def test_audit_filters_by_plugin_and_actor_and_shows_changes(web: ModuleType, op
     assert len(ops.get("/api/audit?limit=2").json()) == 2
     assert ops.get("/api/audit?limit=0").status_code == 422
     page = ops.get("/audit?slug=report&actor=ops").text
-    assert '<td class="actor">ops</td>' in page and "<th scope=\"row\">sort</th>" in page
+    assert '<td class="actor">ops</td>' in page and '<th scope="row">sort</th>' in page
     assert '<option value="report" selected>' in page and "greet</td>" not in page
 
 
@@ -687,7 +788,10 @@ def test_workflows_show_a_diagram_and_a_dry_run(web: ModuleType, ops: Operator) 
     [view] = ops.get("/api/workflows").json()
     assert view["name"] == "welcome" and view["version"] == 1
     assert [(s["slug"], s["stage"], s["outcome"]) for s in view["plan"]] == [
-        ("greet", 0, "run"), ("mailer", 1, "run"), ("report", 1, "skip"), ("flaky", 2, "fail"),
+        ("greet", 0, "run"),
+        ("mailer", 1, "run"),
+        ("report", 1, "skip"),
+        ("flaky", 2, "fail"),
     ]
     assert ops.get("/api/workflows/welcome/plan").json() == view["plan"]
     assert ops.get("/api/workflows/welcome").json() == view
@@ -709,7 +813,10 @@ def test_runs_are_listed_filtered_and_shown(web: ModuleType, ops: Operator) -> N
     assert ops.get("/api/runs?name=welcome").json()[0]["status"] == "pending"
     detail = ops.get(f"/api/runs/{run_id}").json()
     assert [(s["slug"], s["status"], s["attempts"]) for s in detail["steps"]] == [
-        ("greet", "pending", 0), ("mailer", "pending", 0), ("report", "pending", 0), ("flaky", "pending", 0),
+        ("greet", "pending", 0),
+        ("mailer", "pending", 0),
+        ("report", "pending", 0),
+        ("flaky", "pending", 0),
     ]
     assert detail["input"] == {"name": "Ada", "token": "********"}
     page = ops.get(f"/runs/{run_id}").text
@@ -721,17 +828,24 @@ def test_runs_are_listed_filtered_and_shown(web: ModuleType, ops: Operator) -> N
 
 
 def test_the_workflow_table_shows_each_steps_on_disabled_and_retries(web: ModuleType, ops: Operator) -> None:
-    web.flows.define({"name": "retrying", "steps": [
-        {"slug": "greet", "on_disabled": "fail", "retries": 3, "timeout": 30},
-        {"slug": "report"},
-    ]})
+    web.flows.define(
+        {
+            "name": "retrying",
+            "steps": [
+                {"slug": "greet", "on_disabled": "fail", "retries": 3, "timeout": 30},
+                {"slug": "report"},
+            ],
+        }
+    )
     plan = ops.get("/api/workflows/retrying/plan").json()
     assert [(s["slug"], s["on_disabled"], s["retries"], s["timeout"]) for s in plan] == [
-        ("greet", "fail", 3, 30.0), ("report", "skip", 0, None)]
+        ("greet", "fail", 3, 30.0),
+        ("report", "skip", 0, None),
+    ]
     html = ops.get("/workflows").text
-    section = html[html.index('id="workflow-retrying"'):]
-    row = section[section.index('<tr data-slug="greet">'):]
-    row = row[:row.index("</tr>")]
+    section = html[html.index('id="workflow-retrying"') :]
+    row = section[section.index('<tr data-slug="greet">') :]
+    row = row[: row.index("</tr>")]
     assert '<td class="on-disabled" data-label="On disabled">fail</td>' in row
     assert '<td class="retries" data-label="Retries">3</td>' in row and ">30 s</td>" in row
 
@@ -740,9 +854,14 @@ def test_every_page_answers_json_when_asked_for_it(web: ModuleType, ops: Operato
     """The README's "every page is also a JSON endpoint": Accept: application/json."""
     run_id, _canvas = web.flows.prepare("welcome", {"name": "Ada"})
     as_json = {"Accept": "application/json"}
-    for page, api in [("/plugins", "/api/plugins"), ("/audit?slug=greet&limit=5", "/api/audit?slug=greet&limit=5"),
-                      ("/workflows", "/api/workflows"), ("/runs?status=pending", "/api/runs?status=pending"),
-                      (f"/runs/{run_id}", f"/api/runs/{run_id}"), ("/plugins/greet/disable", "/api/plugins/greet/usage")]:
+    for page, api in [
+        ("/plugins", "/api/plugins"),
+        ("/audit?slug=greet&limit=5", "/api/audit?slug=greet&limit=5"),
+        ("/workflows", "/api/workflows"),
+        ("/runs?status=pending", "/api/runs?status=pending"),
+        (f"/runs/{run_id}", f"/api/runs/{run_id}"),
+        ("/plugins/greet/disable", "/api/plugins/greet/usage"),
+    ]:
         response = ops.get(page, headers=as_json)
         assert response.headers["content-type"] == "application/json", page
         assert response.json() == ops.get(api).json(), page
@@ -788,10 +907,21 @@ def test_a_console_without_workflows_hides_them(web: ModuleType) -> None:
 
 def test_openapi_describes_the_api(ops: Operator) -> None:
     schema = ops.get("/openapi.json").json()
-    for path in ("/api/plugins", "/api/plugins/{slug}/enable", "/api/plugins/{slug}/disable",
-                 "/api/plugins/{slug}/configure", "/api/plugins/{slug}/sort", "/api/nav", "/api/workers",
-                 "/api/audit", "/api/workflows", "/api/workflows/{name}/plan", "/api/runs",
-                 "/api/runs/{run_id}", "/api/runs/{run_id}/resume"):
+    for path in (
+        "/api/plugins",
+        "/api/plugins/{slug}/enable",
+        "/api/plugins/{slug}/disable",
+        "/api/plugins/{slug}/configure",
+        "/api/plugins/{slug}/sort",
+        "/api/nav",
+        "/api/workers",
+        "/api/audit",
+        "/api/workflows",
+        "/api/workflows/{name}/plan",
+        "/api/runs",
+        "/api/runs/{run_id}",
+        "/api/runs/{run_id}/resume",
+    ):
         assert path in schema["paths"], path
     assert "/plugins" not in schema["paths"] and "/login" not in schema["paths"]
 
@@ -817,7 +947,9 @@ def test_metrics_count_capability_runs(web: ModuleType, ops: Operator) -> None:
     assert client.get("/metrics").status_code == 200  # the session works too
 
 
-def test_metrics_merge_a_multiprocess_folder(web: ModuleType, ops: Operator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_metrics_merge_a_multiprocess_folder(
+    web: ModuleType, ops: Operator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "prom"
     folder.mkdir()
     code = "from pluginhost import metrics\nfor _ in range(4): metrics.executed('mp_probe')"
@@ -832,10 +964,16 @@ def test_the_console_works_mounted_under_a_prefix(web: ModuleType) -> None:
     site = FastAPI()
     site.mount("/console", create_app(web.host, flows=web.flows, auth=AUTH, ack_timeout_s=0.2, workers_timeout_s=0.2))
     client = browser(site)
-    assert client.get("/console/plugins", follow_redirects=False).headers["location"] == "/console/login?next=%2Fplugins"
+    assert (
+        client.get("/console/plugins", follow_redirects=False).headers["location"] == "/console/login?next=%2Fplugins"
+    )
     page = client.get("/console/login")
     assert 'action="/console/login"' in page.text and 'href="/console/static/console.css"' in page.text
-    done = client.post("/console/login", data={"username": "ops", "password": USERS["ops"], "csrf_token": form_token(page.text)}, follow_redirects=False)
+    done = client.post(
+        "/console/login",
+        data={"username": "ops", "password": USERS["ops"], "csrf_token": form_token(page.text)},
+        follow_redirects=False,
+    )
     assert done.headers["location"] == "/console/plugins" and "Path=/console" in done.headers["set-cookie"]
     html = client.get("/console/plugins").text
     assert 'action="/console/plugins/greet/disable"' in html and 'href="/console/audit"' in html  # asks first
@@ -858,7 +996,9 @@ def test_a_toggle_from_the_console_is_acknowledged_by_a_real_worker(web_live: Mo
     assert body["acknowledged_by"] == [worker.hostname]
     view = ops.get("/api/workers").json()
     assert view["revision"] == web_live.host.revision
-    assert [(w["hostname"], w["revision"], w["current"]) for w in view["workers"]] == [(worker.hostname, view["revision"], True)]
+    assert [(w["hostname"], w["revision"], w["current"]) for w in view["workers"]] == [
+        (worker.hostname, view["revision"], True)
+    ]
     with pytest.raises(CapabilityDisabled):
         web_live.host.run_capability("greet", {})
     with pytest.raises(CapabilityDisabled):
@@ -886,8 +1026,12 @@ def test_a_failed_run_shows_what_its_steps_added_and_a_skip_is_a_note(web_live: 
     assert wait_for(lambda: ops.get(f"/api/runs/{run_id}").json()["status"] == "failed", 30)
     detail = ops.get(f"/api/runs/{run_id}").json()
     assert detail["input"] == {"name": "Ada", "token": "********"}
-    assert detail["context"] == {"name": "Ada", "token": "********", "greeting": "hello Ada",
-                                 "mailed_via": "mail.example.com"}
+    assert detail["context"] == {
+        "name": "Ada",
+        "token": "********",
+        "greeting": "hello Ada",
+        "mailed_via": "mail.example.com",
+    }
     steps = {s["slug"]: s for s in detail["steps"]}
     assert (steps["report"]["status"], steps["report"]["error"]) == ("skipped", None)
     assert steps["report"]["note"] == "plugin 'report' is disabled"
@@ -917,11 +1061,25 @@ class ConsoleProcess:
         self.log_path = log_path
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGINHOST_WEB_")}
         child_env.update({harness.PH_CONF_ENV: json.dumps(conf), "PYTHONPATH": str(ROOT), **(env or {})})
-        self.argv = [str(Path(sys.executable).with_name("pluginhost")), "web", "--app", "tests.apps.web_app",
-                     "--port", str(self.port), *args]
+        self.argv = [
+            str(Path(sys.executable).with_name("pluginhost")),
+            "web",
+            "--app",
+            "tests.apps.web_app",
+            "--port",
+            str(self.port),
+            *args,
+        ]
         with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=child_env, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def wait_ready(self, timeout: float = 30.0) -> ConsoleProcess:
         deadline = time.monotonic() + timeout

@@ -216,7 +216,8 @@ def test_the_switch_asks_before_disabling_and_cancel_changes_nothing(
     page.click("#plugin-flaky button[role=switch]")
     assert page.locator("h1").inner_text() == "Disable flaky?"
     assert " ".join(page.locator("#impact").inner_text().split()).startswith(
-        "1 capability and 1 workflow use this plugin.")
+        "1 capability and 1 workflow use this plugin."
+    )
     assert "step flaky fails the run" in " ".join(page.locator(".uses-workflows").inner_text().split())
     page.click("a.cancel")
     assert page.url.endswith("/plugins#plugin-flaky")
@@ -239,7 +240,11 @@ def test_config_boxes_follow_the_config_model(web: ModuleType, server: ConsolePr
     assert page.locator("#plugin-greet .no-config").is_visible()
     assert page.locator("#plugin-flaky textarea").count() == 1  # no model, but it holds config
     fields = page.locator("#plugin-mailer .fields li")
-    assert fields.evaluate_all("items => items.map(i => i.dataset.field)") == ["smtp_host", "smtp_port", "smtp_password"]
+    assert fields.evaluate_all("items => items.map(i => i.dataset.field)") == [
+        "smtp_host",
+        "smtp_port",
+        "smtp_password",
+    ]
     assert " ".join(fields.nth(1).inner_text().split()) == "smtp_port int default 25"
     secret = page.locator("#plugin-mailer li[data-field=smtp_password] .secret")
     assert secret.inner_text() == "secret, set" and "hunter2" not in page.content()
@@ -311,8 +316,9 @@ def test_every_page_fits_a_phone(
     deadline = time.monotonic() + 30
     while web.flows.run(run_id).status != "succeeded" and time.monotonic() < deadline:
         time.sleep(0.1)
-    phone = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True,
-                                storage_state=page.context.storage_state())
+    phone = browser.new_context(
+        viewport=PHONE, is_mobile=True, has_touch=True, storage_state=page.context.storage_state()
+    )
     tab = phone.new_page()
     try:
         for path in ("/plugins", "/nav", "/workflows", "/runs", f"/runs/{run_id}", "/audit", "/plugins/greet/disable"):
@@ -379,7 +385,8 @@ window.attack = async () => {
   let token = '';
   try { token = JSON.parse(text).csrf_token || ''; } catch (e) {}
   const post = await fetch('/api/plugins/greet/disable', {method: 'POST', headers: {'X-CSRF-Token': token}});
-  const form = await fetch('/plugins/greet/enabled', {method: 'POST', body: new URLSearchParams({enabled: 'false', csrf_token: token})});
+  const form = await fetch('/plugins/greet/enabled',
+                           {method: 'POST', body: new URLSearchParams({enabled: 'false', csrf_token: token})});
   return {session: session.status, text, post: post.status, form: form.status, cookie: document.cookie};
 };
 </script>"""
@@ -393,7 +400,9 @@ def test_a_dns_rebinding_page_gets_nothing_from_a_local_console(
     tab = context.new_page()
     evil = f"http://attacker.example:{local_server.port}"
     # the attacker's own server serves this page; then its DNS record points at 127.0.0.1
-    tab.route(f"{evil}/cats.html", lambda route: route.fulfill(status=200, content_type="text/html", body=ATTACKER_PAGE))
+    tab.route(
+        f"{evil}/cats.html", lambda route: route.fulfill(status=200, content_type="text/html", body=ATTACKER_PAGE)
+    )
     tab.goto(f"{evil}/cats.html")
     result = tab.evaluate("window.attack()")
     assert (result["session"], result["post"], result["form"]) == (421, 421, 421), result

@@ -67,9 +67,7 @@ def cli(cli_app: ModuleType) -> Callable[..., Result]:
     runner = CliRunner()
 
     def invoke(*args: str, input: str | None = None) -> Result:
-        return runner.invoke(
-            main, ["--app", APP, "workflows", *args], input=input, catch_exceptions=False
-        )
+        return runner.invoke(main, ["--app", APP, "workflows", *args], input=input, catch_exceptions=False)
 
     return invoke
 
@@ -79,9 +77,7 @@ def ph(app_conf: dict[str, Any]) -> Callable[..., subprocess.CompletedProcess[st
     """``ph("list")`` runs the real ``pluginhost workflows list`` script."""
     env = {**os.environ, harness.PH_CONF_ENV: json.dumps(app_conf), "PLUGINHOST_APP": APP}
 
-    def run(
-        *args: str, input: str | None = None, app: bool = True
-    ) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, input: str | None = None, app: bool = True) -> subprocess.CompletedProcess[str]:
         child_env = env if app else {k: v for k, v in env.items() if k != "PLUGINHOST_APP"}
         return subprocess.run(
             [PLUGINHOST, "workflows", *args],
@@ -106,15 +102,11 @@ def worker(workers: harness.WorkerFactory) -> harness.Worker:
 def table_rows(text: str) -> list[list[str]]:
     """The body rows of the rich tables in ``text``, as lists of cells."""
     return [
-        [c.strip() for c in line.strip().strip("│").split("│")]
-        for line in text.splitlines()
-        if line.startswith("│")
+        [c.strip() for c in line.strip().strip("│").split("│")] for line in text.splitlines() if line.startswith("│")
     ]
 
 
-def assert_one_line_error(
-    proc: subprocess.CompletedProcess[str] | Result, exit_code: int, *fragments: str
-) -> str:
+def assert_one_line_error(proc: subprocess.CompletedProcess[str] | Result, exit_code: int, *fragments: str) -> str:
     code = proc.returncode if isinstance(proc, subprocess.CompletedProcess) else proc.exit_code
     assert code == exit_code, (code, proc.stdout, proc.stderr)
     lines = proc.stderr.splitlines()
@@ -133,9 +125,7 @@ def write(tmp_path: Path, text: str) -> str:
 def set_times(flows: Workflows, table: Any, when: datetime, column: str, **where: Any) -> None:
     """Back-date a run or step row (runs cannot age faster in a test otherwise)."""
     with flows.store.engine.begin() as conn:
-        conn.execute(
-            update(table).where(*(table.c[k] == v for k, v in where.items())).values({column: when})
-        )
+        conn.execute(update(table).where(*(table.c[k] == v for k, v in where.items())).values({column: when}))
 
 
 def ago(seconds: float) -> datetime:
@@ -152,10 +142,7 @@ def test_define_prints_the_version_and_a_changed_definition_gets_a_new_one(
     assert (result.exit_code, result.stdout) == (0, "defined onboarding version 1\n")
     assert flows.get("onboarding") == ONBOARDING
 
-    assert (
-        cli("define", write(tmp_path, ONBOARDING.model_dump_json())).stdout
-        == "defined onboarding version 1\n"
-    )
+    assert cli("define", write(tmp_path, ONBOARDING.model_dump_json())).stdout == "defined onboarding version 1\n"
     changed = Workflow("onboarding", steps=[Step("greet"), Step("flaky")])
     result = cli("define", "-", input=changed.model_dump_json())
     assert (result.exit_code, result.stdout) == (0, "defined onboarding version 2\n")
@@ -201,9 +188,7 @@ def test_define_rejects_a_bad_definition_in_one_line_and_stores_nothing(
     assert flows.list() == []
 
 
-def test_list_shows_the_newest_versions_with_parallel_groups(
-    cli: Callable[..., Result], flows: Workflows
-) -> None:
+def test_list_shows_the_newest_versions_with_parallel_groups(cli: Callable[..., Result], flows: Workflows) -> None:
     flows.define(HELLO)
     flows.define(ONBOARDING)
     flows.define(Workflow("hello", steps=[Step("greet"), Step("provision")]))
@@ -222,10 +207,7 @@ def test_show_lists_each_steps_policy_and_whether_it_would_run_now(
     cli_app.host.disable("mail")
     result = cli("show", "onboarding")
     assert result.exit_code == 0, result.stderr
-    assert (
-        result.stdout.splitlines()[0]
-        == "onboarding version 1: greet -> [mail | provision] -> flaky"
-    )
+    assert result.stdout.splitlines()[0] == "onboarding version 1: greet -> [mail | provision] -> flaky"
     assert table_rows(result.stdout) == [
         # position, step, plugin, enabled, on_disabled, retries, timeout, now
         ["0", "greet", "greet", "yes", "skip", "0", "-", "run"],
@@ -288,9 +270,7 @@ def test_a_failed_step_exits_1_and_resume_finishes_the_run_from_that_step(
 
     failed = cli("start", "onboarding", "--input", '{"name": "bob"}', "--wait")
     run_id = failed.stdout.splitlines()[0]
-    assert_one_line_error(
-        failed, 1, f"run {run_id} failed: RuntimeError: flaky is configured to fail"
-    )
+    assert_one_line_error(failed, 1, f"run {run_id} failed: RuntimeError: flaky is configured to fail")
     assert table_rows(failed.stdout)[-1][1:4] == ["flaky", "failed", "1"]
 
     runs = cli("runs", "--status", "failed")
@@ -329,9 +309,7 @@ def test_a_failed_step_exits_1_and_resume_finishes_the_run_from_that_step(
         ("flaky", 2),
     ]
 
-    assert_one_line_error(
-        cli("resume", run_id), 1, "InvalidRunState: ", "only failed runs can be resumed"
-    )
+    assert_one_line_error(cli("resume", run_id), 1, "InvalidRunState: ", "only failed runs can be resumed")
 
 
 def test_start_with_input_that_is_not_json_is_one_line_and_starts_nothing(
@@ -358,9 +336,7 @@ def test_runs_rejects_an_unknown_status(cli: Callable[..., Result]) -> None:
 # -- sweep and prune ---------------------------------------------------------------
 
 
-def test_sweep_fails_runs_whose_step_has_been_running_too_long(
-    cli: Callable[..., Result], flows: Workflows
-) -> None:
+def test_sweep_fails_runs_whose_step_has_been_running_too_long(cli: Callable[..., Result], flows: Workflows) -> None:
     flows.define(HELLO)
     stuck, _ = flows.prepare("hello", {})
     fresh, _ = flows.prepare("hello", {})
@@ -406,9 +382,7 @@ def test_prune_deletes_finished_runs_older_than_the_duration(
     ],
     ids=["unit", "negative", "missing", "sweep"],
 )
-def test_a_bad_duration_is_a_one_line_usage_error(
-    cli: Callable[..., Result], args: list[str], expected: str
-) -> None:
+def test_a_bad_duration_is_a_one_line_usage_error(cli: Callable[..., Result], args: list[str], expected: str) -> None:
     assert_one_line_error(cli(*args), 2, expected)
 
 
@@ -416,9 +390,7 @@ def test_a_bad_duration_from_the_shell_exits_2(
     ph: Callable[..., subprocess.CompletedProcess[str]],
 ) -> None:
     proc = ph("prune", "--older-than", "3 weeks")
-    assert_one_line_error(
-        proc, 2, "expected a duration like 30d, 12h, 15m, 90s or seconds, got '3 weeks'"
-    )
+    assert_one_line_error(proc, 2, "expected a duration like 30d, 12h, 15m, 90s or seconds, got '3 weeks'")
 
 
 # -- app and schema ----------------------------------------------------------------
@@ -437,4 +409,3 @@ def test_db_upgrade_creates_the_workflow_tables(cli_app: ModuleType) -> None:
     assert (result.exit_code, result.stdout) == (0, "schema is up to date\n")
     tables = set(inspect(cli_app.host.store.engine).get_table_names())  # type: ignore[attr-defined]
     assert {"workflows_definitions", "workflows_runs", "workflows_steps"} <= tables
-

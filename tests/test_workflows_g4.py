@@ -238,16 +238,38 @@ def test_sweep_leaves_a_succeeded_run_alone(core: ModuleType) -> None:
     stuck, _ = flows.prepare("flow", {"tag": "stuck"})
     two_hours_ago = datetime.now(timezone.utc) - timedelta(hours=2)
     with flows.store.engine.begin() as conn:
-        conn.execute(update(steps_table).where(steps_table.c.run_id.in_([done, stuck])).values(
-            status="succeeded", output={}, attempts=1, started_at=two_hours_ago, finished_at=two_hours_ago,
-        ))
-        conn.execute(update(steps_table).where(steps_table.c.position == 3, steps_table.c.run_id.in_([done, stuck])).values(
-            status="running", finished_at=None,
-        ))
-        conn.execute(update(runs_table).where(runs_table.c.id == done).values(
-            status="succeeded", output={"tag": "done"}, started_at=two_hours_ago, finished_at=two_hours_ago,
-        ))
-        conn.execute(update(runs_table).where(runs_table.c.id == stuck).values(status="running", started_at=two_hours_ago))
+        conn.execute(
+            update(steps_table)
+            .where(steps_table.c.run_id.in_([done, stuck]))
+            .values(
+                status="succeeded",
+                output={},
+                attempts=1,
+                started_at=two_hours_ago,
+                finished_at=two_hours_ago,
+            )
+        )
+        conn.execute(
+            update(steps_table)
+            .where(steps_table.c.position == 3, steps_table.c.run_id.in_([done, stuck]))
+            .values(
+                status="running",
+                finished_at=None,
+            )
+        )
+        conn.execute(
+            update(runs_table)
+            .where(runs_table.c.id == done)
+            .values(
+                status="succeeded",
+                output={"tag": "done"},
+                started_at=two_hours_ago,
+                finished_at=two_hours_ago,
+            )
+        )
+        conn.execute(
+            update(runs_table).where(runs_table.c.id == stuck).values(status="running", started_at=two_hours_ago)
+        )
 
     assert flows.sweep(older_than_s=60) == [stuck]
     run = flows.run(done)
@@ -354,7 +376,8 @@ def test_a_step_decides_enablement_once_under_its_own_policy(
     host.fresh_from_store()  # this process's view is current before the step
     monkeypatch.setattr(store, "revision", revision)
     result = rt.step_task.apply(
-        args=({"tag": "race"}, run_id, 0), kwargs={"slug": "skipper", "on_disabled": "fail", "first": True, "final": True}
+        args=({"tag": "race"}, run_id, 0),
+        kwargs={"slug": "skipper", "on_disabled": "fail", "first": True, "final": True},
     )
     monkeypatch.undo()
     assert reads, "the step never looked at the store"

@@ -89,7 +89,10 @@ def test_a_repeated_start_runs_the_recorded_version_and_input(core: ModuleType, 
 
     run = flows.run(run_id)
     assert (run.version, run.status) == (1, "succeeded")
-    assert [(s.slug, s.status, s.attempts) for s in run.steps] == [("step_a", "succeeded", 1), ("step_b", "succeeded", 1)]
+    assert [(s.slug, s.status, s.attempts) for s in run.steps] == [
+        ("step_a", "succeeded", 1),
+        ("step_b", "succeeded", 1),
+    ]
     assert out == {"tag": "v1-input", "a": 1, "order": ["a"], "b": 2, "shared": "b"}
     assert core.executions_of("step_c", "v1-input") == core.executions_of("step_c", "new-input") == 0
 
@@ -97,7 +100,9 @@ def test_a_repeated_start_runs_the_recorded_version_and_input(core: ModuleType, 
     assert (run.version, run.status, run.input) == (1, "succeeded", {"tag": "cap-input"})
     assert [s.slug for s in run.steps] == ["step_a", "step_b", "step_c", "step_d", "step_e"]
     assert cap_out["tag"] == "cap-input" and cap_out["e"] == 1 and cap_out["order"] == ["a", "d"]
-    assert [core.executions_of(slug, "cap-input") for slug in ("step_a", "step_b", "step_c", "step_d", "step_e")] == [1] * 5
+    assert [core.executions_of(slug, "cap-input") for slug in ("step_a", "step_b", "step_c", "step_d", "step_e")] == [
+        1
+    ] * 5
 
 
 # -- item 6: a repeated finished step -----------------------------------------------------
@@ -143,13 +148,13 @@ def test_a_repeated_finished_step_does_not_run_the_next_step_again(
     assert run.status == "succeeded"
     executions = [faults.execution_count(slug, "again") for slug in faults.OUTPUT_KEYS]
     assert ([s.attempts for s in run.steps], executions) == ([1, 1, 1, 1], [1, 1, 1, 1])
-    assert {k: run.output[k] for k in faults.OUTPUT_KEYS.values()} == dict.fromkeys(faults.OUTPUT_KEYS.values(), "again")
+    assert {k: run.output[k] for k in faults.OUTPUT_KEYS.values()} == dict.fromkeys(
+        faults.OUTPUT_KEYS.values(), "again"
+    )
 
 
 @pytest.mark.parametrize("backend", ["redis"], indirect=True)
-def test_another_canvas_of_a_finished_run_reuses_every_output_and_completes(
-    faults: ModuleType, workers: Any
-) -> None:
+def test_another_canvas_of_a_finished_run_reuses_every_output_and_completes(faults: ModuleType, workers: Any) -> None:
     """A second canvas of a run (a repeated start after the run finished, or a
     delivery left over from before a resume) meets steps that another message
     finished: it is not a repeat of those messages, so it must not be dropped;
@@ -173,9 +178,7 @@ def test_another_canvas_of_a_finished_run_reuses_every_output_and_completes(
 
 
 @pytest.mark.parametrize("backend", ["amqp"], indirect=True)
-def test_a_step_whose_pool_process_was_sigkilled_is_taken_over_at_once(
-    faults: ModuleType, workers: Any
-) -> None:
+def test_a_step_whose_pool_process_was_sigkilled_is_taken_over_at_once(faults: ModuleType, workers: Any) -> None:
     """Fault: the pool process running a step is SIGKILLed (its worker lives on);
     RabbitMQ gets the message back at once (``reject_on_worker_lost``).
 
@@ -242,7 +245,11 @@ def executions_table(core: ModuleType) -> None:
 @pytest.mark.parametrize("backend", ["redis"], indirect=True)
 @pytest.mark.parametrize("view_behind", [True, False], ids=["view-behind", "store-unreachable"])
 def test_a_step_whose_process_cannot_reach_the_store_waits_and_is_not_lost(
-    core: ModuleType, workers: Any, app_conf: dict[str, Any], executions_table: None, nologin_role: Any,
+    core: ModuleType,
+    workers: Any,
+    app_conf: dict[str, Any],
+    executions_table: None,
+    nologin_role: Any,
     view_behind: bool,
 ) -> None:
     """Fault: a run's first step is queued (ETA 2 s); the worker's database role
@@ -293,9 +300,7 @@ PATIENT = Workflow("g4patient", steps=[Step("step_d", retries=5, retry_backoff=0
 
 
 @pytest.mark.parametrize("backend", ["redis"], indirect=True)
-def test_a_step_retries_as_often_as_its_policy_says_past_celerys_default(
-    core: ModuleType, workers: Any
-) -> None:
+def test_a_step_retries_as_often_as_its_policy_says_past_celerys_default(core: ModuleType, workers: Any) -> None:
     """A step declared ``retries=5`` whose body fails four times (more than
     Celery's default ``max_retries`` of 3, which ``task.retry(max_retries=None)``
     falls back to) is retried by the step's own count and succeeds on the fifth

@@ -40,8 +40,11 @@ def test_chain_and_chord_merge_the_context_in_declaration_order(core: ModuleType
     run = core.flows.run(res.id)
     assert run.status == "succeeded" and run.output == out
     assert [(s.slug, s.status, s.attempts) for s in run.steps] == [
-        ("step_a", "succeeded", 1), ("step_b", "succeeded", 1), ("step_c", "succeeded", 1),
-        ("step_d", "succeeded", 1), ("step_e", "succeeded", 1),
+        ("step_a", "succeeded", 1),
+        ("step_b", "succeeded", 1),
+        ("step_c", "succeeded", 1),
+        ("step_d", "succeeded", 1),
+        ("step_e", "succeeded", 1),
     ]
     assert all(s.started_at and s.finished_at and s.plugin_version == 1 for s in run.steps)
 
@@ -116,7 +119,9 @@ def test_disabling_a_middle_step_while_runs_are_in_flight(core: ModuleType, work
     host.disable("step_d", wait=True)
     fresh = flows.start("flow", {"tag": "fresh"}).id
     done = [wait_for(flows, i) for i in slow + [fresh]]
-    assert all(r.status == "succeeded" for r in done), [(r.status, r.error, [(s.slug, s.status) for s in r.steps]) for r in done]
+    assert all(r.status == "succeeded" for r in done), [
+        (r.status, r.error, [(s.slug, s.status) for s in r.steps]) for r in done
+    ]
     for run_id in slow + [fresh]:
         st = statuses(flows, run_id)
         assert st["step_d"] == "skipped" and st["step_e"] == "succeeded"
@@ -219,7 +224,9 @@ def test_start_rejects_unknown_workflows_and_bad_input(core: ModuleType) -> None
 
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 def test_plan_is_a_dry_run_under_current_toggles(core: ModuleType) -> None:
-    core.flows.define(Workflow("planned", steps=[Step("step_a"), Parallel(Step("step_b"), Step("step_c", on_disabled="fail"))]))
+    core.flows.define(
+        Workflow("planned", steps=[Step("step_a"), Parallel(Step("step_b"), Step("step_c", on_disabled="fail"))])
+    )
     core.host.disable("step_c")
     plan = {p.slug: p.outcome for p in core.flows.plan("planned")}
     assert plan == {"step_a": "run", "step_b": "run", "step_c": "fail"}

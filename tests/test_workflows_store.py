@@ -55,7 +55,10 @@ def test_a_run_is_created_with_its_pending_steps_once(store: WorkflowStore) -> N
     assert run is not None
     assert (run.status, run.input, run.context, run.version) == ("pending", {"user": "ana", "n": 1}, run.input, 1)
     assert [(s.position, s.stage, s.slug, s.status, s.attempts) for s in run.steps] == [
-        (0, 0, "a", "pending", 0), (1, 1, "b", "pending", 0), (2, 1, "c", "pending", 0), (3, 2, "d", "pending", 0)
+        (0, 0, "a", "pending", 0),
+        (1, 1, "b", "pending", 0),
+        (2, 1, "c", "pending", 0),
+        (3, 2, "d", "pending", 0),
     ]
 
 
@@ -194,7 +197,9 @@ def test_an_outcome_whose_write_was_lost_is_recorded_by_the_task_that_carries_it
     store.begin_step(run_id, 2, "w2", carried=[carried])
     assert "the next task records it" in caplog.text
     assert _steps(store, run_id)[:3] == [
-        (0, "succeeded", 1, {"a": 1}, None), (1, "succeeded", 1, {"b": 2}, None), (2, "running", 1, None, None)
+        (0, "succeeded", 1, {"a": 1}, None),
+        (1, "succeeded", 1, {"b": 2}, None),
+        (2, "running", 1, None, None),
     ]
 
 
@@ -211,19 +216,26 @@ def test_a_last_parallel_stage_records_its_branches_and_the_run_in_one_write(sto
     run = store.get_run(run_id)
     assert run is not None and (run.status, run.output) == ("succeeded", {"user": "ana", "a": 1, "b": 2})
     assert _steps(store, run_id)[1:3] == [
-        (1, "succeeded", 1, {"b": 2}, None), (2, "skipped", 1, None, "plugin 'c' is disabled")
+        (1, "succeeded", 1, {"b": 2}, None),
+        (2, "skipped", 1, None, "plugin 'c' is disabled"),
     ]
     assert run.steps[2].finished_at is not None and run.steps[2].finished_at.second == 1
 
 
 def test_a_run_is_created_only_for_the_newest_definition(store: WorkflowStore) -> None:
-    assert store.create_newest_run(str(uuid.uuid4()), "flow", 1, datetime.now(timezone.utc), {}, LAYOUT) == (None, False)  # none defined
+    assert store.create_newest_run(str(uuid.uuid4()), "flow", 1, datetime.now(timezone.utc), {}, LAYOUT) == (
+        None,
+        False,
+    )  # none defined
     store.define("flow", {"name": "flow", "steps": [{"slug": "a"}]}, actor="t")
     v1 = store.newest("flow")
     assert v1 is not None
     run_id = str(uuid.uuid4())
     assert store.create_newest_run(run_id, "flow", v1[0], v1[1], {"n": 1}, LAYOUT) == (v1, True)
-    assert store.create_newest_run(run_id, "flow", v1[0], v1[1], {"n": 2}, LAYOUT) == (v1, False)  # again: kept as it was
+    assert store.create_newest_run(run_id, "flow", v1[0], v1[1], {"n": 2}, LAYOUT) == (
+        v1,
+        False,
+    )  # again: kept as it was
     store.define("flow", {"name": "flow", "steps": [{"slug": "b"}]}, actor="t")
     v2 = store.newest("flow")
     stale = str(uuid.uuid4())
@@ -231,6 +243,7 @@ def test_a_run_is_created_only_for_the_newest_definition(store: WorkflowStore) -
     assert store.get_run(stale) is None
     run = store.get_run(run_id)
     assert run is not None and (run.version, run.input, len(run.steps)) == (1, {"n": 1}, 4)
+
 
 def test_the_example_definition_file_is_the_example_apps_workflow() -> None:
     from examples.onboarding.app import ONBOARDING

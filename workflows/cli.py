@@ -44,25 +44,19 @@ class Duration(click.ParamType):
     _UNITS: ClassVar[dict[str, float]] = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
     _PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms]?)")
 
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         if isinstance(value, (int, float)):
             return float(value)
         found = self._PATTERN.fullmatch(str(value).strip().lower())
         if found is None:
-            self.fail(
-                f"expected a duration like 30d, 12h, 15m, 90s or seconds, got {value!r}", param, ctx
-            )
+            self.fail(f"expected a duration like 30d, 12h, 15m, 90s or seconds, got {value!r}", param, ctx)
         return float(found.group(1)) * self._UNITS[found.group(2)]
 
 
 def _wait_options(fn: F) -> F:
     wait = click.option("--wait", is_flag=True, help="Wait, then print the context and steps.")
     seconds = click.FloatRange(min=0)
-    timeout = click.option(
-        "--timeout", default=30.0, show_default=True, type=seconds, help="Seconds."
-    )
+    timeout = click.option("--timeout", default=30.0, show_default=True, type=seconds, help="Seconds.")
     return wait(timeout(fn))
 
 
@@ -100,9 +94,7 @@ def _seconds(value: float | None) -> str:
 def _steps_line(wf: Workflow) -> str:
     """``a -> [b | c] -> d``."""
     return " -> ".join(
-        "[" + " | ".join(s.slug for s in stage.steps) + "]"
-        if isinstance(stage, Parallel)
-        else stage.slug
+        "[" + " | ".join(s.slug for s in stage.steps) + "]" if isinstance(stage, Parallel) else stage.slug
         for stage in wf.steps
     )
 
@@ -175,9 +167,7 @@ def list_(ctx: click.Context) -> None:
 
 @workflows.command()
 @click.argument("name")
-@click.option(
-    "--version", "version", type=click.IntRange(min=1), default=None, help="An older version."
-)
+@click.option("--version", "version", type=click.IntRange(min=1), default=None, help="An older version.")
 @click.option("--json", "as_json", is_flag=True, help="Print the definition as JSON.")
 @click.pass_context
 def show(ctx: click.Context, name: str, version: int | None, as_json: bool) -> None:
@@ -185,9 +175,7 @@ def show(ctx: click.Context, name: str, version: int | None, as_json: bool) -> N
     flows = _flows(ctx)
     wf = flows.get(name, version)
     if wf is None:
-        raise WorkflowNotFound(
-            f"no workflow named {name!r}" + (f" with version {version}" if version else "")
-        )
+        raise WorkflowNotFound(f"no workflow named {name!r}" + (f" with version {version}" if version else ""))
     if as_json:
         click.echo(json.dumps(wf.model_dump(mode="json"), ensure_ascii=False, indent=2))
         return
@@ -197,9 +185,7 @@ def show(ctx: click.Context, name: str, version: int | None, as_json: bool) -> N
     rows = []
     for position, step in enumerate(wf.flat()):
         p = planned.get(step.slug)
-        plugin, enabled, now = (
-            (p.plugin, "yes" if p.enabled else "no", p.outcome) if p else ("-",) * 3
-        )
+        plugin, enabled, now = (p.plugin, "yes" if p.enabled else "no", p.outcome) if p else ("-",) * 3
         timeout = "-" if step.timeout is None else f"{step.timeout:g}s"
         policy = (step.on_disabled, step.retries, timeout)
         rows.append((position, step.slug, plugin, enabled, *policy, now))
@@ -209,9 +195,7 @@ def show(ctx: click.Context, name: str, version: int | None, as_json: bool) -> N
 
 @workflows.command()
 @click.argument("name")
-@click.option(
-    "--input", "input_text", default="{}", show_default=True, help="The input as a JSON object."
-)
+@click.option("--input", "input_text", default="{}", show_default=True, help="The input as a JSON object.")
 @_wait_options
 @click.pass_context
 def start(ctx: click.Context, name: str, input_text: str, wait: bool, timeout: float) -> None:
@@ -229,9 +213,7 @@ def start(ctx: click.Context, name: str, input_text: str, wait: bool, timeout: f
 
 @workflows.command()
 @click.option("--name", default=None, help="Only runs of this workflow.")
-@click.option(
-    "--status", type=click.Choice(RUN_STATES), default=None, help="Only runs in this state."
-)
+@click.option("--status", type=click.Choice(RUN_STATES), default=None, help="Only runs in this state.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
 @click.pass_context
 def runs(ctx: click.Context, name: str | None, status: str | None, limit: int) -> None:

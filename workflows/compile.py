@@ -21,7 +21,12 @@ if TYPE_CHECKING:
 
 #: Runtime.run_step's policy defaults (compile leaves these out of messages).
 STEP_DEFAULTS: dict[str, Any] = {
-    "on_disabled": "skip", "retries": 0, "retry_backoff": 1.0, "parallel": False, "first": False, "final": False,
+    "on_disabled": "skip",
+    "retries": 0,
+    "retry_backoff": 1.0,
+    "parallel": False,
+    "first": False,
+    "final": False,
 }
 
 

@@ -24,9 +24,7 @@ _NAME_RE = re.compile(NAME_PATTERN)
 
 def _check_name(value: str, what: str) -> str:
     if not _NAME_RE.match(value) or value.endswith("\n"):
-        raise ValueError(
-            f"{what} {value!r} is invalid: expected 1-64 characters of a-z, 0-9, '_', '.', '-'"
-        )
+        raise ValueError(f"{what} {value!r} is invalid: expected 1-64 characters of a-z, 0-9, '_', '.', '-'")
     return value
 
 
@@ -187,7 +185,7 @@ def _describe(exc: ValidationError, what: str = "workflow") -> str:
     loc = ".".join(str(p) for p in err.get("loc", ()))
     msg = str(err.get("msg", "invalid"))
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     where = f" at '{loc}'" if loc else ""
     if err.get("type") == "missing":
         return f"invalid {what}: field '{loc}' is required"

@@ -203,13 +203,25 @@ class PgHotPath:
         self._pid = os.getpid()
 
     def begin_step(
-        self, run_id: str, position: int, worker: str | None, first: bool, now: datetime,
-        stale_before: datetime, task_id: str | None, carried: list[Outcome] | None = None,
+        self,
+        run_id: str,
+        position: int,
+        worker: str | None,
+        first: bool,
+        now: datetime,
+        stale_before: datetime,
+        task_id: str | None,
+        carried: list[Outcome] | None = None,
     ) -> tuple[StepRow | None, bool]:
         """The step's row and whether this call claimed it (see ``_BEGIN_STEP``)."""
         params = {
-            "run_id": run_id, "position": position, "worker": worker, "first": first, "now": now,
-            "stale_before": stale_before, "task_id": task_id,
+            "run_id": run_id,
+            "position": position,
+            "worker": worker,
+            "first": first,
+            "now": now,
+            "stale_before": stale_before,
+            "task_id": task_id,
         }
         if carried:
             row = self._fetch(_carrying(len(carried), _BEGIN_STEP), {**params, **_carried_params(carried)})
@@ -225,10 +237,13 @@ class PgHotPath:
         raised: the task that carries the outcome records it."""
         position, status, output, error, plugin_version, finished_at = outcome
         values = [
-            status.encode(), None if output is None else json.dumps(output).encode(),
+            status.encode(),
+            None if output is None else json.dumps(output).encode(),
             None if error is None else error.encode(),
             None if plugin_version is None else str(plugin_version).encode(),
-            finished_at.encode(), run_id.encode(), str(position).encode(),
+            finished_at.encode(),
+            run_id.encode(),
+            str(position).encode(),
         ]
         try:
             self._cursor()  # drains an earlier answer; (re)connects if needed
@@ -248,7 +263,9 @@ class PgHotPath:
                 _wait(pgconn.socket, deadline, write=True)
             local.pending = pgconn
         except Exception as exc:  # noqa: BLE001 - the outcome is carried on; say why it was not sent
-            log.warning("step %d of run %s: outcome not sent (the next task records it): %s", position, run_id, _reason(exc))
+            log.warning(
+                "step %d of run %s: outcome not sent (the next task records it): %s", position, run_id, _reason(exc)
+            )
             self._drop()
 
     def finish_stage(self, run_id: str, carried: list[Outcome], output: dict[str, Any], now: datetime) -> str:
@@ -270,9 +287,13 @@ class PgHotPath:
         """Record a step's outcome; with ``run_output``, also the run's success
         (returns the workflow's name then)."""
         params = {
-            "run_id": run_id, "position": position, "status": status, "error": error,
+            "run_id": run_id,
+            "position": position,
+            "status": status,
+            "error": error,
             "output": None if output is None else json.dumps(output),
-            "plugin_version": plugin_version, "now": now,
+            "plugin_version": plugin_version,
+            "now": now,
         }
         if run_output is None:
             self._execute(_FINISH_STEP, params)
@@ -284,27 +305,47 @@ class PgHotPath:
         return self._name(_FINISH_RUN, {"run_id": run_id, "context": json.dumps(output), "now": now})
 
     def create_run(
-        self, run_id: str, name: str, version: int, input: dict[str, Any],
-        layout: Iterable[tuple[int, int, str]], now: datetime,
+        self,
+        run_id: str,
+        name: str,
+        version: int,
+        input: dict[str, Any],
+        layout: Iterable[tuple[int, int, str]],
+        now: datetime,
     ) -> bool:
         steps = list(layout)
         params = {
-            "run_id": run_id, "name": name, "version": version, "input": json.dumps(input), "now": now,
+            "run_id": run_id,
+            "name": name,
+            "version": version,
+            "input": json.dumps(input),
+            "now": now,
             **_layout_params(steps),
         }
         return self._execute(_with_steps(_CREATE_RUN, len(steps)), params) > 0
 
     def create_newest_run(
-        self, run_id: str, name: str, version: int, stored_at: datetime, input: dict[str, Any],
-        layout: Iterable[tuple[int, int, str]], now: datetime,
+        self,
+        run_id: str,
+        name: str,
+        version: int,
+        stored_at: datetime,
+        input: dict[str, Any],
+        layout: Iterable[tuple[int, int, str]],
+        now: datetime,
     ) -> tuple[tuple[int, datetime], bool] | None:
         """Insert a run of ``version`` (stored at ``stored_at``) if that is still the
         newest definition; returns the newest (version, stored_at) and whether the
         run was inserted here, or None if there is no definition."""
         steps = list(layout)
         params = {
-            "run_id": run_id, "name": name, "version": version, "stored_at": stored_at,
-            "input": json.dumps(input), "now": now, **_layout_params(steps),
+            "run_id": run_id,
+            "name": name,
+            "version": version,
+            "stored_at": stored_at,
+            "input": json.dumps(input),
+            "now": now,
+            **_layout_params(steps),
         }
         row = self._fetch(_with_steps(_CREATE_NEWEST_RUN, len(steps)), params)
         return None if row is None else ((int(row[0]), row[1]), int(row[2]) > 0)
@@ -383,7 +424,9 @@ class PgHotPath:
                     return
                 if result.status != pq.ExecStatus.COMMAND_OK:
                     message = (result.error_message or b"").decode(errors="replace").strip()
-                    log.warning("a step outcome sent without waiting was not written (the next task records it): %s", message)
+                    log.warning(
+                        "a step outcome sent without waiting was not written (the next task records it): %s", message
+                    )
         except Exception as exc:  # noqa: BLE001 - a broken connection: replaced on next use
             log.warning("no answer to a step outcome sent without waiting (the next task records it): %s", _reason(exc))
             self._drop()
@@ -402,11 +445,16 @@ class PgHotPath:
 def _carried_params(carried: list[Outcome]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for i, (position, status, output, error, plugin_version, finished_at) in enumerate(carried):
-        params.update({
-            f"c{i}_position": position, f"c{i}_status": status,
-            f"c{i}_output": None if output is None else json.dumps(output), f"c{i}_error": error,
-            f"c{i}_version": plugin_version, f"c{i}_finished": datetime.fromisoformat(finished_at),
-        })
+        params.update(
+            {
+                f"c{i}_position": position,
+                f"c{i}_status": status,
+                f"c{i}_output": None if output is None else json.dumps(output),
+                f"c{i}_error": error,
+                f"c{i}_version": plugin_version,
+                f"c{i}_finished": datetime.fromisoformat(finished_at),
+            }
+        )
     return params
 
 

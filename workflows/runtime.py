@@ -39,8 +39,12 @@ FINISH_TASK = "workflows.finish"
 # count is not a limit here (max_retries=None): the step row counts attempts
 # against the step's ``retries``.
 TASK_OPTIONS: dict[str, Any] = {
-    "acks_late": True, "reject_on_worker_lost": True, "store_errors_even_if_ignored": True,
-    "shared": False, "lazy": False, "max_retries": None,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "store_errors_even_if_ignored": True,
+    "shared": False,
+    "lazy": False,
+    "max_retries": None,
 }
 
 #: A delivery of a step that a live owner runs (a duplicate) looks again after
@@ -138,12 +142,15 @@ class Runtime:
                 raise InvalidWorkflow(
                     f"workflows need a SQL store (SQLite or PostgreSQL), not {type(current).__name__}"
                 )
-            if engine.dialect.name == "postgresql" and not settings.value(self.host.app, "pluginhost_workflows_synchronous_commit"):
+            if engine.dialect.name == "postgresql" and not settings.value(
+                self.host.app, "pluginhost_workflows_synchronous_commit"
+            ):
                 # History writes skip the WAL flush wait; a PostgreSQL *server*
                 # crash can then lose the last ~0.6 s of step updates, which the
                 # sweeper reports (steps left running). Plugin admin writes stay durable.
                 engine = create_engine(
-                    engine.url, pool_pre_ping=True,
+                    engine.url,
+                    pool_pre_ping=True,
                     connect_args={"options": "-c synchronous_commit=off"},
                 )
             lease = settings.value(self.host.app, "pluginhost_workflows_step_lease_s")
@@ -198,9 +205,7 @@ class Runtime:
         if row.status != "running":
             raise Ignore()  # the run failed or was cancelled meanwhile
         if snapshot is None or not snapshot.enabled:
-            return self._disabled(
-                task, run_id, position, slug, plugin, on_disabled, context, parallel, final, started
-            )
+            return self._disabled(task, run_id, position, slug, plugin, on_disabled, context, parallel, final, started)
         version = snapshot.version
         try:
             result = host.call_capability_with(slug, snapshot, context)
@@ -213,14 +218,19 @@ class Runtime:
                 countdown = min(60.0, retry_backoff * 2 ** (row.attempts - 1))
                 self.store.retry_step(run_id, position, error)
                 metrics.step_finished(slug, "retried", time.monotonic() - started)
-                log.info("step %s of run %s failed (attempt %d), retrying in %.1fs: %s", slug, run_id, row.attempts, countdown, error)
+                log.info(
+                    "step %s of run %s failed (attempt %d), retrying in %.1fs: %s",
+                    slug,
+                    run_id,
+                    row.attempts,
+                    countdown,
+                    error,
+                )
                 raise task.retry(exc=exc, countdown=countdown) from None
             self._failed(run_id, position, slug, error, version, started)
             raise
         output = result if isinstance(result, dict) else ({} if result is None else {slug: result})
-        outcome = self._finish(
-            task, run_id, position, context, "succeeded", output, None, version, parallel, final
-        )
+        outcome = self._finish(task, run_id, position, context, "succeeded", output, None, version, parallel, final)
         metrics.step_finished(slug, "succeeded", time.monotonic() - started)
         return outcome
 
@@ -238,9 +248,7 @@ class Runtime:
                 raise
             _send_again(task, self._store_wait(task))
 
-    def _claim(
-        self, task: Task, run_id: str, position: int, first: bool, carried: list[Outcome]
-    ) -> StepRun:
+    def _claim(self, task: Task, run_id: str, position: int, first: bool, carried: list[Outcome]) -> StepRun:
         """The step's row, claimed for this delivery unless it finished. A step a
         live owner runs (a message sent twice, or redelivered while its first
         delivery still runs) is looked at again later, not run twice. So is a
@@ -250,7 +258,11 @@ class Runtime:
         retries = min(task.request.retries or 0, 5)
         try:
             return self.store.begin_step(
-                run_id, position, worker=task.request.hostname, first=first, carried=carried,
+                run_id,
+                position,
+                worker=task.request.hostname,
+                first=first,
+                carried=carried,
                 task_id=task.request.id,
             )
         except StepBusy:
@@ -261,9 +273,7 @@ class Runtime:
             if task.request.is_eager:
                 raise
             countdown = self._store_wait(task)
-            log.warning(
-                "step %s of run %s sent again in %.1fs: %s", position, run_id, countdown, exc
-            )
+            log.warning("step %s of run %s sent again in %.1fs: %s", position, run_id, countdown, exc)
             _send_again(task, countdown)
 
     def _store_wait(self, task: Task) -> float:
@@ -293,9 +303,7 @@ class Runtime:
         handed on to the next task, which records it again in its own first
         statement."""
         if parallel or not final:
-            outcome = self.store.outcome(
-                position, status, output=output, error=error, plugin_version=version
-            )
+            outcome = self.store.outcome(position, status, output=output, error=error, plugin_version=version)
             task.request.workflows_post = functools.partial(self.store.post_step, run_id, outcome)
             if parallel:
                 return [position, output or {}, context, outcome]
@@ -357,18 +365,14 @@ class Runtime:
     ) -> Any:
         reason = f"plugin '{plugin}' is disabled"
         if policy == "skip":
-            outcome = self._finish(
-                task, run_id, position, context, "skipped", None, reason, None, parallel, final
-            )
+            outcome = self._finish(task, run_id, position, context, "skipped", None, reason, None, parallel, final)
             metrics.step_finished(slug, "skipped", time.monotonic() - started)
             return outcome
         error = CapabilityDisabled(f"step '{slug}' of run {run_id} failed: {reason}")
         self._failed(run_id, position, slug, f"CapabilityDisabled: {error}", None, started)
         raise error
 
-    def _failed(
-        self, run_id: str, position: int, slug: str, error: str, version: int | None, started: float
-    ) -> None:
+    def _failed(self, run_id: str, position: int, slug: str, error: str, version: int | None, started: float) -> None:
         name = self.store.fail_run(run_id, position, error, plugin_version=version)
         metrics.step_finished(slug, "failed", time.monotonic() - started)
         metrics.run_finished(name, "failed")

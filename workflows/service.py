@@ -106,7 +106,9 @@ class Workflows:
             enabled = self.host.is_enabled(plugin)
             policy = flat[position].on_disabled
             outcome = "run" if enabled else policy
-            planned.append(PlannedStep(position=position, stage=stage, slug=slug, plugin=plugin, enabled=enabled, outcome=outcome))
+            planned.append(
+                PlannedStep(position=position, stage=stage, slug=slug, plugin=plugin, enabled=enabled, outcome=outcome)
+            )
         return planned
 
     # -- runs ------------------------------------------------------------------
@@ -124,7 +126,9 @@ class Workflows:
         ``WorkflowCapability`` task, ``start(task_id=...)``) gets the canvas of the
         version and input that run recorded, whatever was defined since and
         whatever ``input`` is now; its finished steps then send nothing again."""
-        payload = check_json_object({} if input is None else input, owner=f"workflow '{name}' input", error=InvalidInput)
+        payload = check_json_object(
+            {} if input is None else input, owner=f"workflow '{name}' input", error=InvalidInput
+        )
         run_id = run_id or str(uuid.uuid4())
         self._ready()
         known = self._newest.get(name) if isinstance(name, str) else None
@@ -133,9 +137,7 @@ class Workflows:
                 known = self._definition(name)
             version, stored_at, wf = known
             # One statement: the run is inserted only if this is still the newest version.
-            newest, inserted = self.store.create_newest_run(
-                run_id, wf.name, version, stored_at, payload, layout(wf)
-            )
+            newest, inserted = self.store.create_newest_run(run_id, wf.name, version, stored_at, payload, layout(wf))
             if newest == (version, stored_at):
                 if inserted:
                     return run_id, build(self.runtime, wf, run_id, payload)
@@ -187,11 +189,15 @@ class Workflows:
         self._ready()
         swept = []
         for run_id, position, slug in self.store.stale_steps(older_than_s):
-            self.store.fail_run(run_id, position, f"step '{slug}' lost: running for over {older_than_s:.0f}s (worker died?)")
+            self.store.fail_run(
+                run_id, position, f"step '{slug}' lost: running for over {older_than_s:.0f}s (worker died?)"
+            )
             swept.append(run_id)
         for run_id, position, slug in self.store.stalled_steps(older_than_s):
             self.store.fail_run(
-                run_id, position, f"step '{slug}' lost: not started, no progress for {older_than_s:.0f}s (message lost?)"
+                run_id,
+                position,
+                f"step '{slug}' lost: not started, no progress for {older_than_s:.0f}s (message lost?)",
             )
             swept.append(run_id)
         return sorted(set(swept))
@@ -209,9 +215,7 @@ class Workflows:
         if run is None:
             raise WorkflowNotFound(f"no workflow run {run_id!r}")
         if run.name != name:
-            raise InvalidRunState(
-                f"run {run_id} is a run of workflow '{run.name}', not of '{name}'"
-            )
+            raise InvalidRunState(f"run {run_id} is a run of workflow '{run.name}', not of '{name}'")
         found = self.store.definition(run.name, run.version)
         if found is None:
             raise WorkflowNotFound(f"workflow '{run.name}' version {run.version} is gone")

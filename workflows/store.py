@@ -57,6 +57,7 @@ class StepBusy(PluginHostError):
     """``begin_step``: the step is running under another owner that is alive and
     whose claim is not stale; this delivery must not run it."""
 
+
 metadata = MetaData()
 definitions = Table(
     "workflows_definitions",
@@ -247,14 +248,26 @@ class WorkflowStore:
         def write(conn: Connection) -> bool:
             conn.execute(
                 insert(runs).values(
-                    id=run_id, name=name, version=version, status="pending", input=input,
-                    context=input, created_at=_now(),
+                    id=run_id,
+                    name=name,
+                    version=version,
+                    status="pending",
+                    input=input,
+                    context=input,
+                    created_at=_now(),
                 )
             )
             conn.execute(
                 insert(steps),
                 [
-                    {"run_id": run_id, "position": pos, "stage": stage, "slug": slug, "status": "pending", "attempts": 0}
+                    {
+                        "run_id": run_id,
+                        "position": pos,
+                        "stage": stage,
+                        "slug": slug,
+                        "status": "pending",
+                        "attempts": 0,
+                    }
                     for pos, stage, slug in layout
                 ],
             )
@@ -266,7 +279,12 @@ class WorkflowStore:
             return False
 
     def create_newest_run(
-        self, run_id: str, name: str, version: int, stored_at: datetime, input: dict[str, Any],
+        self,
+        run_id: str,
+        name: str,
+        version: int,
+        stored_at: datetime,
+        input: dict[str, Any],
         layout: Iterable[tuple[int, int, str]],
     ) -> tuple[tuple[int, datetime] | None, bool]:
         """Insert a run of ``version`` (the definition stored at ``stored_at``) and
@@ -277,19 +295,21 @@ class WorkflowStore:
         nothing was inserted, the run existed already (a repeated start): it keeps
         the version and input it recorded."""
         if self._hot is not None:
-            found = self._hot.create_newest_run(
-                run_id, name, version, stored_at, input, layout, _now()
-            )
+            found = self._hot.create_newest_run(run_id, name, version, stored_at, input, layout, _now())
             return (None, False) if found is None else found
         newest = self.newest(name)
-        inserted = newest == (version, stored_at) and self.create_run(
-            run_id, name, version, input, layout
-        )
+        inserted = newest == (version, stored_at) and self.create_run(run_id, name, version, input, layout)
         return newest, inserted
 
     def begin_step(
-        self, run_id: str, position: int, worker: str | None, *, first: bool = False,
-        carried: list[Outcome] | None = None, task_id: str | None = None,
+        self,
+        run_id: str,
+        position: int,
+        worker: str | None,
+        *,
+        first: bool = False,
+        carried: list[Outcome] | None = None,
+        task_id: str | None = None,
     ) -> StepRun:
         """Claim a step: mark it running (one more attempt) unless it finished, or
         another live owner runs it.
@@ -320,17 +340,20 @@ class WorkflowStore:
         now = _now()
         stale_before = now - timedelta(seconds=self.step_lease_s)
         if self._hot is not None:
-            found, claimed = self._hot.begin_step(
-                run_id, position, worker, first, now, stale_before, task_id, carried
-            )
+            found, claimed = self._hot.begin_step(run_id, position, worker, first, now, stale_before, task_id, carried)
             if found is None:
                 raise WorkflowNotFound(f"run {run_id!r} has no step at position {position}")
             pos, stage, slug, status, attempts, output, claimed_by = found
             if status == "running" and not claimed:
                 raise StepBusy(f"step {position} of run {run_id} is running under a live owner")
             return StepRun.model_construct(
-                position=pos, stage=stage, slug=slug, status=status, attempts=attempts,
-                output=output, task_id=claimed_by,
+                position=pos,
+                stage=stage,
+                slug=slug,
+                status=status,
+                attempts=attempts,
+                output=output,
+                task_id=claimed_by,
             )
 
         me = local_owner()
@@ -352,8 +375,13 @@ class WorkflowStore:
                 update(steps)
                 .where(*where, steps.c.status == row.status, steps.c.attempts == row.attempts)
                 .values(
-                    status="running", attempts=steps.c.attempts + 1, started_at=now, worker=worker,
-                    error=None, owner=me, task_id=task_id,
+                    status="running",
+                    attempts=steps.c.attempts + 1,
+                    started_at=now,
+                    worker=worker,
+                    error=None,
+                    owner=me,
+                    task_id=task_id,
                 )
                 .returning(*steps.c)
             ).first()
@@ -362,15 +390,15 @@ class WorkflowStore:
                 return StepRun.model_validate(dict(now_row._mapping)), now_row.status == "running"
             if first:
                 conn.execute(
-                    update(runs).where(runs.c.id == run_id, runs.c.status == "pending").values(status="running", started_at=now)
+                    update(runs)
+                    .where(runs.c.id == run_id, runs.c.status == "pending")
+                    .values(status="running", started_at=now)
                 )
             return StepRun.model_validate(dict(claimed._mapping)), False
 
         found_row, busy = self._write(write)
         if busy:
-            raise StepBusy(
-                f"step {position} of run {run_id} is running under a live owner ({found_row.owner})"
-            )
+            raise StepBusy(f"step {position} of run {run_id} is running under a live owner ({found_row.owner})")
         return found_row
 
     def release_step(self, run_id: str, position: int) -> None:
@@ -434,7 +462,9 @@ class WorkflowStore:
         except StoreUnavailable as exc:
             log.warning(
                 "step %s of run %s: outcome not written (the next task records it): %s",
-                outcome[0], run_id, exc,
+                outcome[0],
+                run_id,
+                exc,
             )
 
     def finish_stage(self, run_id: str, carried: list[Outcome], output: dict[str, Any]) -> str:
@@ -482,7 +512,8 @@ class WorkflowStore:
                 update(runs)
                 .where(runs.c.id == run_id, runs.c.status != "succeeded")
                 .values(
-                    status="failed", error=func.coalesce(runs.c.error, error),
+                    status="failed",
+                    error=func.coalesce(runs.c.error, error),
                     finished_at=func.coalesce(runs.c.finished_at, now),
                 )
                 .returning(runs.c.name)
@@ -504,7 +535,10 @@ class WorkflowStore:
                     .where(runs.c.id == run_id)
                     # a duplicate of the last step must not move the end time
                     .values(
-                        status="succeeded", context=output, output=output, error=None,
+                        status="succeeded",
+                        context=output,
+                        output=output,
+                        error=None,
                         finished_at=func.coalesce(runs.c.finished_at, _now()),
                     )
                     .returning(runs.c.name)
@@ -518,9 +552,7 @@ class WorkflowStore:
             if row is None:
                 return None
             rows = conn.execute(select(steps).where(steps.c.run_id == run_id).order_by(steps.c.position))
-            return WorkflowRun.model_validate(
-                {**dict(row._mapping), "steps": [dict(s._mapping) for s in rows]}
-            )
+            return WorkflowRun.model_validate({**dict(row._mapping), "steps": [dict(s._mapping) for s in rows]})
 
         return self._read(read)
 
@@ -687,7 +719,10 @@ def _record_carried(conn: Connection, run_id: str, carried: list[Outcome]) -> No
             .where(steps.c.run_id == run_id, steps.c.position == position)
             .where(steps.c.status.in_(("pending", "running")))
             .values(
-                status=status, output=output, error=error, plugin_version=plugin_version,
+                status=status,
+                output=output,
+                error=error,
+                plugin_version=plugin_version,
                 finished_at=datetime.fromisoformat(finished_at),
             )
         )

@@ -98,9 +98,9 @@ def make_app(conf: dict[str, Any], name: str = "bench") -> Bench:
     opts: dict[str, Any] = {"ignore_result": bool(conf.get("ignore_result", True))}
     host.register_capability(CAPABILITY, work, plugin=PLUGIN, **opts)
     bare = app.task(name=BARE, shared=False, lazy=False, **opts)(work)
-    bare_late = app.task(
-        name=BARE_LATE, shared=False, lazy=False, acks_late=True, reject_on_worker_lost=True, **opts
-    )(work)
+    bare_late = app.task(name=BARE_LATE, shared=False, lazy=False, acks_late=True, reject_on_worker_lost=True, **opts)(
+        work
+    )
     return Bench(app, host, work, host.task(CAPABILITY), bare, bare_late)
 
 

@@ -40,9 +40,7 @@ from pluginhost import PluginHost  # noqa: E402
 from workflows import Parallel, Step, Workflow, Workflows  # noqa: E402
 
 QUEUE = os.environ.get("WFBENCH_QUEUE", "wfbench")
-STORE = os.environ.get(
-    "WFBENCH_STORE", "postgresql+psycopg://postgres@127.0.0.1/pluginhost_wfbench"
-)
+STORE = os.environ.get("WFBENCH_STORE", "postgresql+psycopg://postgres@127.0.0.1/pluginhost_wfbench")
 
 app = Celery("flows_bench")
 app.conf.update(
@@ -125,9 +123,7 @@ def bare_chord(context: dict[str, Any]) -> Any:
 def define() -> tuple[int, int]:
     """Store both definitions (idempotent: an unchanged definition keeps its version)."""
     seq = flows.define(Workflow(SEQ, steps=[Step(s) for s in SEQ_SLUGS]), actor="wfbench")
-    par = flows.define(
-        Workflow(PAR, steps=[Parallel(*(Step(s) for s in PAR_SLUGS))]), actor="wfbench"
-    )
+    par = flows.define(Workflow(PAR, steps=[Parallel(*(Step(s) for s in PAR_SLUGS))]), actor="wfbench")
     return seq, par
 
 
@@ -136,9 +132,7 @@ define()
 
 # -- optional profiling (WFBENCH_PROFILE=1) -------------------------------------
 
-STATS: dict[str, list[float]] = defaultdict(
-    lambda: [0, 0.0, 0.0]
-)  # name -> [count, total_s, max_s]
+STATS: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # name -> [count, total_s, max_s]
 _stats_lock = threading.Lock()
 
 

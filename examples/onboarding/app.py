@@ -63,14 +63,16 @@ DELAY_S = float(os.environ.get("ONBOARDING_STEP_DELAY", "0.2"))
 
 meta = MetaData()
 accounts = Table(
-    "onboarding_accounts", meta,
+    "onboarding_accounts",
+    meta,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("email", String(320), nullable=False),
     Column("name", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 outbox = Table(
-    "onboarding_outbox", meta,
+    "onboarding_outbox",
+    meta,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("account_id", Integer, nullable=False),
     Column("to_addr", String(320), nullable=False),
@@ -78,21 +80,24 @@ outbox = Table(
     Column("body", Text, nullable=False),
 )
 workspaces = Table(
-    "onboarding_workspaces", meta,
+    "onboarding_workspaces",
+    meta,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("account_id", Integer, nullable=False),
     Column("slug", String(128), nullable=False),
     Column("plan", String(32), nullable=False),
 )
 crm_events = Table(
-    "onboarding_crm_events", meta,
+    "onboarding_crm_events",
+    meta,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("account_id", Integer, nullable=False),
     Column("event", String(64), nullable=False),
     Column("payload", JSON, nullable=False),
 )
 followups = Table(
-    "onboarding_followups", meta,
+    "onboarding_followups",
+    meta,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("account_id", Integer, nullable=False),
     Column("due_at", DateTime(timezone=True), nullable=False),
@@ -132,8 +137,7 @@ class FollowupConfig(BaseModel):
     after_days: int = Field(default=3, ge=0, le=365)
 
 
-@host.capability("create_account", input_model=NewUser, sort=10,
-                 label_en="Create account", label_ar="إنشاء حساب")
+@host.capability("create_account", input_model=NewUser, sort=10, label_en="Create account", label_ar="إنشاء حساب")
 def create_account(user: NewUser) -> dict[str, Any]:
     time.sleep(DELAY_S)
     with _engine().begin() as conn:
@@ -143,20 +147,28 @@ def create_account(user: NewUser) -> dict[str, Any]:
     return {"account_id": account_id, "email": user.email, "name": user.name}
 
 
-@host.capability("welcome_email", config_model=EmailConfig, sort=20,
-                 label_en="Welcome e-mail", label_ar="بريد الترحيب")
+@host.capability("welcome_email", config_model=EmailConfig, sort=20, label_en="Welcome e-mail", label_ar="بريد الترحيب")
 def welcome_email(ctx_in: dict[str, Any], ctx: CapabilityContext) -> dict[str, Any]:
     time.sleep(DELAY_S)
     with _engine().begin() as conn:
-        conn.execute(insert(outbox).values(
-            account_id=ctx_in["account_id"], to_addr=ctx_in["email"], subject=ctx.config.subject,
-            body=f"Hello {ctx_in.get('name', 'friend')}, from {ctx.config.sender}",
-        ))
+        conn.execute(
+            insert(outbox).values(
+                account_id=ctx_in["account_id"],
+                to_addr=ctx_in["email"],
+                subject=ctx.config.subject,
+                body=f"Hello {ctx_in.get('name', 'friend')}, from {ctx.config.sender}",
+            )
+        )
     return {"welcome_sent": True}
 
 
-@host.capability("provision_workspace", config_model=WorkspaceConfig, sort=30,
-                 label_en="Provision workspace", label_ar="تجهيز مساحة العمل")
+@host.capability(
+    "provision_workspace",
+    config_model=WorkspaceConfig,
+    sort=30,
+    label_en="Provision workspace",
+    label_ar="تجهيز مساحة العمل",
+)
 def provision_workspace(ctx_in: dict[str, Any], ctx: CapabilityContext) -> dict[str, Any]:
     time.sleep(DELAY_S)
     slug = f"ws-{ctx_in['account_id']}"
@@ -169,15 +181,19 @@ def provision_workspace(ctx_in: dict[str, Any], ctx: CapabilityContext) -> dict[
 def notify_crm(ctx_in: dict[str, Any]) -> dict[str, Any]:
     time.sleep(DELAY_S)
     with _engine().begin() as conn:
-        conn.execute(insert(crm_events).values(
-            account_id=ctx_in["account_id"], event="signed_up",
-            payload={"email": ctx_in["email"], "workspace": ctx_in.get("workspace")},
-        ))
+        conn.execute(
+            insert(crm_events).values(
+                account_id=ctx_in["account_id"],
+                event="signed_up",
+                payload={"email": ctx_in["email"], "workspace": ctx_in.get("workspace")},
+            )
+        )
     return {"crm_notified": True}
 
 
-@host.capability("schedule_followup", config_model=FollowupConfig, sort=50,
-                 label_en="Schedule follow-up", label_ar="جدولة المتابعة")
+@host.capability(
+    "schedule_followup", config_model=FollowupConfig, sort=50, label_en="Schedule follow-up", label_ar="جدولة المتابعة"
+)
 def schedule_followup(ctx_in: dict[str, Any], ctx: CapabilityContext) -> dict[str, Any]:
     time.sleep(DELAY_S)
     due = datetime.now(timezone.utc) + timedelta(days=ctx.config.after_days)
@@ -186,15 +202,19 @@ def schedule_followup(ctx_in: dict[str, Any], ctx: CapabilityContext) -> dict[st
     return {"followup_due": due.isoformat()}
 
 
-ONBOARDING = Workflow("onboarding", steps=[
-    Step("create_account", on_disabled="fail"),
-    Parallel(Step("welcome_email"), Step("provision_workspace")),
-    Step("notify_crm", on_disabled="skip", retries=2, retry_backoff=0.2),
-    Step("schedule_followup"),
-])
+ONBOARDING = Workflow(
+    "onboarding",
+    steps=[
+        Step("create_account", on_disabled="fail"),
+        Parallel(Step("welcome_email"), Step("provision_workspace")),
+        Step("notify_crm", on_disabled="skip", retries=2, retry_backoff=0.2),
+        Step("schedule_followup"),
+    ],
+)
 
-host.register_capability("onboard", WorkflowCapability(host, "onboarding"),
-                         label_en="Onboard a user", label_ar="تهيئة مستخدم جديد", sort=0)
+host.register_capability(
+    "onboard", WorkflowCapability(host, "onboarding"), label_en="Onboard a user", label_ar="تهيئة مستخدم جديد", sort=0
+)
 
 
 def rows(table: Table) -> list[dict[str, Any]]:

@@ -44,9 +44,7 @@ class Store(Protocol):
     def get(self, slug: str) -> Plugin | None:
         """One plugin, or None."""
 
-    def upsert(
-        self, plugin: Plugin, *, actor: str | None = None, expected_version: int | None = None
-    ) -> Written:
+    def upsert(self, plugin: Plugin, *, actor: str | None = None, expected_version: int | None = None) -> Written:
         """Insert or replace a record's admin fields."""
 
     def update(
@@ -64,9 +62,7 @@ class Store(Protocol):
     def ensure(self, plugins: Iterable[Plugin], *, actor: str | None = None) -> list[Plugin]:
         """Insert the records that are missing, never touching existing ones; returns those created."""
 
-    def audit(
-        self, slug: str | None = None, *, actor: str | None = None, limit: int = 100
-    ) -> list[AuditEntry]:
+    def audit(self, slug: str | None = None, *, actor: str | None = None, limit: int = 100) -> list[AuditEntry]:
         """Admin changes, newest first."""
 
     def close(self) -> None:
@@ -99,9 +95,7 @@ def next_version(current: Plugin, changes: dict[str, Any], expected_version: int
     current version. Shared by every store so they agree on what a change is.
     """
     if expected_version is not None and expected_version != current.version:
-        raise ConcurrentUpdate(
-            f"plugin '{current.slug}': expected version {expected_version}, found {current.version}"
-        )
+        raise ConcurrentUpdate(f"plugin '{current.slug}': expected version {expected_version}, found {current.version}")
     if all(getattr(current, k) == v for k, v in changes.items()):
         return None
     return Plugin.model_validate(

@@ -34,9 +34,7 @@ def make_engine(
         path = make_url(url).database
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(
-            url, connect_args={"timeout": SQLITE_ADMIN_BUSY_S, "check_same_thread": False}
-        )
+        engine = create_engine(url, connect_args={"timeout": SQLITE_ADMIN_BUSY_S, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _connect(dbapi_conn: Any, _record: Any) -> None:
@@ -64,9 +62,7 @@ def make_engine(
         try:
             import psycopg  # noqa: F401
         except ImportError:
-            raise StoreUnavailable(
-                'PostgreSQL needs psycopg 3: pip install "pluginhost[postgres]"'
-            ) from None
+            raise StoreUnavailable('PostgreSQL needs psycopg 3: pip install "pluginhost[postgres]"') from None
         engine = create_engine(
             url,
             pool_size=pool_size,

@@ -36,9 +36,7 @@ class MemoryStore:
             found = self._plugins.get(slug)
             return found.model_copy() if found else None
 
-    def upsert(
-        self, plugin: Plugin, *, actor: str | None = None, expected_version: int | None = None
-    ) -> Written:
+    def upsert(self, plugin: Plugin, *, actor: str | None = None, expected_version: int | None = None) -> Written:
         with self._lock:
             current = self._plugins.get(plugin.slug)
             if current is None:
@@ -76,9 +74,7 @@ class MemoryStore:
                     created.append(new.model_copy())
         return created
 
-    def audit(
-        self, slug: str | None = None, *, actor: str | None = None, limit: int = 100
-    ) -> list[AuditEntry]:
+    def audit(self, slug: str | None = None, *, actor: str | None = None, limit: int = 100) -> list[AuditEntry]:
         with self._lock:
             rows = [
                 a

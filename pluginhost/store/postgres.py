@@ -18,9 +18,7 @@ QUERY_CANCELED = "57014"
 UNDEFINED_TABLE = "42P01"
 
 # A dead peer (a partition that drops packets) is noticed in ~3 s, not hours.
-KEEPALIVE: dict[str, Any] = {
-    "keepalives": 1, "keepalives_idle": 1, "keepalives_interval": 1, "keepalives_count": 2
-}
+KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 1, "keepalives_interval": 1, "keepalives_count": 2}
 
 _TUPLES_OK = 2  # libpq's PGRES_TUPLES_OK (psycopg.pq.ExecStatus.TUPLES_OK)
 _FATAL_ERROR = 7  # PGRES_FATAL_ERROR
@@ -47,10 +45,7 @@ def session_sql(timeout_s: float) -> bytes:
     """
     statement_ms = max(1, int(timeout_s * 900))
     idle_ms = max(5000, int(timeout_s * 2000))
-    return (
-        f"SET statement_timeout = {statement_ms};"
-        f" SET idle_in_transaction_session_timeout = {idle_ms}"
-    ).encode()
+    return (f"SET statement_timeout = {statement_ms}; SET idle_in_transaction_session_timeout = {idle_ms}").encode()
 
 
 def exec_within(pg: Any, command: bytes, deadline: float) -> Any:
@@ -99,9 +94,7 @@ class PgRevisionReader:
 
     __slots__ = ("pg",)
 
-    def __init__(
-        self, conninfo: bytes, revision_sql: str, timeout_s: float, deadline: float
-    ) -> None:
+    def __init__(self, conninfo: bytes, revision_sql: str, timeout_s: float, deadline: float) -> None:
         from psycopg import pq
 
         self.pg = pg = pq.PGconn.connect_start(conninfo)
@@ -147,9 +140,7 @@ def _message(pg: Any) -> str:
     return text[0] if text else "connection failed"
 
 
-def watch_pool(
-    engine: Engine, current_call: Callable[[], Call | None], timeout_s: float | None
-) -> None:
+def watch_pool(engine: Engine, current_call: Callable[[], Call | None], timeout_s: float | None) -> None:
     """Pool events of a PostgreSQL engine.
 
     Every checkout hands out a transactional connection (whatever borrowed it

@@ -80,9 +80,7 @@ class RevisionReaders:
         self._give_back(reader)
         return revision
 
-    def _failed(
-        self, exc: Exception, reader: Reader | None, deadline: float, *, retry: bool
-    ) -> int:
+    def _failed(self, exc: Exception, reader: Reader | None, deadline: float, *, retry: bool) -> int:
         sqlstate = exc.sqlstate if isinstance(exc, ReadFailed) else None
         if sqlstate == QUERY_CANCELED:
             # the server gave up at its statement_timeout (a lock held that long):

@@ -139,25 +139,19 @@ class SQLAlchemyStore:
     def load(self) -> tuple[int, list[Plugin]]:
         def read(conn: Connection) -> tuple[int, list[Plugin]]:
             rev = conn.execute(select(schema.revision.c.revision)).scalar_one()
-            rows = conn.execute(
-                select(*_PLUGIN_COLUMNS).order_by(schema.plugins.c.sort, schema.plugins.c.slug)
-            )
+            rows = conn.execute(select(*_PLUGIN_COLUMNS).order_by(schema.plugins.c.sort, schema.plugins.c.slug))
             return int(rev), [_plugin(r._mapping) for r in rows]
 
         return self._read(read)
 
     def get(self, slug: str) -> Plugin | None:
         def read(conn: Connection) -> Plugin | None:
-            row = conn.execute(
-                select(*_PLUGIN_COLUMNS).where(schema.plugins.c.slug == slug)
-            ).first()
+            row = conn.execute(select(*_PLUGIN_COLUMNS).where(schema.plugins.c.slug == slug)).first()
             return _plugin(row._mapping) if row else None
 
         return self._read(read)
 
-    def audit(
-        self, slug: str | None = None, *, actor: str | None = None, limit: int = 100
-    ) -> list[AuditEntry]:
+    def audit(self, slug: str | None = None, *, actor: str | None = None, limit: int = 100) -> list[AuditEntry]:
         def read(conn: Connection) -> list[AuditEntry]:
             q = select(schema.audit).order_by(schema.audit.c.id.desc()).limit(limit)
             if slug is not None:
@@ -170,9 +164,7 @@ class SQLAlchemyStore:
 
     # -- writes ----------------------------------------------------------------
 
-    def upsert(
-        self, plugin: Plugin, *, actor: str | None = None, expected_version: int | None = None
-    ) -> Written:
+    def upsert(self, plugin: Plugin, *, actor: str | None = None, expected_version: int | None = None) -> Written:
         def write(conn: Connection) -> Written:
             current = self._locked(conn, plugin.slug)
             if current is None:
@@ -211,9 +203,7 @@ class SQLAlchemyStore:
 
         def write(conn: Connection) -> list[Plugin]:
             have = set(
-                conn.execute(
-                    select(schema.plugins.c.slug).where(schema.plugins.c.slug.in_(list(wanted)))
-                ).scalars()
+                conn.execute(select(schema.plugins.c.slug).where(schema.plugins.c.slug.in_(list(wanted)))).scalars()
             )
             return [self._insert(conn, p, actor) for s, p in wanted.items() if s not in have]
 
@@ -302,9 +292,7 @@ class SQLAlchemyStore:
         self._log(conn, current, new, action, actor)
         return Written(new, self._current_revision(conn), True)
 
-    def _log(
-        self, conn: Connection, before: Plugin | None, after: Plugin, action: str, actor: str | None
-    ) -> None:
+    def _log(self, conn: Connection, before: Plugin | None, after: Plugin, action: str, actor: str | None) -> None:
         before_record, after_record = audit_records(before, after)
         conn.execute(
             insert(schema.audit).values(
@@ -343,16 +331,12 @@ class SQLAlchemyStore:
                     self._breaker.trip()
                 raise self._unavailable(exc, call, write=write, bound_s=bound_s) from None
 
-    def _attempts(
-        self, fn: Callable[[Connection], T], call: Call, *, write: bool, busy_ms: int
-    ) -> T:
+    def _attempts(self, fn: Callable[[Connection], T], call: Call, *, write: bool, busy_ms: int) -> T:
         for attempt in range(3):
             try:
                 with self._calls.connect() as conn:
                     if self.dialect == "sqlite":
-                        conn = conn.execution_options(
-                            pluginhost_write=write, pluginhost_busy_ms=busy_ms
-                        )
+                        conn = conn.execution_options(pluginhost_write=write, pluginhost_busy_ms=busy_ms)
                     if not write:
                         return fn(conn)
                     transaction = conn.begin()
@@ -377,8 +361,7 @@ class SQLAlchemyStore:
             silent_s = time.monotonic() - breaker.since
             nothing = "; nothing was written" if write else ""
             raise self._unreachable(
-                f"{self._no_answer()}; no answer for {silent_s:.1f} s,"
-                f" retried in the background{nothing}"
+                f"{self._no_answer()}; no answer for {silent_s:.1f} s, retried in the background{nothing}"
             )
 
     def _probe(self) -> bool:
@@ -417,9 +400,7 @@ class SQLAlchemyStore:
     def _current_call(self) -> Call | None:
         return getattr(self._local, "call", None)
 
-    def _unavailable(
-        self, exc: BaseException, call: Call, *, write: bool, bound_s: float
-    ) -> StoreUnavailable:
+    def _unavailable(self, exc: BaseException, call: Call, *, write: bool, bound_s: float) -> StoreUnavailable:
         """The ``StoreUnavailable`` for a failed call: what happened, and for a write
         whether it certainly wrote nothing or its outcome is unknown."""
         orig = getattr(exc, "orig", None) or exc

@@ -58,9 +58,15 @@ def _engine() -> Any:
 
 def record(slug: str, tag: Any = None) -> None:
     with _engine().begin() as conn:
-        conn.execute(insert(executions).values(
-            slug=slug, pid=os.getpid(), host=socket.gethostname(), tag=None if tag is None else str(tag), at=time.time()
-        ))
+        conn.execute(
+            insert(executions).values(
+                slug=slug,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                tag=None if tag is None else str(tag),
+                at=time.time(),
+            )
+        )
 
 
 def executions_of(slug: str, tag: Any = None) -> int:
@@ -172,12 +178,15 @@ def step_e(ctx: dict[str, Any], cfg: CapabilityContext) -> dict[str, Any]:
     return {"e": cfg.config.level}
 
 
-FLOW = Workflow("flow", steps=[
-    Step("step_a"),
-    Parallel(Step("step_b"), Step("step_c")),
-    Step("step_d", retries=1, retry_backoff=0.05),
-    Step("step_e"),
-])
+FLOW = Workflow(
+    "flow",
+    steps=[
+        Step("step_a"),
+        Parallel(Step("step_b"), Step("step_c")),
+        Step("step_d", retries=1, retry_backoff=0.05),
+        Step("step_e"),
+    ],
+)
 
 # One stage each: their canvas is a chord, or one task, with no chain around it.
 FAN = Workflow("fan", steps=[Parallel(Step("step_b"), Step("step_c"))])

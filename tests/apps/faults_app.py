@@ -67,9 +67,7 @@ def _begin(slug: str, tag: str) -> tuple[int, int]:
     """Record an execution's start; returns (its row id, executions before it)."""
     with engine().begin() as conn:
         before = conn.execute(
-            select(func.count())
-            .select_from(executions)
-            .where(executions.c.slug == slug, executions.c.tag == tag)
+            select(func.count()).select_from(executions).where(executions.c.slug == slug, executions.c.tag == tag)
         ).scalar_one()
         row_id = conn.execute(
             insert(executions)
@@ -81,9 +79,7 @@ def _begin(slug: str, tag: str) -> tuple[int, int]:
 
 def _end(row_id: int) -> None:
     with engine().begin() as conn:
-        conn.execute(
-            update(executions).where(executions.c.id == row_id).values(finished=time.time())
-        )
+        conn.execute(update(executions).where(executions.c.id == row_id).values(finished=time.time()))
 
 
 def execution_count(slug: str | None = None, tag: str | None = None) -> int:
@@ -102,9 +98,7 @@ def finished_count(slug: str, tag: str) -> int:
     q = (
         select(func.count())
         .select_from(executions)
-        .where(
-            executions.c.slug == slug, executions.c.tag == tag, executions.c.finished.is_not(None)
-        )
+        .where(executions.c.slug == slug, executions.c.tag == tag, executions.c.finished.is_not(None))
     )
     with engine().connect() as conn:
         return int(conn.execute(q).scalar_one())
@@ -113,12 +107,7 @@ def finished_count(slug: str, tag: str) -> int:
 def busy_pids() -> set[int]:
     """Pids of pool processes inside a step function right now (started, not finished)."""
     with engine().connect() as conn:
-        return {
-            int(p)
-            for p in conn.execute(
-                select(executions.c.pid).where(executions.c.finished.is_(None))
-            ).scalars()
-        }
+        return {int(p) for p in conn.execute(select(executions.c.pid).where(executions.c.finished.is_(None))).scalars()}
 
 
 def _run_step(slug: str, ctx: dict[str, Any]) -> dict[str, Any]:

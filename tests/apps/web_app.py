@@ -48,8 +48,11 @@ def flaky(payload: dict[str, Any], ctx: CapabilityContext) -> dict[str, Any]:
     return {"flaky": "ok"}
 
 
-WELCOME = Workflow("welcome", steps=[
-    Step("greet"),
-    Parallel(Step("mailer"), Step("report", on_disabled="skip")),
-    Step("flaky", on_disabled="fail"),
-])
+WELCOME = Workflow(
+    "welcome",
+    steps=[
+        Step("greet"),
+        Parallel(Step("mailer"), Step("report", on_disabled="skip")),
+        Step("flaky", on_disabled="fail"),
+    ],
+)

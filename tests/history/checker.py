@@ -19,7 +19,8 @@ Rules (t is ``monotonic_ns``, one clock for every process):
   (either order of commit possible) opens no window; such windows are counted as
   ``ambiguous``. A dispatch refused, or failed closed (``StoreUnavailable``), is fine.
 - **G1-deadline** A dispatch that took longer than ``deadline_s`` (a dispatch makes
-  at most two store calls, each bounded by the store timeout, then publishes) is a hang, unless a broker restart overlapped it (publish
+  at most two store calls, each bounded by the store timeout, then publishes) is a
+  hang, unless a broker restart overlapped it (publish
   retries are the broker's, not the store's); one still running when its process
   was stopped counts until then.
 - **G2/G3** Each ``disable(P, wait=True)`` that returned acknowledging hostnames
@@ -190,8 +191,14 @@ def check_g1(h: History, plugin: str, checked: Counter[str]) -> list[Violation]:
         if d.end.kind != "dispatch_accepted":
             continue
         after_ms = (d.start.t - w.opened) / 1e6
-        until = "no enable started afterwards" if w.closed == INF else f"the next enable started {(w.closed - d.end.t) / 1e6:.1f} ms after it was accepted"
-        own = [e for c in h.calls if c.start.proc == d.start.proc and w.opened <= c.start.t < d.start.t for e in c.events()][-6:]
+        until = (
+            "no enable started afterwards"
+            if w.closed == INF
+            else f"the next enable started {(w.closed - d.end.t) / 1e6:.1f} ms after it was accepted"
+        )
+        own = [
+            e for c in h.calls if c.start.proc == d.start.proc and w.opened <= c.start.t < d.start.t for e in c.events()
+        ][-6:]
         found.append(Violation(
             "G1", plugin,
             f"dispatch {d.start.get('op')} of '{d.start.get('slug')}' started {after_ms:.1f} ms after "
@@ -213,10 +220,15 @@ def check_deadline(h: History, deadline_s: float, checked: Counter[str]) -> list
         if broker:
             continue
         checked["G1 dispatches over the deadline"] += 1
-        what = f"took {took / 1e9:.1f} s" if d.end is not None else f"was still running {took / 1e9:.1f} s later, when its process was stopped"
+        what = (
+            f"took {took / 1e9:.1f} s"
+            if d.end is not None
+            else f"was still running {took / 1e9:.1f} s later, when its process was stopped"
+        )
         found.append(Violation(
             "G1-deadline", d.plugin,
-            f"dispatch {d.start.get('op')} of '{d.start.get('slug')}' {what} (deadline {deadline_s:.1f} s: a hang, not fail-closed)",
+            f"dispatch {d.start.get('op')} of '{d.start.get('slug')}' {what}"
+            f" (deadline {deadline_s:.1f} s: a hang, not fail-closed)",
             proof=[d.start] + ([d.end] if d.end is not None else []),
             context=h.faults_during(d.start.t, d.end_t),
         ))  # fmt: skip
@@ -241,7 +253,13 @@ def check_g2_g3(h: History, plugin: str, checked: Counter[str]) -> list[Violatio
             continue
         w = found_w
         margin_ms = (body.t - w.opened) / 1e6
-        lifecycle = [e for e in h.events if w.opened - 1 <= e.t <= body.t and e.kind in ("worker_ready", "pool_process_start") and e.get("hostname") == host]
+        lifecycle = [
+            e
+            for e in h.events
+            if w.opened - 1 <= e.t <= body.t
+            and e.kind in ("worker_ready", "pool_process_start")
+            and e.get("hostname") == host
+        ]
         found.append(Violation(
             "G2/G3", plugin,
             f"'{body.get('slug')}' body started in {host} (pid {body.pid}) {margin_ms:.1f} ms after "
@@ -268,14 +286,16 @@ def check_g4(h: History, final: Final, checked: Counter[str]) -> list[Violation]
             proof.append(_final_event("run", run))
             found.append(Violation(
                 "G4", None,
-                f"run {run.get('id')} (tag {tag}) ended {run.get('status')!r}, not terminal, and sweep did not report it",
+                f"run {run.get('id')} (tag {tag}) ended {run.get('status')!r},"
+                " not terminal, and sweep did not report it",
                 proof=proof,
             ))  # fmt: skip
         for step in run.get("steps", []):
             if step.get("status") == "succeeded" and not execs.get((str(tag), str(step.get("slug")))):
                 found.append(Violation(
                     "G4", None,
-                    f"step '{step.get('slug')}' of run {run.get('id')} (tag {tag}) is recorded succeeded but its body never started",
+                    f"step '{step.get('slug')}' of run {run.get('id')} (tag {tag})"
+                    " is recorded succeeded but its body never started",
                     proof=[e for e in (starts.get(run.get("id")),) if e is not None] + [_final_event("run", run)],
                 ))  # fmt: skip
     for (tag, slug), xs in sorted(execs.items(), key=lambda kv: kv[1][0].start.t):
@@ -322,7 +342,11 @@ def _extra_execution(h: History, xs: list[Execution]) -> tuple[Execution, Execut
             if earlier.end is not None and earlier.end.t < again.start.t:
                 if not killed:
                     gap = (again.start.t - earlier.end.t) / 1e6
-                    return earlier, again, f"{gap:.1f} ms after an execution in {host} (pid {earlier.start.pid}) had finished"
+                    return (
+                        earlier,
+                        again,
+                        f"{gap:.1f} ms after an execution in {host} (pid {earlier.start.pid}) had finished",
+                    )
             elif not killed and not _worker_fault(h, "worker_stop", host, *span):
                 return earlier, again, f"while an execution in {host} (pid {earlier.start.pid}) was still running"
     return None
@@ -357,7 +381,8 @@ def check_g6(h: History, final: Final, checked: Counter[str]) -> list[Violation]
         if record is not None and _state(record, True) != _state(last, True):
             found.append(Violation(
                 "G6", slug,
-                f"the plugin's final record ({_state(record, True)}) is not the last audited state ({_state(last, True)})",
+                f"the plugin's final record ({_state(record, True)})"
+                f" is not the last audited state ({_state(last, True)})",
                 proof=_row_proof(calls, rows[-1]) + [_final_event("plugin", record)],
             ))  # fmt: skip
 
@@ -367,7 +392,8 @@ def check_g6(h: History, final: Final, checked: Counter[str]) -> list[Violation]
         call = calls.get(actor)
         if call is None:
             if actor.split(":")[0] in admin_procs:
-                found.append(Violation("G6", row["slug"], f"audit row {row['id']} names call {actor}, which no admin started",
+                found.append(Violation("G6", row["slug"],
+                                       f"audit row {row['id']} names call {actor}, which no admin started",
                                        proof=[_final_event("audit", row)]))  # fmt: skip
             continue
         checked["G6 committed calls"] += 1
@@ -376,7 +402,8 @@ def check_g6(h: History, final: Final, checked: Counter[str]) -> list[Violation]
             assert call.end is not None
             found.append(Violation(
                 "G6", row["slug"],
-                f"admin call {actor} ({call.op}) raised {call.end.get('error')}, yet audit row {row['id']} shows it committed",
+                f"admin call {actor} ({call.op}) raised {call.end.get('error')},"
+                f" yet audit row {row['id']} shows it committed",
                 proof=[*call.events(), _final_event("audit", row)],
                 context=h.faults_during(call.start.t, call.end_t),
             ))  # fmt: skip

@@ -185,9 +185,8 @@ class Faults:
         """Terminate the run's backends (the role's only, or everyone's but ours);
         ``share`` < 1: a random part of them, as when a pooler or the server drops
         some connections and not others."""
-        query = (
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
-            + (" AND usename = %s" if role_only else "")
+        query = "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()" + (
+            " AND usename = %s" if role_only else ""
         )
         params = (self.dbname, self.role) if role_only else (self.dbname,)
         with psycopg.connect(self.admin_conninfo, autocommit=True) as conn:
@@ -214,7 +213,9 @@ class Faults:
         if allowed and not self._nologin:
             return
         with psycopg.connect(self.admin_conninfo, autocommit=True) as conn:
-            conn.execute(sql.SQL("ALTER ROLE {} " + ("LOGIN" if allowed else "NOLOGIN")).format(sql.Identifier(self.role)))
+            conn.execute(
+                sql.SQL("ALTER ROLE {} " + ("LOGIN" if allowed else "NOLOGIN")).format(sql.Identifier(self.role))
+            )
         self._nologin = not allowed
 
     def _revision_lock(self) -> bool | None:
@@ -257,7 +258,9 @@ class Faults:
         finally:
             # started again at once, not waited for: it comes up while other faults run
             pid = self._restart(name, wait=False)
-            self.log.emit("fault_end", fault="worker_kill", worker=name, hostname=self.workers.hostname(name), new_pid=pid)
+            self.log.emit(
+                "fault_end", fault="worker_kill", worker=name, hostname=self.workers.hostname(name), new_pid=pid
+            )
 
     def _restart(self, name: str, wait: bool = True) -> int:
         pid = self.workers.restart(name, wait=wait)
@@ -341,7 +344,9 @@ class Faults:
             return False
         # workflow step messages first when there are some: a step delivered twice
         # (while running, or after it finished) must not run its body twice
-        steps = sorted(t for t, raw in self._captured.items() if (raw.get("headers") or {}).get("task") == "workflows.step")
+        steps = sorted(
+            t for t, raw in self._captured.items() if (raw.get("headers") or {}).get("task") == "workflows.step"
+        )
         others = sorted(set(self._captured) - set(steps))
         want = self.rng.randint(2, 6)
         tags = self.rng.sample(steps, min(len(steps), (want + 1) // 2))

@@ -39,9 +39,7 @@ def upgrade() -> None:
     op.create_index("ix_pluginhost_plugins_sort_slug", "pluginhost_plugins", ["sort", "slug"])
     op.create_table(
         "pluginhost_audit",
-        sa.Column(
-            "id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
-        ),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("actor", sa.Text, nullable=True),
         sa.Column("slug", sa.String(64), nullable=False),
