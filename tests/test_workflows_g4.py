@@ -373,7 +373,7 @@ def test_a_step_decides_enablement_once_under_its_own_policy(
         return value
 
     run_id, _ = flows.prepare("g4fail", {"tag": "race"})
-    host.fresh_from_store()  # this process's view is current before the step
+    host.view.check_store()  # this process's view is current before the step
     monkeypatch.setattr(store, "revision", revision)
     result = rt.step_task.apply(
         args=({"tag": "race"}, run_id, 0),

@@ -271,6 +271,7 @@ def test_a_step_whose_process_cannot_reach_the_store_waits_and_is_not_lost(
     assert host.task("pure").delay({"n": 0}).get(timeout=20)["echo"] == {"n": 0}
 
     result = flows.start("g4stale", {"tag": "stale"}, countdown=2)
+    assert host.refresh(wait=True, timeout=5) == [worker.hostname]  # the main process's revision reader is connected
     time.sleep(0.5)  # received: it waits in the worker for its ETA
     set_login(False)  # open connections keep working; no new one can be made
     if view_behind:
