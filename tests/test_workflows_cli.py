@@ -227,8 +227,30 @@ def test_show_json_round_trips_through_define_and_shows_older_versions(
     assert cli("define", "-", input=old.stdout).stdout == "defined hello version 3\n"
 
     missing = cli("show", "hello", "--version", "9")
-    assert_one_line_error(missing, 1, "WorkflowNotFound: no workflow named 'hello' with version 9")
+    assert_one_line_error(missing, 1, "WorkflowNotFound: workflow 'hello' has no version 9")
     assert_one_line_error(cli("show", "nope"), 1, "WorkflowNotFound: no workflow named 'nope'")
+
+
+def test_an_unknown_workflow_name_suggests_near_ones_everywhere(
+    ph: Callable[..., subprocess.CompletedProcess[str]], flows: Workflows
+) -> None:
+    flows.define(ONBOARDING)
+    for args in (("show", "onbording"), ("start", "onbording"), ("history", "onbording")):
+        proc = ph(*args)
+        assert_one_line_error(proc, 1, "no workflow named 'onbording'; did you mean 'onboarding'?")
+
+
+def test_history_shows_who_defined_which_version_when(
+    ph: Callable[..., subprocess.CompletedProcess[str]], flows: Workflows
+) -> None:
+    flows.define(HELLO, actor="alice")
+    flows.define(ONBOARDING.model_copy(update={"name": "hello"}), actor="bob")
+    flows.define(ONBOARDING.model_copy(update={"name": "hello"}), actor="carol")  # unchanged: no new version
+    done = ph("history", "hello")
+    assert done.returncode == 0, done.stderr
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in done.stdout.splitlines() if "│" in line]
+    assert [(r[0], r[2]) for r in rows] == [("2", "bob"), ("1", "alice")]
+    assert [v.actor for v in flows.history("hello")] == ["bob", "alice"]
 
 
 # -- start, runs, run, resume ------------------------------------------------------

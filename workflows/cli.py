@@ -175,7 +175,9 @@ def show(ctx: click.Context, name: str, version: int | None, as_json: bool) -> N
     flows = _flows(ctx)
     wf = flows.get(name, version)
     if wf is None:
-        raise WorkflowNotFound(f"no workflow named {name!r}" + (f" with version {version}" if version else ""))
+        if version is None or flows.version(name) is None:
+            raise flows.not_found(name)
+        raise WorkflowNotFound(f"workflow {name!r} has no version {version}")
     if as_json:
         click.echo(json.dumps(wf.model_dump(mode="json"), ensure_ascii=False, indent=2))
         return
@@ -191,6 +193,15 @@ def show(ctx: click.Context, name: str, version: int | None, as_json: bool) -> N
         rows.append((position, step.slug, plugin, enabled, *policy, now))
     columns = ("position", "step", "plugin", "enabled", "on_disabled", "retries", "timeout", "now")
     _print(_table(columns, rows))
+
+
+@workflows.command()
+@click.argument("name")
+@click.pass_context
+def history(ctx: click.Context, name: str) -> None:
+    """Who defined which version when, newest first."""
+    rows = [(d.version, d.defined_at.strftime("%Y-%m-%d %H:%M:%S"), d.actor or "-") for d in _flows(ctx).history(name)]
+    _print(_table(("version", "defined at", "actor"), rows))
 
 
 @workflows.command()

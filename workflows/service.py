@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import builtins
 import uuid
+from datetime import datetime
 from typing import Any
 
 from celery.result import AsyncResult
 from pydantic import BaseModel
 
-from pluginhost import InvalidInput, PluginHost, check_json_object
+from pluginhost import InvalidInput, PluginHost, check_json_object, did_you_mean
 
 from .compile import build, layout
 from .definition import Workflow
@@ -27,6 +28,15 @@ class PlannedStep(BaseModel):
     plugin: str
     enabled: bool
     outcome: str  # "run", "skip" or "fail"
+
+
+class DefinitionVersion(BaseModel):
+    """One stored version of a definition (``Workflows.history``)."""
+
+    name: str
+    version: int
+    defined_at: datetime
+    actor: str | None
 
 
 class Workflows:
@@ -144,7 +154,7 @@ class Workflows:
                 return run_id, self._recorded_canvas(name, run_id)
             if newest is None:
                 self._newest.pop(name, None)
-                raise WorkflowNotFound(f"no workflow named {name!r}")
+                raise self.not_found(name)
             known = None  # defined again since: read the newest version
 
     def run(self, run_id: str) -> WorkflowRun | None:
@@ -228,16 +238,31 @@ class Workflows:
         self._ready()
         newest = self.store.newest(name) if isinstance(name, str) else None
         if newest is None:
-            raise WorkflowNotFound(f"no workflow named {name!r}")
+            raise self.not_found(name)
         version, stored_at = newest
         wf = self._parsed.get((name, version, stored_at))
         if wf is None:
             found = self.store.definition(name, version)
             if found is None:
-                raise WorkflowNotFound(f"no workflow named {name!r}")
+                raise self.not_found(name)
             wf = self._parsed[(name, version, stored_at)] = Workflow.model_validate(found[1])
         self._newest[name] = (version, stored_at, wf)
         return version, stored_at, wf
+
+    def history(self, name: str) -> builtins.list[DefinitionVersion]:
+        """Who defined which version of ``name`` when, newest first (the audit of
+        definitions: every version is kept)."""
+        self._ready()
+        found = self.store.history(name) if isinstance(name, str) else []
+        if not found:
+            raise self.not_found(name)
+        return [DefinitionVersion(name=name, version=v, defined_at=at, actor=who) for v, at, who in found]
+
+    def not_found(self, name: Any) -> WorkflowNotFound:
+        """``WorkflowNotFound`` for ``name``, naming the closest defined names."""
+        names = [str(d.get("name")) for _, d in self.store.latest_definitions()]
+        hint = did_you_mean(name, names) if isinstance(name, str) else ""
+        return WorkflowNotFound(f"no workflow named {name!r}{hint}")
 
     def _ready(self) -> None:
         store = self.store

@@ -220,6 +220,19 @@ class WorkflowStore:
 
         return self._read(read)
 
+    def history(self, name: str) -> list[tuple[int, datetime, str | None]]:
+        """Every stored version of a definition, newest first: (version, when, who)."""
+
+        def read(conn: Connection) -> list[tuple[int, datetime, str | None]]:
+            q = (
+                select(definitions.c.version, definitions.c.created_at, definitions.c.actor)
+                .where(definitions.c.name == name)
+                .order_by(definitions.c.version.desc())
+            )
+            return [(int(r.version), r.created_at, r.actor) for r in conn.execute(q)]
+
+        return self._read(read)
+
     def latest_definitions(self) -> list[tuple[int, dict[str, Any]]]:
         def read(conn: Connection) -> list[tuple[int, dict[str, Any]]]:
             newest = (
