@@ -346,7 +346,7 @@ def test_a_step_decides_enablement_once_under_its_own_policy(
     core: ModuleType, app_conf: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fault: an admin in another process disables the step's plugin right after
-    the step first looked at the store (the interleaving is forced: the disable
+    the step's deciding look at the store (the interleaving is forced: the disable
     runs, and commits, as soon as that first read returns). The capability is
     declared ``on_disabled="skip"``, the step's own policy is ``fail``.
 
@@ -364,7 +364,9 @@ def test_a_step_decides_enablement_once_under_its_own_policy(
     def revision() -> int:
         value = real_revision()
         reads.append(value)
-        if len(reads) == 1:
+        # read 1: the step checks that its view loads, before it claims; read 2:
+        # the decision's one look, after the claim. The disable lands right after it.
+        if len(reads) == 2:
             proc = subprocess.run(
                 [PLUGINHOST, "disable", "skipper", "--actor", "race"], env=_ph_env(app_conf),
                 cwd=harness.REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,

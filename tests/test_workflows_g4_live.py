@@ -313,3 +313,43 @@ def test_a_step_retries_as_often_as_its_policy_says_past_celerys_default(core: M
     run = wait_finished(flows, flows.runs(name="g4patient")[0].id)
     assert (run.status, run.steps[0].attempts, out["d"]) == ("succeeded", 5, 4)
     assert core.executions_of("step_d", "patient") == 5
+
+
+# -- G2/G3 in a step: a disable acknowledged while the step waits for its claim -----------
+
+LATE = Workflow("g4late", steps=[Step("step_a", on_disabled="skip"), Step("step_c")])
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_a_disable_acknowledged_while_a_step_waits_for_its_claim_is_obeyed(
+    core: ModuleType, workers: Any, app_conf: dict[str, Any]
+) -> None:
+    """Found by the 30-minute history soak: a step body started 17.6 ms after its
+    worker acknowledged the disable. Fault: another connection holds the step's row
+    (a lock, as a long transaction or a migration would), so the step's claim waits;
+    meanwhile ``disable(wait=True)`` returns with this worker's acknowledgement. When
+    the lock goes, the step must follow its policy (skip) and its body must not run."""
+    from sqlalchemy import create_engine, text
+
+    worker = workers("tests.apps.core", pool="prefork", concurrency=1)
+    host, flows = core.host, core.flows
+    flows.define(LATE)
+    assert host.task("pure").delay({"n": 0}).get(timeout=20)["echo"] == {"n": 0}
+    run_id, canvas = flows.prepare("g4late", {"tag": "late"})
+    engine = create_engine(app_conf["pluginhost_store"])
+    conn = engine.connect()
+    try:
+        conn.execute(text("BEGIN"))
+        conn.execute(text("SELECT * FROM workflows_steps WHERE run_id = :r AND position = 0 FOR UPDATE"), {"r": run_id})
+        result = canvas.apply_async()
+        wait_until(lambda: "workflows.step" in worker.log_text() and "received" in worker.log_text(), 20, "the step")
+        time.sleep(1.0)  # the step has looked at its plugin and waits for its claim
+        assert worker.hostname in host.disable("step_a", wait=True, timeout=5)
+    finally:
+        conn.execute(text("ROLLBACK"))
+        conn.close()
+        engine.dispose()
+    out = result.get(timeout=60)
+    run = wait_finished(flows, run_id)
+    assert [s.status for s in run.steps] == ["skipped", "succeeded"], [(s.status, s.error) for s in run.steps]
+    assert core.executions_of("step_a", "late") == 0 and out["c"] == 3

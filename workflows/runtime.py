@@ -187,7 +187,7 @@ class Runtime:
         context, carried = unwrap(context)
         host = self.host
         plugin = host.plugin_of(slug)
-        snapshot = self._snapshot(task, plugin)
+        self._snapshot(task, plugin)  # a view this process cannot load: sent again, nothing claimed
         row = self._claim(task, run_id, position, first, carried)
         if row.status in DONE:
             # A step that already finished. A repeat of the very message that ran
@@ -204,6 +204,9 @@ class Runtime:
             return self._outcome(run_id, position, context, row.output or {}, parallel, final)
         if row.status != "running":
             raise Ignore()  # the run failed or was cancelled meanwhile
+        # The decision's one look, taken after the claim (a store round trip that
+        # may wait on a lock): a disable acknowledged meanwhile is seen (G2/G3).
+        snapshot = self._snapshot(task, plugin, claimed=(run_id, position))
         if snapshot is None or not snapshot.enabled:
             return self._disabled(task, run_id, position, slug, plugin, on_disabled, context, parallel, final, started)
         version = snapshot.version
@@ -234,7 +237,7 @@ class Runtime:
         metrics.step_finished(slug, "succeeded", time.monotonic() - started)
         return outcome
 
-    def _snapshot(self, task: Task, plugin: str) -> Plugin | None:
+    def _snapshot(self, task: Task, plugin: str, claimed: tuple[str, int] | None = None) -> Plugin | None:
         """The step's one look at its plugin: whether it runs, the record its body
         gets and the version its row records all come from this snapshot (G4).
 
@@ -246,6 +249,11 @@ class Runtime:
         except StoreUnavailable:
             if task.request.is_eager:
                 raise
+            if claimed is not None:  # give the claim back: the next delivery takes it at once
+                try:
+                    self.store.release_step(*claimed)
+                except StoreUnavailable:
+                    pass  # its owner is this session: the next delivery takes it over
             _send_again(task, self._store_wait(task))
 
     def _claim(self, task: Task, run_id: str, position: int, first: bool, carried: list[Outcome]) -> StepRun:
