@@ -28,7 +28,7 @@ import pytest
 from sqlalchemy import create_engine, update
 
 from tests import harness
-from workflows import InvalidRunState, Step, Workflow
+from workflows import InvalidRunState, RunFinished, Step, Workflow
 from workflows.store import WorkflowStore
 from workflows.store import runs as runs_table
 from workflows.store import steps as steps_table
@@ -68,15 +68,17 @@ def _row(store: WorkflowStore, run_id: str, position: int) -> Any:
     return run.steps[position]
 
 
-# A worker's pool process: claims step 0 of a run (as the step task does), says
-# so, then stays inside the "step" until it is killed.
+# A worker's pool process: claims a step of a run (step 0 unless a position is
+# given, as the step task does), says so, then stays inside the "step" until it
+# is killed.
 _OWNER = textwrap.dedent(
     """
     import sys, time
     from sqlalchemy import create_engine
     from workflows.store import WorkflowStore
     store = WorkflowStore(create_engine(sys.argv[1]))
-    store.begin_step(sys.argv[2], 0, "owner", first=True)
+    position = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    store.begin_step(sys.argv[2], position, "owner", first=position == 0)
     print("claimed", flush=True)
     time.sleep(300)
     """
@@ -84,14 +86,14 @@ _OWNER = textwrap.dedent(
 
 
 @pytest.fixture
-def owner_process() -> Iterator[Callable[[str, str], subprocess.Popen[str]]]:
-    """``owner_process(url, run_id)``: a separate process that claims step 0 and
-    keeps running; every one is SIGKILLed and reaped at teardown."""
+def owner_process() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """``owner_process(url, run_id, position=0)``: a separate process that claims
+    that step and keeps running; every one is SIGKILLed and reaped at teardown."""
     started: list[subprocess.Popen[str]] = []
 
-    def start(url: str, run_id: str) -> subprocess.Popen[str]:
+    def start(url: str, run_id: str, position: int = 0) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _OWNER, url, run_id],
+            [sys.executable, "-c", _OWNER, url, run_id, str(position)],
             cwd=harness.REPO_ROOT, stdout=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": str(harness.REPO_ROOT)},
         )  # fmt: skip
@@ -171,6 +173,53 @@ def test_the_same_session_claims_its_own_step_again(store: WorkflowStore) -> Non
     run_id = _run(store)
     store.begin_step(run_id, 0, "w1", first=True)
     assert store.begin_step(run_id, 0, "w1", first=True).attempts == 2
+
+
+def test_a_step_of_a_failed_run_is_not_taken_over(
+    store: WorkflowStore, store_url: str, owner_process: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """Found by the 30-minute soak: branch ``b`` of a parallel stage ran, and its
+    process's database session was terminated before its outcome was written (the
+    row stays ``running``, its owner gone); branch ``c`` failed, so the run failed.
+    Then ``b``'s message came again (a duplicate delivery; on Redis, a redelivery
+    after ``visibility_timeout``) and ran ``b``'s body a second time, in a run that
+    had failed.
+
+    Asserted: no step of a finished run is claimed (``RunFinished``, nothing
+    written), whether its row is running under a dead owner or still pending; a
+    resume makes the run's steps claimable again."""
+    run_id = _run(store)
+    store.begin_step(run_id, 0, "w1", first=True)
+    store.finish_step(run_id, 0, "succeeded", output={"a": 1})
+    owner = owner_process(store_url, run_id, 1)
+    owner.send_signal(signal.SIGKILL)
+    owner.wait(timeout=10)
+    store.fail_run(run_id, 2, "ValueError: branch c")
+    time.sleep(0.2)  # PostgreSQL ends the dead session's backend within ms
+
+    refused = _try_claim_at(store, run_id, 1, "late")
+    row = _row(store, run_id, 1)
+    assert (row.status, row.attempts, row.worker) == ("running", 1, "owner"), "a failed run's step was taken over"
+    assert isinstance(refused, RunFinished), refused
+
+    other = _run(store)  # a sibling not started yet when its branch failed: still pending
+    store.begin_step(other, 0, "w1", first=True)
+    store.finish_step(other, 0, "succeeded", output={"a": 1})
+    store.fail_run(other, 1, "ValueError: branch b")
+    assert isinstance(_try_claim_at(store, other, 2, "late"), RunFinished)
+    assert (_row(store, other, 2).status, _row(store, other, 2).attempts) == ("pending", 0)
+
+    store.reset_for_resume(run_id)
+    assert _try_claim_at(store, run_id, 1, "resumed") is None
+    assert (_row(store, run_id, 1).attempts, _row(store, run_id, 1).worker) == (2, "resumed")
+
+
+def _try_claim_at(store: WorkflowStore, run_id: str, position: int, worker: str) -> BaseException | None:
+    try:
+        store.begin_step(run_id, position, worker)
+    except Exception as exc:  # noqa: BLE001 - the test checks which one
+        return exc
+    return None
 
 
 # -- a failed run keeps its first error (suspected item) ---------------------------

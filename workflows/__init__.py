@@ -2,7 +2,7 @@
 
 from .capability import WorkflowCapability
 from .definition import Parallel, Step, Workflow
-from .errors import InvalidRunState, InvalidWorkflow, WorkflowNotFound
+from .errors import InvalidRunState, InvalidWorkflow, RunFinished, WorkflowNotFound
 from .service import PlannedStep, Workflows
 from .store import StepRun, WorkflowRun
 
@@ -18,4 +18,5 @@ __all__ = [
     "InvalidWorkflow",
     "WorkflowNotFound",
     "InvalidRunState",
+    "RunFinished",
 ]

@@ -15,4 +15,9 @@ class InvalidRunState(PluginHostError):
     """The run is not in a state that allows the operation (e.g. resume of a running run)."""
 
 
-__all__ = ["InvalidWorkflow", "WorkflowNotFound", "InvalidRunState"]
+class RunFinished(InvalidRunState):
+    """A step of a run that already ended (failed or succeeded) is not run: a
+    late or duplicate delivery of it changes nothing until the run is resumed."""
+
+
+__all__ = ["InvalidWorkflow", "WorkflowNotFound", "InvalidRunState", "RunFinished"]

@@ -36,7 +36,8 @@ from sqlalchemy import Engine
 
 from pluginhost import StoreUnavailable
 
-# The claim (the running mark). A pending step is claimed; a running one only
+# The claim (the running mark), only in a run that is pending or running. A
+# pending step is claimed; a running one only
 # when its owner is this session (it finished with it: one task at a time per
 # connection), has no session any more (its process died: PostgreSQL ends the
 # backend when the client's socket closes), is unknown, or claimed it before
@@ -63,6 +64,9 @@ WITH s AS (
                 SELECT 1 FROM pg_stat_activity a WHERE a.pid::text = workflows_steps.owner
             )
       )))
+      AND EXISTS (
+            SELECT 1 FROM workflows_runs WHERE id = %(run_id)s AND status IN ('pending', 'running')
+      )
       AND set_config('synchronous_commit', 'off', true) IS NOT NULL
     RETURNING position, stage, slug, status, attempts, output, task_id
 ), r AS (
@@ -93,9 +97,12 @@ def _carrying(n: int, statement: str) -> str:
     return f"WITH {ctes}, {rest.removeprefix('WITH ')}" if rest.startswith("WITH ") else f"WITH {ctes} {rest}"
 
 
+# The row of a step the claim did not take, with its run's state (a step of a
+# failed or succeeded run is never claimed).
 _STEP_ROW = """
-SELECT position, stage, slug, status, attempts, output, task_id FROM workflows_steps
-WHERE run_id = %(run_id)s AND position = %(position)s
+SELECT s.position, s.stage, s.slug, s.status, s.attempts, s.output, s.task_id, r.status
+FROM workflows_steps s JOIN workflows_runs r ON r.id = s.run_id
+WHERE s.run_id = %(run_id)s AND s.position = %(position)s
 """
 
 _FINISH_STEP = """
@@ -186,7 +193,8 @@ def _layout_params(layout: list[tuple[int, int, str]]) -> dict[str, Any]:
 # before the connection is given up (the next task records the outcome anyway).
 _POST_ANSWER_TIMEOUT_S = 10.0
 
-StepRow = tuple[int, int, str, str, int, "dict[str, Any] | None", "str | None"]
+# (position, stage, slug, status, attempts, output, task_id, the run's status)
+StepRow = tuple[int, int, str, str, int, "dict[str, Any] | None", "str | None", str]
 #: A step's outcome as a task carries it: position, status, output, error,
 #: plugin version, finished at (ISO 8601).
 Outcome = list[Any]
@@ -228,7 +236,7 @@ class PgHotPath:
         else:
             row = self._fetch(_BEGIN_STEP, params)
         if row is not None:
-            return row, True
+            return (*row, "running"), True  # the claim's condition: the run is open
         return self._fetch(_STEP_ROW, params), False
 
     def post_step(self, outcome: Outcome, run_id: str) -> None:

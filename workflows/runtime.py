@@ -22,7 +22,7 @@ from pluginhost import (
 )
 
 from . import metrics
-from .errors import InvalidWorkflow
+from .errors import InvalidWorkflow, RunFinished
 from .hotpath import Outcome
 from .store import DONE, StepBusy, StepRun, WorkflowStore
 
@@ -273,6 +273,11 @@ class Runtime:
                 carried=carried,
                 task_id=task.request.id,
             )
+        except RunFinished as exc:
+            if task.request.is_eager:
+                raise
+            log.info("%s", exc)  # a late or duplicate delivery: nothing to do
+            raise Ignore() from None
         except StepBusy:
             if task.request.is_eager:
                 raise

@@ -35,7 +35,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from pluginhost import PluginHostError, StoreUnavailable
 from pluginhost.store import migrate
 
-from .errors import InvalidRunState, WorkflowNotFound
+from .errors import InvalidRunState, RunFinished, WorkflowNotFound
 from .hotpath import Outcome, PgHotPath
 from .owner import local_owner, local_owner_alive
 
@@ -47,6 +47,8 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 STEP_STATES = ("pending", "running", "succeeded", "skipped", "failed", "cancelled")
 RUN_STATES = ("pending", "running", "succeeded", "failed")
 DONE = ("succeeded", "skipped")
+# A step of a run in another state (it failed or succeeded) is never claimed.
+OPEN_RUN_STATES = ("pending", "running")
 #: How long a running step's claim holds while its owner looks alive (see ``begin_step``).
 STEP_LEASE_S = 3600.0
 
@@ -349,6 +351,10 @@ class WorkflowStore:
         a live owner loses its step only past the lease, or with its database
         session (a process whose connection broke mid-step can be taken over
         while it still runs: steps stay at-least-once).
+
+        No step of a run that ended (failed, succeeded) is claimed: a late or
+        duplicate delivery of one raises ``RunFinished`` and writes nothing,
+        until ``reset_for_resume`` opens the run again.
         """
         now = _now()
         stale_before = now - timedelta(seconds=self.step_lease_s)
@@ -356,7 +362,9 @@ class WorkflowStore:
             found, claimed = self._hot.begin_step(run_id, position, worker, first, now, stale_before, task_id, carried)
             if found is None:
                 raise WorkflowNotFound(f"run {run_id!r} has no step at position {position}")
-            pos, stage, slug, status, attempts, output, claimed_by = found
+            pos, stage, slug, status, attempts, output, claimed_by, run_status = found
+            if not claimed and status in ("pending", "running") and run_status not in OPEN_RUN_STATES:
+                raise RunFinished(_finished_message(run_id, position, run_status))
             if status == "running" and not claimed:
                 raise StepBusy(f"step {position} of run {run_id} is running under a live owner")
             return StepRun.model_construct(
@@ -370,6 +378,7 @@ class WorkflowStore:
             )
 
         me = local_owner()
+        finished: list[str] = []
 
         def write(conn: Connection) -> tuple[StepRun, bool]:
             _record_carried(conn, run_id, carried or [])
@@ -378,6 +387,10 @@ class WorkflowStore:
             if row is None:
                 raise WorkflowNotFound(f"run {run_id!r} has no step at position {position}")
             if row.status not in ("pending", "running"):
+                return StepRun.model_validate(dict(row._mapping)), False
+            run_status = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+            if run_status not in OPEN_RUN_STATES:  # raised after the commit: carried outcomes stay written
+                finished.append(str(run_status))
                 return StepRun.model_validate(dict(row._mapping)), False
             if row.status == "running" and _held(row, me, stale_before):
                 return StepRun.model_validate(dict(row._mapping)), True
@@ -410,6 +423,8 @@ class WorkflowStore:
             return StepRun.model_validate(dict(claimed._mapping)), False
 
         found_row, busy = self._write(write)
+        if finished:
+            raise RunFinished(_finished_message(run_id, position, finished[0]))
         if busy:
             raise StepBusy(f"step {position} of run {run_id} is running under a live owner ({found_row.owner})")
         return found_row
@@ -739,6 +754,10 @@ def _record_carried(conn: Connection, run_id: str, carried: list[Outcome]) -> No
                 finished_at=datetime.fromisoformat(finished_at),
             )
         )
+
+
+def _finished_message(run_id: str, position: int, run_status: str | None) -> str:
+    return f"step {position} of run {run_id} is not run: the run is {run_status} (resume it to run its steps again)"
 
 
 def _now() -> datetime:
