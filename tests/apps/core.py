@@ -3,7 +3,11 @@ workflow, configured from ``PH_CONF`` (see tests/harness.py).
 
 Every capability run that reaches its function records one row in
 ``test_executions`` (in the store database), so tests count executions in the
-store rather than trusting results.
+store rather than trusting results. A row's ``at`` is when the worker began
+handling that delivery (``task_prerun``, before pluginhost's check), not when
+the row was written: the write waits for a connection (tens of milliseconds in a
+newly forked child), and a row stamped then looks like a run that started after
+a ``disable()`` whose acknowledgement it preceded.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import socket
 import time
 from typing import Any
 
-from celery import Celery
+from celery import Celery, current_task, signals
 from pydantic import BaseModel
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, func, insert, select
 
@@ -56,7 +60,15 @@ def _engine() -> Any:
     return engine
 
 
+@signals.task_prerun.connect
+def _stamp_start(task: Any = None, **_: Any) -> None:
+    if task is not None:
+        task.request.test_started_at = time.time()
+
+
 def record(slug: str, tag: Any = None) -> None:
+    request = current_task.request if current_task else None
+    at = getattr(request, "test_started_at", None) or time.time()
     with _engine().begin() as conn:
         conn.execute(
             insert(executions).values(
@@ -64,7 +76,7 @@ def record(slug: str, tag: Any = None) -> None:
                 pid=os.getpid(),
                 host=socket.gethostname(),
                 tag=None if tag is None else str(tag),
-                at=time.time(),
+                at=at,
             )
         )
 
