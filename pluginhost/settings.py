@@ -47,6 +47,8 @@ SETTINGS: tuple[Setting, ...] = (
             replaces="workflows_synchronous_commit"),
     Setting("pluginhost_workflows_step_lease_s", 3600.0, "A `running` step whose owner cannot be proven dead is taken "
             "over by a redelivery after this long.", number=True),
+    Setting("pluginhost_workflows_outcome_format", 2, "Format of the step outcomes tasks carry (2; set 1 while "
+            "workers of an earlier release still run, in a rolling upgrade). Both are read."),
     Setting("pluginhost_web_users", None, "Console users: `{\"name\": \"password hash\"}`."),
     Setting("pluginhost_web_token", None, "Console/API bearer token."),
     Setting("pluginhost_web_secret", None, "Console session-cookie secret."),

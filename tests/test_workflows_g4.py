@@ -29,7 +29,7 @@ from sqlalchemy import create_engine, update
 
 from tests import harness
 from workflows import InvalidRunState, RunFinished, Step, Workflow
-from workflows.store import WorkflowStore
+from workflows.store import WorkflowStore, open_workflow_store
 from workflows.store import runs as runs_table
 from workflows.store import steps as steps_table
 
@@ -50,7 +50,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def store(store_url: str) -> Iterator[WorkflowStore]:
     engine = create_engine(store_url, pool_pre_ping=True)
-    s = WorkflowStore(engine)
+    s = open_workflow_store(engine)
     s.migrate()
     yield s
     engine.dispose()
@@ -75,8 +75,8 @@ _OWNER = textwrap.dedent(
     """
     import sys, time
     from sqlalchemy import create_engine
-    from workflows.store import WorkflowStore
-    store = WorkflowStore(create_engine(sys.argv[1]))
+    from workflows.store import open_workflow_store
+    store = open_workflow_store(create_engine(sys.argv[1]))
     position = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     store.begin_step(sys.argv[2], position, "owner", first=position == 0)
     print("claimed", flush=True)
@@ -108,10 +108,11 @@ def owner_process() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         proc.wait(timeout=10)
 
 
-def _try_claim(store: WorkflowStore, run_id: str, worker: str) -> BaseException | None:
-    """Claim step 0 as a second worker would; the exception if it was refused."""
+def _try_claim(store: WorkflowStore, run_id: str, worker: str, position: int = 0) -> BaseException | None:
+    """Claim a step (the first one by default) as a second worker would; the
+    exception if it was refused."""
     try:
-        store.begin_step(run_id, 0, worker, first=True)
+        store.begin_step(run_id, position, worker, first=position == 0)
     except Exception as exc:  # noqa: BLE001 - the test checks which one
         return exc
     return None
@@ -154,7 +155,7 @@ def test_a_running_step_whose_owner_is_stale_is_taken_over(
     a hung body, or a session that looks alive but is not (a host that vanished)."""
     engine = create_engine(store_url, pool_pre_ping=True)
     try:
-        store = WorkflowStore(engine, step_lease_s=0.5)
+        store = open_workflow_store(engine, step_lease_s=0.5)
         store.migrate()
         run_id = _run(store)
         owner_process(store_url, run_id)
@@ -197,7 +198,7 @@ def test_a_step_of_a_failed_run_is_not_taken_over(
     store.fail_run(run_id, 2, "ValueError: branch c")
     time.sleep(0.2)  # PostgreSQL ends the dead session's backend within ms
 
-    refused = _try_claim_at(store, run_id, 1, "late")
+    refused = _try_claim(store, run_id, "late", position=1)
     row = _row(store, run_id, 1)
     assert (row.status, row.attempts, row.worker) == ("running", 1, "owner"), "a failed run's step was taken over"
     assert isinstance(refused, RunFinished), refused
@@ -206,20 +207,12 @@ def test_a_step_of_a_failed_run_is_not_taken_over(
     store.begin_step(other, 0, "w1", first=True)
     store.finish_step(other, 0, "succeeded", output={"a": 1})
     store.fail_run(other, 1, "ValueError: branch b")
-    assert isinstance(_try_claim_at(store, other, 2, "late"), RunFinished)
+    assert isinstance(_try_claim(store, other, "late", position=2), RunFinished)
     assert (_row(store, other, 2).status, _row(store, other, 2).attempts) == ("pending", 0)
 
     store.reset_for_resume(run_id)
-    assert _try_claim_at(store, run_id, 1, "resumed") is None
+    assert _try_claim(store, run_id, "resumed", position=1) is None
     assert (_row(store, run_id, 1).attempts, _row(store, run_id, 1).worker) == (2, "resumed")
-
-
-def _try_claim_at(store: WorkflowStore, run_id: str, position: int, worker: str) -> BaseException | None:
-    try:
-        store.begin_step(run_id, position, worker)
-    except Exception as exc:  # noqa: BLE001 - the test checks which one
-        return exc
-    return None
 
 
 # -- a failed run keeps its first error (suspected item) ---------------------------

@@ -1,7 +1,7 @@
 """The workflow store's run and step writes, on SQLite and PostgreSQL.
 
 On PostgreSQL the per-run and per-step writes take the hot path
-(workflows/hotpath.py, prepared statements on a kept connection); these tests
+(workflows/store/postgres.py, prepared statements on a kept connection); these tests
 hold both paths to the same results, and the hot path to the store's outage
 contract (a dead kept connection is replaced, an unreachable server is
 ``StoreUnavailable``).
@@ -9,7 +9,10 @@ contract (a dead kept connection is replaced, an unreachable server is
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,13 +21,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, insert
 
 from pluginhost import StoreUnavailable
 from tests import harness
 from workflows import Workflow
 from workflows.errors import WorkflowNotFound
-from workflows.store import WorkflowStore
+from workflows.store import Outcome, WorkflowStore, open_workflow_store
+from workflows.store import runs as runs_table
 
 LAYOUT = [(0, 0, "a"), (1, 1, "b"), (2, 1, "c"), (3, 2, "d")]
 
@@ -36,7 +40,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[WorkflowSt
     else:
         url = request.getfixturevalue("empty_pg_url")
     engine = create_engine(url, pool_pre_ping=True)
-    s = WorkflowStore(engine)
+    s = open_workflow_store(engine)
     s.migrate()
     yield s
     engine.dispose()
@@ -131,11 +135,57 @@ def test_newest_names_the_newest_stored_definition(store: WorkflowStore) -> None
 def test_postgres_hot_path_replaces_a_connection_that_died(store: WorkflowStore) -> None:
     run_id = _run(store)
     store.begin_step(run_id, 0, "w1", first=True)
-    pid = store._hot._local.raw.driver_connection.info.backend_pid  # type: ignore[union-attr]
+    pid = store._session().conn.info.backend_pid  # type: ignore[attr-defined]
     with psycopg.connect(harness.pg_conninfo(store.engine.url.database or ""), autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     store.finish_step(run_id, 0, "succeeded", output={"a": 1})  # on a new connection
     assert store.get_run(run_id).steps[0].status == "succeeded"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+def test_a_thread_that_wrote_steps_leaves_the_engines_transactions_atomic(store: WorkflowStore) -> None:
+    """Steps run on threads that end (the threads pool, the console's anyio
+    threads, which end after 10 s idle). The store's step writes run in
+    autocommit; a connection of theirs must not go back to the engine that
+    migrations, the SQLAlchemy writes and users' direct SQL share, or those
+    transactions stop being transactions (a rolled-back insert stays)."""
+    run_id = _run(store)
+
+    def steps() -> None:
+        store.begin_step(run_id, 0, "w1", first=True)
+        store.post_step(run_id, store.outcome(0, "succeeded", output={"a": 1}))
+        store.begin_step(run_id, 1, "w1")
+        store.finish_step(run_id, 1, "succeeded", output={"b": 1})
+
+    for _ in range(3):
+        worker = threading.Thread(target=steps)
+        worker.start()
+        worker.join()
+        del worker
+    gc.collect()
+
+    engine = store.engine
+    held = [engine.connect() for _ in range(engine.pool.size())]  # type: ignore[attr-defined]
+    try:
+        for i, conn in enumerate(held):
+            tx = conn.begin()
+            conn.execute(
+                insert(runs_table).values(
+                    id=f"probe-{i}",
+                    name="p",
+                    version=1,
+                    status="pending",
+                    input={},
+                    context={},
+                    created_at=datetime.now(timezone.utc),
+                )
+            )
+            tx.rollback()
+    finally:
+        for conn in held:
+            conn.close()
+    kept = [i for i in range(len(held)) if store.get_run(f"probe-{i}") is not None]
+    assert kept == [], f"rolled-back inserts were committed on pooled connections {kept}"
 
 
 def test_postgres_hot_path_fails_with_store_unavailable_when_the_server_is_unreachable() -> None:
@@ -145,7 +195,7 @@ def test_postgres_hot_path_fails_with_store_unavailable_when_the_server_is_unrea
     engine = create_engine(
         f"postgresql+psycopg://postgres@{harness.LOCALHOST}:{port}/test", connect_args={"connect_timeout": 1}
     )
-    store = WorkflowStore(engine)
+    store = open_workflow_store(engine)
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="workflow store unreachable"):
         store.create_run(str(uuid.uuid4()), "flow", 1, {}, LAYOUT)
@@ -170,7 +220,7 @@ def test_a_posted_outcome_is_recorded_and_carrying_it_again_changes_nothing(stor
     store.begin_step(run_id, 1, "w1", carried=[carried])  # reads the posted answer first
     before = store.get_run(run_id).steps[0]  # type: ignore[union-attr]
     assert (before.status, before.output, before.plugin_version, before.attempts) == ("succeeded", {"a": 1}, 3, 1)
-    late = [0, "skipped", None, "carried twice", None, carried[5]]
+    late = dataclasses.replace(carried, status="skipped", output=None, error="carried twice", plugin_version=None)
     store.begin_step(run_id, 2, "w1", carried=[late])  # a step that finished is not rewritten
     assert store.get_run(run_id).steps[0] == before  # type: ignore[union-attr]
 
@@ -186,7 +236,7 @@ def test_an_outcome_whose_write_was_lost_is_recorded_by_the_task_that_carries_it
     first = store.outcome(0, "succeeded", output={"a": 1})
     store.post_step(run_id, first)  # prepares the statement
     store.begin_step(run_id, 1, "w1", carried=[first])
-    pid = store._hot._local.raw.driver_connection.info.backend_pid  # type: ignore[union-attr]
+    pid = store._session().conn.info.backend_pid  # type: ignore[attr-defined]
     with psycopg.connect(harness.pg_conninfo(store.engine.url.database or ""), autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         time.sleep(0.2)
@@ -208,9 +258,9 @@ def test_a_last_parallel_stage_records_its_branches_and_the_run_in_one_write(sto
     for position in (0, 1, 2):
         store.begin_step(run_id, position, "w1", first=position == 0)
     store.finish_step(run_id, 0, "succeeded", output={"a": 1})
-    outcomes = [
-        [1, "succeeded", {"b": 2}, None, 1, "2026-12-01T10:00:00+00:00"],
-        [2, "skipped", None, "plugin 'c' is disabled", None, "2026-12-01T10:00:01+00:00"],
+    outcomes = [  # as a worker of the previous release carried them (format 1)
+        Outcome.from_wire([1, "succeeded", {"b": 2}, None, 1, "2026-12-01T10:00:00+00:00"]),
+        Outcome.from_wire([2, "skipped", None, "plugin 'c' is disabled", None, "2026-12-01T10:00:01+00:00"]),
     ]
     assert store.finish_stage(run_id, outcomes, {"user": "ana", "a": 1, "b": 2}) == "flow"
     run = store.get_run(run_id)

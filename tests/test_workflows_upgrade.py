@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, insert, select, text
 
-from workflows.store import MIGRATIONS, WorkflowStore, definitions, runs, steps
+from workflows.store import MIGRATIONS, definitions, open_workflow_store, runs, steps
 
 #: The workflows revision before this branch's migration.
 PREVIOUS = "w0001"
@@ -124,7 +124,7 @@ def test_the_upgrade_keeps_every_row_and_a_failed_run_resumes_after_it(
     columns = set().union(*old_columns.values())
     before = _rows(engine, columns)
 
-    WorkflowStore(engine).migrate()  # the upgrade
+    open_workflow_store(engine).migrate()  # the upgrade
 
     assert {"owner", "task_id"} <= _columns(engine, "workflows_steps")
     assert _rows(engine, columns) == before
@@ -157,3 +157,40 @@ def test_the_upgrade_keeps_every_row_and_a_failed_run_resumes_after_it(
     assert all(s.owner and s.task_id for s in claimed), [(s.owner, s.task_id) for s in claimed]
     host.store.close()
     engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_the_migrated_schema_is_the_one_the_code_declares(
+    database: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    """The migrations are the history that builds the tables; ``schema.py`` is
+    the one definition the code uses. A column added to one and not the other
+    is a difference here (types, nullability, keys), not a surprise on a user's
+    database."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from workflows.store import metadata
+
+    url = f"sqlite:///{tmp_path / 'schema.db'}" if database == "sqlite" else request.getfixturevalue("empty_pg_url")
+    engine = create_engine(url)
+    try:
+        open_workflow_store(engine).migrate()
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            diff = [d for d in compare_metadata(context, metadata) if _is_workflows(d)]
+        assert diff == []
+    finally:
+        engine.dispose()
+
+
+def _is_workflows(diff: Any) -> bool:
+    """Differences in the workflows tables (the database also holds pluginhost's)."""
+    item = diff[0] if isinstance(diff, list) else diff
+    for part in item[1:]:
+        name = getattr(part, "name", None) or getattr(getattr(part, "table", None), "name", None)
+        if isinstance(part, str) and part.startswith("workflows_"):
+            return True
+        if isinstance(name, str) and name.startswith("workflows_") and name != "workflows_alembic_version":
+            return True
+    return False

@@ -2,7 +2,15 @@
 
 from .capability import WorkflowCapability
 from .definition import Parallel, Step, Workflow
-from .errors import InvalidRunState, InvalidWorkflow, RunFinished, WorkflowNotFound
+from .errors import (
+    InvalidRunState,
+    InvalidWorkflow,
+    RunFinished,
+    RunNotFound,
+    SqlStoreRequired,
+    UnreadableOutcome,
+    WorkflowNotFound,
+)
 from .service import PlannedStep, Workflows
 from .store import StepRun, WorkflowRun
 
@@ -19,4 +27,7 @@ __all__ = [
     "WorkflowNotFound",
     "InvalidRunState",
     "RunFinished",
+    "RunNotFound",
+    "SqlStoreRequired",
+    "UnreadableOutcome",
 ]

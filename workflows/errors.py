@@ -1,6 +1,6 @@
 """Errors of the workflows package (all PluginHostError subclasses)."""
 
-from pluginhost import PluginHostError
+from pluginhost import PluginHostError, StoreUnavailable
 
 
 class InvalidWorkflow(PluginHostError):
@@ -20,4 +20,26 @@ class RunFinished(InvalidRunState):
     late or duplicate delivery of it changes nothing until the run is resumed."""
 
 
-__all__ = ["InvalidWorkflow", "WorkflowNotFound", "InvalidRunState", "RunFinished"]
+class RunNotFound(WorkflowNotFound, StoreUnavailable):
+    """A run a worker was recording is gone from the store (deleted, pruned, or
+    another database): the delivery cannot record its outcome."""
+
+
+class SqlStoreRequired(InvalidWorkflow):
+    """Workflows keep their runs in SQL tables: the host's store is not a SQL store."""
+
+
+class UnreadableOutcome(PluginHostError):
+    """A task carried a step outcome in a format this release cannot read (a
+    message from a newer release, or a corrupted one)."""
+
+
+__all__ = [
+    "InvalidWorkflow",
+    "WorkflowNotFound",
+    "InvalidRunState",
+    "RunFinished",
+    "RunNotFound",
+    "SqlStoreRequired",
+    "UnreadableOutcome",
+]

@@ -1,6 +1,6 @@
 """Who holds a running step on SQLite, and whether that owner still lives.
 
-On PostgreSQL the owner is the claiming connection's session (hotpath.py asks
+On PostgreSQL the owner is the claiming connection's session (store/postgres.py asks
 the server whether that backend still exists). A SQLite store is a local file,
 so its workers share this host: the owner is ``host:pid:thread`` and is looked
 up here. An owner on another host cannot be seen: it counts as alive, and the

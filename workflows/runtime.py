@@ -10,21 +10,23 @@ from typing import Any, NoReturn
 
 from celery import Celery, Task, signals
 from celery.exceptions import Ignore, Reject, Retry
-from sqlalchemy import create_engine
 
 from pluginhost import (
     CapabilityDisabled,
+    InvalidArgument,
     InvalidInput,
     Plugin,
     PluginHost,
+    SQLAlchemyStore,
     StoreUnavailable,
     settings,
 )
 
 from . import metrics
-from .errors import InvalidWorkflow, RunFinished
-from .hotpath import Outcome
-from .store import DONE, StepBusy, StepRun, WorkflowStore
+from .errors import InvalidWorkflow, RunFinished, SqlStoreRequired
+from .store import DONE, StepBusy, StepRun, WorkflowStore, open_workflow_store
+from .store.outcome import FORMATS as OUTCOME_FORMATS
+from .store.outcome import Outcome, branch_result, carrying, read_branch, unique, unwrap
 
 log = logging.getLogger("workflows")
 
@@ -57,24 +59,6 @@ OWNER_WAIT_MAX_S = 10.0
 STALE_VIEW_WAIT_MAX_S = 30.0
 
 _RUNTIMES: weakref.WeakKeyDictionary[Celery, Runtime] = weakref.WeakKeyDictionary()
-
-# What a step returns when its outcome was sent without waiting (PostgreSQL):
-# [CARRIED, context, outcomes]. The next step (or the stage's merge) records the
-# outcomes again in its own first statement; contexts are always dicts, so a
-# list with this tag cannot be one.
-CARRIED = "workflows.carried"
-
-
-def carrying(context: dict[str, Any], outcomes: list[Outcome]) -> Any:
-    """``context`` with the outcomes the next task records (none: the context itself)."""
-    return [CARRIED, context, outcomes] if outcomes else context
-
-
-def unwrap(value: Any) -> tuple[Any, list[Outcome]]:
-    """(context, carried outcomes) of what the previous task returned."""
-    if isinstance(value, list) and len(value) == 3 and value[0] == CARRIED:
-        return value[1], list(value[2])
-    return value, []
 
 
 class StepTask(Task):
@@ -137,30 +121,34 @@ class Runtime:
         """The workflow tables, in the database of the host's current store."""
         current = self.host.store
         if self._store is None or self._store_of is not current:
-            engine = getattr(current, "engine", None)
-            if engine is None:
-                raise InvalidWorkflow(
+            if not isinstance(current, SQLAlchemyStore):
+                raise SqlStoreRequired(
                     f"workflows need a SQL store (SQLite or PostgreSQL), not {type(current).__name__}"
                 )
-            if engine.dialect.name == "postgresql" and not settings.value(
-                self.host.app, "pluginhost_workflows_synchronous_commit"
-            ):
-                # History writes skip the WAL flush wait; a PostgreSQL *server*
-                # crash can then lose the last ~0.6 s of step updates, which the
-                # sweeper reports (steps left running). Plugin admin writes stay durable.
-                engine = create_engine(
-                    engine.url,
-                    pool_pre_ping=True,
-                    connect_args={"options": "-c synchronous_commit=off"},
-                )
-            lease = settings.value(self.host.app, "pluginhost_workflows_step_lease_s")
-            self._store, self._store_of = WorkflowStore(engine, step_lease_s=lease), current
+            app = self.host.app
+            self._store = open_workflow_store(
+                current.engine,
+                step_lease_s=settings.value(app, "pluginhost_workflows_step_lease_s"),
+                synchronous_commit=bool(settings.value(app, "pluginhost_workflows_synchronous_commit")),
+                connect_timeout_s=settings.value(app, "pluginhost_store_timeout_s"),
+            )
+            self._store_of = current
         return self._store
+
+    @property
+    def outcome_format(self) -> int:
+        """The format carried step outcomes are written in (outcome.py)."""
+        fmt = settings.value(self.host.app, "pluginhost_workflows_outcome_format")
+        if fmt not in OUTCOME_FORMATS:
+            raise InvalidArgument(
+                f"setting pluginhost_workflows_outcome_format must be one of {OUTCOME_FORMATS}, got {fmt!r}"
+            )
+        return int(fmt)
 
     def after_fork(self) -> None:
         """Forget connections inherited from the parent (a prefork child)."""
         if self._store is not None:
-            self._store.engine.dispose(close=False)
+            self._store.after_fork()
 
     # -- tasks -----------------------------------------------------------------
 
@@ -319,8 +307,8 @@ class Runtime:
             outcome = self.store.outcome(position, status, output=output, error=error, plugin_version=version)
             task.request.workflows_post = functools.partial(self.store.post_step, run_id, outcome)
             if parallel:
-                return [position, output or {}, context, outcome]
-            return carrying({**context, **(output or {})}, [outcome])
+                return branch_result(position, output or {}, context, outcome, self.outcome_format)
+            return carrying({**context, **(output or {})}, [outcome], self.outcome_format)
         merged = {**context, **(output or {})}
         name = self.store.finish_step(
             run_id, position, status, output=output, error=error, plugin_version=version, run_output=merged
@@ -332,7 +320,7 @@ class Runtime:
         self, run_id: str, position: int, context: dict[str, Any], output: dict[str, Any], parallel: bool, final: bool
     ) -> Any:
         if parallel:
-            return [position, output, context, None]  # recorded already: nothing to carry
+            return branch_result(position, output, context, None)  # recorded already: nothing to carry
         merged = {**context, **output}
         return self.finish_run(run_id, merged) if final else merged
 
@@ -343,20 +331,21 @@ class Runtime:
         if isinstance(results, dict):  # nothing ran in this stage: the context itself
             base = results
         else:
-            for position, output, context, *outcome in results:  # outcome: [] from workers before it existed
-                outputs[int(position)] = output
+            for result in results:
+                position, output, context, outcome = read_branch(result)
+                outputs[position] = output
                 base = context
-                if outcome and outcome[0]:
-                    carried.append(outcome[0])
+                if outcome is not None:
+                    carried.append(outcome)
         if base is None:
             raise InvalidWorkflow(f"run {run_id}: stage {stage} has no branch results to merge")
         merged = dict(base)
         for position in sorted(outputs):
             merged.update(outputs[position])
         if final:
-            metrics.run_finished(self.store.finish_stage(run_id, _unique(carried), merged), "succeeded")
+            metrics.run_finished(self.store.finish_stage(run_id, unique(carried), merged), "succeeded")
             return merged
-        return carrying(merged, _unique(carried))
+        return carrying(merged, unique(carried), self.outcome_format)
 
     def finish_run(self, run_id: str, context: Any) -> dict[str, Any]:
         context, carried = unwrap(context)
@@ -404,8 +393,3 @@ def _send_again(task: Task, countdown: float) -> NoReturn:
     except Exception as exc:  # noqa: BLE001 - the broker: keep the delivery itself
         raise Reject(exc, requeue=True) from None
     raise Ignore()
-
-
-def _unique(outcomes: list[Outcome]) -> list[Outcome]:
-    """One outcome per step (branches all carry the step before their stage)."""
-    return list({int(o[0]): o for o in outcomes}.values())

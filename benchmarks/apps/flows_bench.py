@@ -166,14 +166,15 @@ def install_profiling() -> None:
     autocommitted statement's WAL flush wait is inside ``.sql``).
     """
     from workflows.runtime import Runtime
-    from workflows.store import WorkflowStore
+    from workflows.store import SqlWorkflowStore
+    from workflows.store.postgres import PgWorkflowStore
 
     current: list[str] = []
 
-    def split(attr: str) -> None:
-        orig = getattr(WorkflowStore, attr)
+    def split(owner: type, attr: str) -> None:
+        orig = getattr(owner, attr)
 
-        def wrapper(self: WorkflowStore, fn: Callable[[Any], Any]) -> Any:
+        def wrapper(self: Any, fn: Callable[[Any], Any]) -> Any:
             label = current[-1] if current else "store.other"
             inner = [0.0]
 
@@ -192,15 +193,16 @@ def install_profiling() -> None:
                 _add(label + ".sql", inner[0])
                 _add(label + ".txn", total - inner[0])
 
-        setattr(WorkflowStore, attr, wrapper)
+        setattr(owner, attr, wrapper)
 
-    split("_write")  # a transaction: BEGIN, statements, COMMIT
-    split("_one")  # one autocommitted statement (PostgreSQL)
+    split(SqlWorkflowStore, "_write")  # a transaction: BEGIN, statements, COMMIT
+    split(SqlWorkflowStore, "_read")
+    split(PgWorkflowStore, "_run")  # the kept connection: draining an earlier answer, (re)connecting
 
-    def labelled(name: str) -> None:
-        orig = getattr(WorkflowStore, name)
+    def labelled(owner: type, name: str) -> None:
+        orig = getattr(owner, name)
 
-        def wrapper(self: WorkflowStore, *args: Any, **kwargs: Any) -> Any:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             current.append("store." + name)
             t = time.perf_counter()
             try:
@@ -209,18 +211,19 @@ def install_profiling() -> None:
                 current.pop()
                 _add("store." + name, time.perf_counter() - t)
 
-        setattr(WorkflowStore, name, wrapper)
+        setattr(owner, name, wrapper)
 
-    for name in (
-        "begin_step",
-        "post_step",
-        "finish_step",
-        "finish_stage",
-        "finish_run",
-        "create_newest_run",
-        "definition",
-    ):
-        labelled(name)
+    for owner in (SqlWorkflowStore, PgWorkflowStore):
+        for name in (
+            "begin_step",
+            "post_step",
+            "finish_step",
+            "finish_stage",
+            "finish_run",
+            "create_newest_run",
+            "definition",
+        ):
+            labelled(owner, name)
     _timed(Runtime, "run_step", "step.run_step (whole body)")
     _timed(PluginHost, "call_capability", "step.call_capability")
     _timed(PluginHost, "call_capability_with", "step.call_capability_with")

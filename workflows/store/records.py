@@ -1,0 +1,72 @@
+"""What the workflow store hands out: runs, steps, their states."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from pluginhost import PluginHostError
+
+#: Step states. ``pending`` -> ``running`` -> ``succeeded`` | ``skipped`` | ``failed``;
+#: steps after a failure become ``cancelled``.
+STEP_STATES = ("pending", "running", "succeeded", "skipped", "failed", "cancelled")
+RUN_STATES = ("pending", "running", "succeeded", "failed")
+DONE = ("succeeded", "skipped")
+#: A step of a run in another state (it failed or succeeded) is never claimed.
+OPEN_RUN_STATES = ("pending", "running")
+#: How long a running step's claim holds while its owner looks alive (see ``WorkflowStore.begin_step``).
+STEP_LEASE_S = 3600.0
+
+
+class StepBusy(PluginHostError):
+    """``begin_step``: the step is running under another owner that is alive and
+    whose claim is not stale; this delivery must not run it."""
+
+
+class StepRun(BaseModel):
+    """One step of one run."""
+
+    position: int
+    stage: int
+    slug: str
+    status: str
+    attempts: int
+    error: str | None = None
+    output: dict[str, Any] | None = None
+    plugin_version: int | None = None
+    worker: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    owner: str | None = None
+    task_id: str | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+
+class WorkflowRun(BaseModel):
+    """A run of a workflow and its steps."""
+
+    id: str
+    name: str
+    version: int
+    status: str
+    input: dict[str, Any]
+    context: dict[str, Any]
+    output: dict[str, Any] | None = None
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    steps: list[StepRun] = []
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
