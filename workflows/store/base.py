@@ -29,6 +29,19 @@ from .schema import MIGRATIONS, VERSION_TABLE
 Layout = Iterable[tuple[int, int, str]]
 
 
+class ClaimAsk(NamedTuple):
+    """What ``begin_step`` asks of an engine's claim."""
+
+    run_id: str
+    position: int
+    worker: str | None
+    first: bool
+    carried: list[Outcome]
+    task_id: str | None
+    now: datetime
+    stale_before: datetime  #: a running step claimed before this is stale (the lease)
+
+
 class Claim(NamedTuple):
     """What a claim attempt found: the step's row (None: no such step), whether
     this call claimed it, and the run's status (None when not read)."""
@@ -148,7 +161,7 @@ class WorkflowStore(ABC):
         """
         now = _now()
         stale_before = now - timedelta(seconds=self.step_lease_s)
-        found = self._claim(run_id, position, worker, first, carried or [], task_id, now, stale_before)
+        found = self._claim(ClaimAsk(run_id, position, worker, first, carried or [], task_id, now, stale_before))
         row = found.row
         if row is None:
             raise WorkflowNotFound(f"run {run_id!r} has no step at position {position}")
@@ -164,17 +177,7 @@ class WorkflowStore(ABC):
         return row
 
     @abstractmethod
-    def _claim(
-        self,
-        run_id: str,
-        position: int,
-        worker: str | None,
-        first: bool,
-        carried: list[Outcome],
-        task_id: str | None,
-        now: datetime,
-        stale_before: datetime,
-    ) -> Claim:
+    def _claim(self, ask: ClaimAsk) -> Claim:
         """``begin_step``'s write: record ``carried``, then claim the step if it is
         pending (or running under a dead or stale owner) in an open run."""
 
@@ -183,7 +186,6 @@ class WorkflowStore(ABC):
         """A claimed step given up without an outcome (its delivery is sent again):
         back to pending, so the next delivery claims it at once."""
 
-    @abstractmethod
     def finish_step(
         self,
         run_id: str,
@@ -197,6 +199,11 @@ class WorkflowStore(ABC):
     ) -> str | None:
         """Record a step's outcome (one statement). With ``run_output`` (the last
         step of a run) also record the run's success, and return its workflow's name."""
+        outcome = Outcome.now(position, status, output=output, error=error, plugin_version=plugin_version)
+        return self._finish_step(run_id, outcome, run_output)
+
+    @abstractmethod
+    def _finish_step(self, run_id: str, outcome: Outcome, run_output: dict[str, Any] | None) -> str | None: ...
 
     @staticmethod
     def outcome(

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 
 from ..errors import InvalidRunState, RunNotFound, WorkflowNotFound
-from .base import Claim, Layout, WorkflowStore, first_line, resume_point, unreachable
+from .base import Claim, ClaimAsk, Layout, WorkflowStore, first_line, resume_point, unreachable
 from .outcome import Outcome
 from .records import DONE, OPEN_RUN_STATES, STEP_LEASE_S, StepRun, WorkflowRun
 from .schema import RUN_COLUMNS, STEP_COLUMNS
@@ -438,28 +438,10 @@ class PgWorkflowStore(WorkflowStore):
         row = self._fetch(_with_steps(_CREATE_NEWEST_RUN, len(steps)), params)
         return (None, False) if row is None else ((int(row[0]), row[1]), int(row[2]) > 0)
 
-    def _claim(
-        self,
-        run_id: str,
-        position: int,
-        worker: str | None,
-        first: bool,
-        carried: list[Outcome],
-        task_id: str | None,
-        now: datetime,
-        stale_before: datetime,
-    ) -> Claim:
-        params = {
-            "run_id": run_id,
-            "position": position,
-            "worker": worker,
-            "first": first,
-            "now": now,
-            "stale_before": stale_before,
-            "task_id": task_id,
-        }
-        if carried:
-            row = self._fetch(_carrying(len(carried), _BEGIN_STEP), {**params, **_carried_params(carried)})
+    def _claim(self, ask: ClaimAsk) -> Claim:
+        params = {name: value for name, value in ask._asdict().items() if name != "carried"}
+        if ask.carried:
+            row = self._fetch(_carrying(len(ask.carried), _BEGIN_STEP), {**params, **_carried_params(ask.carried)})
         else:
             row = self._fetch(_BEGIN_STEP, params)
         if row is not None:
@@ -470,25 +452,15 @@ class PgWorkflowStore(WorkflowStore):
     def release_step(self, run_id: str, position: int) -> None:
         self._execute(_RELEASE_STEP, {"run_id": run_id, "position": position})
 
-    def finish_step(
-        self,
-        run_id: str,
-        position: int,
-        status: str,
-        *,
-        output: dict[str, Any] | None = None,
-        error: str | None = None,
-        plugin_version: int | None = None,
-        run_output: dict[str, Any] | None = None,
-    ) -> str | None:
+    def _finish_step(self, run_id: str, outcome: Outcome, run_output: dict[str, Any] | None) -> str | None:
         params = {
             "run_id": run_id,
-            "position": position,
-            "status": status,
-            "error": error,
-            "output": None if output is None else json.dumps(output),
-            "plugin_version": plugin_version,
-            "now": _now(),
+            "position": outcome.position,
+            "status": outcome.status,
+            "error": outcome.error,
+            "output": None if outcome.output is None else json.dumps(outcome.output),
+            "plugin_version": outcome.plugin_version,
+            "now": outcome.finished_at,
         }
         if run_output is None:
             self._execute(_FINISH_STEP, params)

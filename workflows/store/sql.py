@@ -20,7 +20,7 @@ from pluginhost import StoreUnavailable
 
 from ..errors import InvalidRunState, RunNotFound, WorkflowNotFound
 from ..owner import local_owner, local_owner_alive
-from .base import Claim, Layout, WorkflowStore, resume_point, unreachable
+from .base import Claim, ClaimAsk, Layout, WorkflowStore, resume_point, unreachable
 from .outcome import Outcome
 from .records import DONE, OPEN_RUN_STATES, StepRun, WorkflowRun
 from .schema import definitions, runs, steps
@@ -135,21 +135,12 @@ class SqlWorkflowStore(WorkflowStore):
 
         return self._write(write)
 
-    def _claim(
-        self,
-        run_id: str,
-        position: int,
-        worker: str | None,
-        first: bool,
-        carried: list[Outcome],
-        task_id: str | None,
-        now: datetime,
-        stale_before: datetime,
-    ) -> Claim:
+    def _claim(self, ask: ClaimAsk) -> Claim:
         me = local_owner()
+        run_id, position, now = ask.run_id, ask.position, ask.now
 
         def write(conn: Connection) -> Claim:
-            _record_carried(conn, run_id, carried)
+            _record_carried(conn, run_id, ask.carried)
             where = (steps.c.run_id == run_id, steps.c.position == position)
             found = conn.execute(select(steps, runs.c.status.label("run_status")).join(runs).where(*where)).first()
             if found is None:
@@ -158,7 +149,7 @@ class SqlWorkflowStore(WorkflowStore):
             run_status = found.run_status
             if row.status not in ("pending", "running") or run_status not in OPEN_RUN_STATES:
                 return Claim(row, False, run_status)  # committed: the carried outcomes stay written
-            if row.status == "running" and _held(row, me, stale_before):
+            if row.status == "running" and _held(row, me, ask.stale_before):
                 return Claim(row, False, run_status)
             # Conditional on the row as read: of two claims that race, one wins
             # and the other sees the winner's claim (busy), whatever the engine's
@@ -170,16 +161,16 @@ class SqlWorkflowStore(WorkflowStore):
                     status="running",
                     attempts=steps.c.attempts + 1,
                     started_at=now,
-                    worker=worker,
+                    worker=ask.worker,
                     error=None,
                     owner=me,
-                    task_id=task_id,
+                    task_id=ask.task_id,
                 )
                 .returning(*steps.c)
             ).first()
             if claimed is None:
                 return Claim(_step(conn.execute(select(steps).where(*where)).one()._mapping), False, run_status)
-            if first:
+            if ask.first:
                 conn.execute(
                     update(runs)
                     .where(runs.c.id == run_id, runs.c.status == "pending")
@@ -199,22 +190,18 @@ class SqlWorkflowStore(WorkflowStore):
             )
         )
 
-    def finish_step(
-        self,
-        run_id: str,
-        position: int,
-        status: str,
-        *,
-        output: dict[str, Any] | None = None,
-        error: str | None = None,
-        plugin_version: int | None = None,
-        run_output: dict[str, Any] | None = None,
-    ) -> str | None:
+    def _finish_step(self, run_id: str, outcome: Outcome, run_output: dict[str, Any] | None) -> str | None:
         def write(conn: Connection) -> str | None:
             conn.execute(
                 update(steps)
-                .where(steps.c.run_id == run_id, steps.c.position == position)
-                .values(status=status, output=output, error=error, plugin_version=plugin_version, finished_at=_now())
+                .where(steps.c.run_id == run_id, steps.c.position == outcome.position)
+                .values(
+                    status=outcome.status,
+                    output=outcome.output,
+                    error=outcome.error,
+                    plugin_version=outcome.plugin_version,
+                    finished_at=outcome.finished_at,
+                )
             )
             return None if run_output is None else _finish_run(conn, run_id, run_output)
 
