@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from celery.result import AsyncResult
 
     from .host import PluginHost
-    from .view import PluginView
+    from .view import PendingCheck, PluginView
 
 log = logging.getLogger("pluginhost.capability")
 
@@ -143,12 +143,113 @@ def declare(
 
 
 def dispatch(view: PluginView, cap: Capability, input: Any, options: dict[str, Any]) -> AsyncResult:
-    """The producer side: validate, check the store, then enqueue (G1, G5)."""
+    """The producer side: validate, check the store, then enqueue (G1, G5).
+
+    The store's revision read is sent first and its answer read just before the
+    message is published (``CheckedProducer``), so its round trip overlaps with
+    Celery building the message; a refusal there publishes nothing. Where the
+    publish cannot be seen (eager mode, a caller's own producer or connection)
+    the check runs before ``apply_async``, as it always did."""
     payload, _ = check_input(cap, input)
-    _check_before_dispatch(view, cap)
-    result = cap.task.apply_async(args=(payload,), **options)
+    task = cap.task
+    if task.app.conf.task_always_eager or not _OWN_PUBLISH.isdisjoint(options):
+        _check_before_dispatch(view, cap)
+        result = task.apply_async(args=(payload,), **options)
+    else:
+        result = _dispatch_overlapped(view, cap, payload, options)
     metrics.dispatched(cap.slug)
     return result
+
+
+#: ``apply_async`` options with which Celery publishes on something other than
+#: the producer passed in (then the check cannot run at the publish).
+_OWN_PUBLISH = frozenset({"producer", "publisher", "connection"})
+
+
+def _dispatch_overlapped(view: PluginView, cap: Capability, payload: Any, options: dict[str, Any]) -> AsyncResult:
+    task = cap.task
+    pending = view.begin_check()
+    check = _PublishCheck(view, cap, pending)
+    options = dict(options)
+    task_id = options.pop("task_id", None) or uuid()
+    try:
+        with task.app.producer_or_acquire() as producer:
+            result = task.apply_async(
+                args=(payload,), task_id=task_id, producer=CheckedProducer(producer, check), **options
+            )
+    except BaseException:
+        _forget_result(task.app, task_id)  # refused or failed before the publish: nothing was sent
+        raise
+    finally:
+        pending.discard()  # a no-op once answered
+    if not check.done:  # Celery publishes every message through the producer it is given
+        log.error("capability '%s': run %s was sent without passing its producer's publish", cap.slug, task_id)
+    return result
+
+
+class _PublishCheck:
+    """The check's second half, run once, at the first publish."""
+
+    __slots__ = ("view", "cap", "pending", "done")
+
+    def __init__(self, view: PluginView, cap: Capability, pending: PendingCheck) -> None:
+        self.view, self.cap, self.pending = view, cap, pending
+        self.done = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return  # Celery's publish retries call publish again
+        self.done = True
+        self.pending.finish()
+        try:
+            _refuse_if_disabled(self.view, self.cap)
+        except CapabilityDisabled:
+            metrics.refused(self.cap.slug, "dispatch")
+            raise
+
+
+class CheckedProducer:
+    """The producer handed to ``apply_async``: the store check finishes before the
+    message is published, and raises instead of publishing when it refuses.
+    Everything else is the producer it wraps.
+
+    The check ends at the first use of the producer's connection, or at the
+    publish if that comes first. Celery's ``send_task`` takes the connection once
+    the message is built and before it talks to the broker or the result backend
+    (Redis subscribes to the result there): so the revision read's connection is
+    held only while the message is built, never across other I/O (under gevent,
+    or a threaded web server, a reader held across I/O meant one more reader per
+    concurrent dispatch), and a refused run has not subscribed. Correctness rests
+    on the publish: nothing is published before the check passed."""
+
+    def __init__(self, producer: Any, check: Callable[[], None]) -> None:
+        self._producer = producer
+        self._check = check
+
+    @property
+    def connection(self) -> Any:
+        self._check()
+        return self._producer.connection
+
+    def publish(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return self._producer.publish(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+
+def _forget_result(app: Any, task_id: str) -> None:
+    """A run refused at its publish: the result backend had begun to listen for
+    its result (Redis subscribes, RPC binds a queue); it never comes."""
+    consumer = getattr(app.backend, "result_consumer", None)
+    cancel = getattr(consumer, "cancel_for", None)
+    if cancel is None:
+        return
+    try:
+        cancel(task_id)
+    except Exception:  # noqa: BLE001 - best effort: the subscription ends with the process
+        log.debug("could not stop listening for refused run %s", task_id, exc_info=True)
 
 
 def dispatch_many(view: PluginView, cap: Capability, inputs: Any, options: dict[str, Any]) -> GroupResult:

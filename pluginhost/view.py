@@ -32,7 +32,8 @@ from . import metrics
 from .errors import InvalidConfig, StoreUnavailable
 from .model import Plugin, describe_validation_error, secret_fields
 from .store import SQLAlchemyStore, Store
-from .store.base import Written
+from .store.base import RevisionReads, Written
+from .store.readers import PendingRevision
 
 log = logging.getLogger("pluginhost.view")
 
@@ -141,6 +142,17 @@ class PluginView:
         if self.store.revision() != self.revision:
             self.reload()
 
+    def begin_check(self) -> PendingCheck:
+        """``check_store`` in two halves: the revision read is sent now, and
+        ``finish()`` waits for its answer and reloads if it moved. In between the
+        caller may do what does not depend on the answer (build the message); the
+        read still starts after every commit that finished before this call (G1)."""
+        self.ensure_ready()
+        store = self.store
+        if isinstance(store, RevisionReads):
+            return PendingCheck(self, store.revision_read())
+        return PendingCheck(self, PendingRevision.answered(store.revision()))
+
     def follow(self) -> None:
         """In a worker pool process: load the revision the main process published
         if the view is behind it. Raises ``StoreUnavailable`` when the view is
@@ -226,3 +238,27 @@ class PluginView:
             if plugin is self._plugins.get(plugin.slug):
                 self._configs[key] = validated
         return validated.model_copy()
+
+
+class PendingCheck:
+    """A dispatch check whose revision read is on its way (``PluginView.begin_check``)."""
+
+    __slots__ = ("_view", "_read", "done")
+
+    def __init__(self, view: PluginView, read: PendingRevision) -> None:
+        self._view, self._read = view, read
+        self.done = False
+
+    def finish(self) -> None:
+        """Wait for the read's answer; reload the view if the revision moved."""
+        if self.done:
+            return
+        self.done = True
+        if self._read.result() != self._view.revision:
+            self._view.reload()
+
+    def discard(self) -> None:
+        """The answer is not needed (the dispatch failed before it was)."""
+        if not self.done:
+            self.done = True
+            self._read.discard()

@@ -70,6 +70,19 @@ class Store(Protocol):
 
 
 @runtime_checkable
+class RevisionReads(Protocol):
+    """What a store may add: a revision read sent now and answered later, so the
+    dispatch check overlaps its round trip with building the message.
+
+    Optional: a store without it is read with ``revision()`` before the message
+    is built."""
+
+    def revision_read(self) -> Any:
+        """A ``readers.PendingRevision``: ``result()`` is the revision (the errors of
+        ``revision()``), ``discard()`` gives its connection back unread."""
+
+
+@runtime_checkable
 class WorkerRegistry(Protocol):
     """What a store shared by every process may add: which workers are alive.
 

@@ -119,7 +119,18 @@ class PgRevisionReader:
 
     def read(self, deadline: float) -> int:
         """The revision; ``Overrun`` at ``deadline`` (the reader is unusable then)."""
-        self.pg.send_query_prepared(_STATEMENT, None)
+        self.send(deadline)
+        return self.receive(deadline)
+
+    def send(self, deadline: float) -> None:
+        """Send the read (flushed: on its way to the server when this returns)."""
+        pg = self.pg
+        pg.send_query_prepared(_STATEMENT, None)
+        while pg.flush():
+            wait_socket(pg.socket, write=True, deadline=deadline)
+
+    def receive(self, deadline: float) -> int:
+        """The answer of the read ``send`` sent."""
         res = _results(self.pg, deadline)
         value = res.get_value(0, 0) if res is not None and res.ntuples else None
         return int(value) if value is not None else 0

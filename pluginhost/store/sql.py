@@ -34,7 +34,7 @@ from .deadline import WATCHDOG, Breaker, Call, Overrun
 from .engines import SQLITE_ADMIN_BUSY_S, make_engine
 from .migrate import migrate
 from .postgres import KEEPALIVE, QUERY_CANCELED, PgRevisionReader
-from .readers import REVISION_SQL, DbapiReader, RevisionReaders
+from .readers import REVISION_SQL, DbapiReader, PendingRevision, RevisionReaders
 
 log = logging.getLogger("pluginhost.store")
 T = TypeVar("T")
@@ -135,6 +135,15 @@ class SQLAlchemyStore:
         if self._breaker.open:
             self._check_answering(write=False)
         return self._readers.read()
+
+    def revision_read(self) -> PendingRevision:
+        """``revision()`` sent now, answered by ``result()``: the same read on the
+        same readers, split so the caller works while it travels."""
+        if self._pid != os.getpid():
+            self.after_fork()
+        if self._memory or self._breaker.open:
+            return PendingRevision.answered(self.revision())
+        return self._readers.begin()
 
     def load(self) -> tuple[int, list[Plugin]]:
         def read(conn: Connection) -> tuple[int, list[Plugin]]:
