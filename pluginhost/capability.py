@@ -155,10 +155,26 @@ def dispatch(view: PluginView, cap: Capability, input: Any, options: dict[str, A
     if task.app.conf.task_always_eager or not _OWN_PUBLISH.isdisjoint(options):
         _check_before_dispatch(view, cap)
         result = task.apply_async(args=(payload,), **options)
+    elif callable(getattr(cap.fn, "dispatch", None)):
+        result = _dispatch_by_function(view, cap, payload, options)
     else:
         result = _dispatch_overlapped(view, cap, payload, options)
     metrics.dispatched(cap.slug)
     return result
+
+
+def _dispatch_by_function(view: PluginView, cap: Capability, payload: Any, options: dict[str, Any]) -> AsyncResult:
+    """A capability function that starts its own work from the producer (e.g. a
+    workflow sending its canvas, with no task hop): ``fn.dispatch(capability,
+    plugin, on_disabled, payload, options)`` is called once the store check
+    passed, and returns the AsyncResult, or None to have the capability task sent
+    as usual. The function takes over the worker-side check (G2) of what it sends."""
+    _check_before_dispatch(view, cap)
+    start = getattr(cap.fn, "dispatch")  # noqa: B009 - a protocol of the function, checked by the caller
+    started = start(cap.slug, cap.plugin, cap.on_disabled, payload, dict(options))
+    if started is not None:
+        return started  # type: ignore[no-any-return]
+    return cap.task.apply_async(args=(payload,), **options)
 
 
 #: ``apply_async`` options with which Celery publishes on something other than

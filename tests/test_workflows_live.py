@@ -7,6 +7,7 @@ import time
 from types import ModuleType
 from typing import Any
 
+import kombu
 import psycopg
 import pytest
 
@@ -59,6 +60,52 @@ def test_workflow_capability_runs_through_run_capability(core: ModuleType, worke
     core.host.disable("run_flow")
     with pytest.raises(CapabilityDisabled):
         core.host.run_capability("run_flow", {})
+
+
+def _first_queued_task(app: Any, queue: str) -> str:
+    """The task name of the message at the head of ``queue`` (put back unacknowledged)."""
+    with app.connection_for_write() as conn:
+        bound = kombu.Queue(queue, no_declare=True).bind(conn.default_channel)
+        message = None
+        deadline = time.monotonic() + 10
+        while message is None and time.monotonic() < deadline:
+            message = bound.get(no_ack=False)
+            time.sleep(0.02)
+        assert message is not None, f"nothing queued in {queue}"
+        message.requeue()
+        return str(message.headers["task"])
+
+
+def test_run_capability_sends_a_workflows_canvas_with_no_capability_task(
+    core: ModuleType, workers: Any, app_conf: dict[str, Any]
+) -> None:
+    """Issue 15 part 3: run_capability on a WorkflowCapability records the run and
+    sends the workflow's first step itself; no capability task is queued to be
+    replaced (Task.replace) by the canvas."""
+    res = core.host.run_capability("run_flow", {"tag": "no-hop"})
+    assert _first_queued_task(core.app, app_conf["task_default_queue"]) == "workflows.step"
+    assert core.flows.run(res.id).status == "pending"  # the result id is the run id, recorded at dispatch
+    workers("tests.apps.core", pool="prefork")
+    assert res.get(timeout=60)["e"] == 1
+    assert core.flows.run(res.id).status == "succeeded"
+
+
+def test_a_workflow_capability_disabled_after_dispatch_fails_its_run_before_any_step(
+    core: ModuleType, workers: Any
+) -> None:
+    """G2 for a run sent without the capability task: its first stage checks the
+    capability's plugin and fails the run with the error that task would have."""
+    res = core.host.run_capability("run_flow", {"tag": "gated"})  # queued, no worker yet
+    core.host.disable("run_flow")  # the live toggle, before any worker took the run
+    workers("tests.apps.core", pool="prefork")
+    with pytest.raises(CapabilityDisabled, match="^plugin 'run_flow' is disabled$"):
+        res.get(timeout=60)
+    run = wait_for(core.flows, res.id)
+    assert run.status == "failed" and "plugin 'run_flow' is disabled" in (run.error or "")
+    assert [s.status for s in run.steps] == ["failed", "cancelled", "cancelled", "cancelled", "cancelled"]
+    assert core.executions_of("step_a", "gated") == 0
+    core.host.enable("run_flow")
+    assert core.flows.resume(res.id).get(timeout=60)["tag"] == "gated"  # resumable like any failed run
 
 
 def test_one_stage_workflows_run_through_start_and_run_capability(core: ModuleType, workers: Any) -> None:

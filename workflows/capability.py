@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pluginhost import CapabilityContext, PluginHost
 
 from .service import Workflows
+
+if TYPE_CHECKING:
+    from celery.result import AsyncResult
 
 
 class WorkflowCapability:
     """A capability function that runs workflow ``name``.
 
     ``host.register_capability("onboard", WorkflowCapability(host, "onboarding"))``:
-    the capability task replaces itself with the workflow's canvas
-    (``Task.replace``), so ``run_capability(...).get()`` returns the final
+    ``run_capability`` sends the workflow's canvas itself (``dispatch``); a run
+    started from inside a task, or by a capability task sent some other way
+    (``task.delay``, beat, ``celery call``), replaces that task with the canvas
+    (``Task.replace``). Either way ``run_capability(...).get()`` returns the final
     context and the result id is the run id. Nothing blocks inside a task.
     """
 
@@ -23,6 +28,24 @@ class WorkflowCapability:
         self.name = name
         self.__name__ = f"workflow_{name}"
         self.__doc__ = f"Runs workflow '{name}'."
+
+    def dispatch(
+        self, capability: str, plugin: str, on_disabled: str, payload: dict[str, Any], options: dict[str, Any]
+    ) -> AsyncResult | None:
+        """``run_capability`` from a producer, after its store check: record the
+        run and send the workflow's canvas directly (no capability task, no
+        ``Task.replace`` hop; the result id is the run id, as before). The
+        capability's worker-side check moves into the first stage's steps, which
+        fail the run with ``CapabilityDisabled`` if ``plugin`` was disabled
+        meanwhile. Only for ``on_disabled="fail"`` (the default): ``skip`` and
+        ``defer`` keep the capability task, which applies them before any run
+        exists."""
+        if on_disabled != "fail":
+            return None
+        run_id, canvas = self.flows.prepare(
+            self.name, payload, run_id=options.pop("task_id", None), gate=(capability, plugin)
+        )
+        return canvas.apply_async(task_id=run_id, **options)  # type: ignore[no-any-return]
 
     def __call__(self, payload: dict[str, Any], ctx: CapabilityContext) -> Any:
         task = ctx.task

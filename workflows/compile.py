@@ -27,6 +27,7 @@ STEP_DEFAULTS: dict[str, Any] = {
     "parallel": False,
     "first": False,
     "final": False,
+    "gate": None,
 }
 
 
@@ -49,10 +50,13 @@ def build(
     *,
     from_stage: int = 0,
     done: dict[int, dict[str, Any]] | None = None,
+    gate: tuple[str, str] | None = None,
 ) -> Signature:
     """The canvas for ``workflow`` from ``from_stage`` on. ``done`` holds the
     recorded outputs of steps of that stage that already finished (a resumed
-    parallel stage reruns only the rest)."""
+    parallel stage reruns only the rest). ``gate``: (capability, plugin) that the
+    first stage's steps check before running (a run started without the
+    capability task: ``WorkflowCapability.dispatch``)."""
     done = done or {}
     stages = list(zip(workflow.steps, workflow.stages()))
     first_positions = range(len(stages[0][1])) if stages else range(0)
@@ -74,6 +78,7 @@ def build(
             "parallel": parallel,
             "first": pos in first_positions,
             "final": final,
+            "gate": list(gate) if gate is not None and pos in first_positions else None,
         }
         # Only what differs from Runtime.run_step's defaults: every message
         # carries the rest of the chain, so each step's kwargs are sent again

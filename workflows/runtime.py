@@ -166,6 +166,7 @@ class Runtime:
         parallel: bool = False,
         first: bool = False,
         final: bool = False,
+        gate: list[str] | None = None,
     ) -> Any:
         """Returns the context for the next step (with this step's outcome when it
         was sent without waiting: see ``carrying``), or ``[position, output,
@@ -195,6 +196,8 @@ class Runtime:
         # The decision's one look, taken after the claim (a store round trip that
         # may wait on a lock): a disable acknowledged meanwhile is seen (G2/G3).
         snapshot = self._snapshot(task, plugin, claimed=(run_id, position))
+        if gate is not None:
+            self._check_gate(task, run_id, position, slug, gate, plugin, snapshot, started)
         if snapshot is None or not snapshot.enabled:
             return self._disabled(task, run_id, position, slug, plugin, on_disabled, context, parallel, final, started)
         version = snapshot.version
@@ -243,6 +246,32 @@ class Runtime:
                 except StoreUnavailable:
                     pass  # its owner is this session: the next delivery takes it over
             _send_again(task, self._store_wait(task))
+
+    def _check_gate(
+        self,
+        task: Task,
+        run_id: str,
+        position: int,
+        slug: str,
+        gate: list[str],
+        plugin: str,
+        snapshot: Plugin | None,
+        started: float,
+    ) -> None:
+        """A run started by ``WorkflowCapability.dispatch`` had no capability task
+        to check its capability on a worker (G2): its first stage does, here, with
+        that task's error. A disabled capability fails the run."""
+        capability, gate_plugin = gate
+        record = snapshot if gate_plugin == plugin else self._snapshot(task, gate_plugin, claimed=(run_id, position))
+        if record is not None and record.enabled:
+            return
+        why = "is not in the store" if record is None else "is disabled"
+        reason = f"plugin '{gate_plugin}' {why}"
+        if capability != gate_plugin:
+            reason = f"capability '{capability}' is disabled: {reason}"
+        error = CapabilityDisabled(reason)
+        self._failed(run_id, position, slug, f"CapabilityDisabled: {error}", None, started)
+        raise error
 
     def _claim(self, task: Task, run_id: str, position: int, first: bool, carried: list[Outcome]) -> StepRun:
         """The step's row, claimed for this delivery unless it finished. A step a

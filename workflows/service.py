@@ -129,13 +129,22 @@ class Workflows:
         run_id, canvas = self.prepare(name, input, run_id=apply_async_options.pop("task_id", None))
         return canvas.apply_async(task_id=run_id, **apply_async_options)
 
-    def prepare(self, name: str, input: dict[str, Any] | None, *, run_id: str | None = None) -> tuple[str, Any]:
+    def prepare(
+        self,
+        name: str,
+        input: dict[str, Any] | None,
+        *,
+        run_id: str | None = None,
+        gate: tuple[str, str] | None = None,
+    ) -> tuple[str, Any]:
         """Record a new run (idempotent for a given ``run_id``) and build its canvas.
 
         A ``run_id`` that exists already (a repeated start: a redelivered
         ``WorkflowCapability`` task, ``start(task_id=...)``) gets the canvas of the
         version and input that run recorded, whatever was defined since and
-        whatever ``input`` is now; its finished steps then send nothing again."""
+        whatever ``input`` is now; its finished steps then send nothing again.
+        ``gate``: (capability, plugin) whose enablement the first stage's steps
+        check before they run (``WorkflowCapability.dispatch``)."""
         payload = check_json_object(
             {} if input is None else input, owner=f"workflow '{name}' input", error=InvalidInput
         )
@@ -150,8 +159,8 @@ class Workflows:
             newest, inserted = self.store.create_newest_run(run_id, wf.name, version, stored_at, payload, layout(wf))
             if newest == (version, stored_at):
                 if inserted:
-                    return run_id, build(self.runtime, wf, run_id, payload)
-                return run_id, self._recorded_canvas(name, run_id)
+                    return run_id, build(self.runtime, wf, run_id, payload, gate=gate)
+                return run_id, self._recorded_canvas(name, run_id, gate)
             if newest is None:
                 self._newest.pop(name, None)
                 raise self.not_found(name)
@@ -219,7 +228,7 @@ class Workflows:
 
     # -- internals -------------------------------------------------------------
 
-    def _recorded_canvas(self, name: str, run_id: str) -> Any:
+    def _recorded_canvas(self, name: str, run_id: str, gate: tuple[str, str] | None = None) -> Any:
         """The canvas of an existing run: its recorded version and input."""
         run = self.store.get_run(run_id)
         if run is None:
@@ -229,7 +238,7 @@ class Workflows:
         found = self.store.definition(run.name, run.version)
         if found is None:
             raise WorkflowNotFound(f"workflow '{run.name}' version {run.version} is gone")
-        return build(self.runtime, Workflow.model_validate(found[1]), run_id, dict(run.input))
+        return build(self.runtime, Workflow.model_validate(found[1]), run_id, dict(run.input), gate=gate)
 
     def _definition(self, name: str) -> tuple[int, Any, Workflow]:
         """The newest version (number, time stored, parsed). A stored version never
