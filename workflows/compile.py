@@ -28,6 +28,7 @@ STEP_DEFAULTS: dict[str, Any] = {
     "first": False,
     "final": False,
     "gate": None,
+    "when": None,
 }
 
 
@@ -79,6 +80,7 @@ def build(
             "first": pos in first_positions,
             "final": final,
             "gate": list(gate) if gate is not None and pos in first_positions else None,
+            "when": step.when,
         }
         # Only what differs from Runtime.run_step's defaults: every message
         # carries the rest of the chain, so each step's kwargs are sent again

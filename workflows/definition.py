@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import conditions
 from .errors import InvalidWorkflow
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
@@ -35,7 +36,9 @@ class Step(BaseModel):
     the step is about to run: ``skip`` (the context passes through) or ``fail``.
     ``retries`` extra attempts after a failure, ``retry_backoff`` seconds before
     the first retry (doubling each time, capped at 60 s), ``timeout`` seconds
-    per attempt (a Celery soft time limit).
+    per attempt (a Celery soft time limit). ``when``: a CEL expression over the
+    context the step receives (``"plan == 'pro'"``); the step runs only when it
+    is true, else it is skipped ("condition false"); see ``conditions.py``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -46,6 +49,7 @@ class Step(BaseModel):
     retries: int = Field(default=0, ge=0, le=100)
     retry_backoff: float = Field(default=1.0, ge=0, le=3600)
     timeout: float | None = Field(default=None, gt=0, le=86400)
+    when: str | None = Field(default=None, min_length=1, max_length=2000)
 
     def __init__(self, slug: str | None = None, /, **data: Any) -> None:
         if slug is not None:
@@ -56,6 +60,15 @@ class Step(BaseModel):
     @classmethod
     def _slug(cls, value: str) -> str:
         return _check_name(value, "step slug")
+
+    @model_validator(mode="after")
+    def _condition(self) -> Step:
+        if self.when is not None:
+            try:
+                conditions.check(self.when)
+            except ValueError as exc:
+                raise ValueError(f"step {self.slug!r}: {exc}") from None
+        return self
 
     def backoff_s(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""

@@ -1,6 +1,6 @@
 """Errors of the workflows package (all PluginHostError subclasses)."""
 
-from pluginhost import PluginHostError, StoreUnavailable
+from pluginhost import InvalidInput, PluginHostError, StoreUnavailable
 
 
 class InvalidWorkflow(PluginHostError):
@@ -18,6 +18,11 @@ class InvalidRunState(PluginHostError):
 class RunFinished(InvalidRunState):
     """A step of a run that already ended (failed or succeeded) is not run: a
     late or duplicate delivery of it changes nothing until the run is resumed."""
+
+
+class ConditionFailed(InvalidInput):
+    """A step's condition could not be evaluated for the run's context (a name the
+    context lacks, a type error) or did not give a bool: the step fails (no retry)."""
 
 
 class RunNotFound(WorkflowNotFound, StoreUnavailable):
@@ -39,6 +44,7 @@ __all__ = [
     "WorkflowNotFound",
     "InvalidRunState",
     "RunFinished",
+    "ConditionFailed",
     "RunNotFound",
     "SqlStoreRequired",
     "UnreadableOutcome",

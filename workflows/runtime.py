@@ -22,8 +22,9 @@ from pluginhost import (
     settings,
 )
 
-from . import metrics
-from .errors import InvalidWorkflow, RunFinished, SqlStoreRequired
+from . import conditions, metrics
+from .conditions import CONDITION_FALSE
+from .errors import ConditionFailed, InvalidWorkflow, RunFinished, SqlStoreRequired
 from .store import DONE, StepBusy, StepRun, WorkflowStore, open_workflow_store
 from .store.outcome import FORMATS as OUTCOME_FORMATS
 from .store.outcome import Outcome, branch_result, carrying, read_branch, unique, unwrap
@@ -167,6 +168,7 @@ class Runtime:
         first: bool = False,
         final: bool = False,
         gate: list[str] | None = None,
+        when: str | None = None,
     ) -> Any:
         """Returns the context for the next step (with this step's outcome when it
         was sent without waiting: see ``carrying``), or ``[position, output,
@@ -198,6 +200,12 @@ class Runtime:
         snapshot = self._snapshot(task, plugin, claimed=(run_id, position))
         if gate is not None:
             self._check_gate(task, run_id, position, slug, gate, plugin, snapshot, started)
+        if when is not None and not self._condition_holds(run_id, position, slug, when, context, started):
+            outcome = self._finish(
+                task, run_id, position, context, "skipped", None, CONDITION_FALSE, None, parallel, final
+            )
+            metrics.step_finished(slug, "skipped", time.monotonic() - started)
+            return outcome
         if snapshot is None or not snapshot.enabled:
             return self._disabled(task, run_id, position, slug, plugin, on_disabled, context, parallel, final, started)
         version = snapshot.version
@@ -246,6 +254,17 @@ class Runtime:
                 except StoreUnavailable:
                     pass  # its owner is this session: the next delivery takes it over
             _send_again(task, self._store_wait(task))
+
+    def _condition_holds(
+        self, run_id: str, position: int, slug: str, when: str, context: dict[str, Any], started: float
+    ) -> bool:
+        """The step's condition on the context it received; one that cannot be
+        evaluated fails the step and the run (no retry: the context will not change)."""
+        try:
+            return conditions.holds(when, context)
+        except ConditionFailed as exc:
+            self._failed(run_id, position, slug, f"ConditionFailed: {exc}", None, started)
+            raise
 
     def _check_gate(
         self,

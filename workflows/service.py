@@ -12,9 +12,10 @@ from pydantic import BaseModel
 
 from pluginhost import InvalidInput, PluginHost, check_json_object, did_you_mean
 
+from . import conditions
 from .compile import build, layout
 from .definition import Workflow
-from .errors import InvalidRunState, InvalidWorkflow, WorkflowNotFound
+from .errors import ConditionFailed, InvalidRunState, InvalidWorkflow, WorkflowNotFound
 from .runtime import Runtime
 from .store import RUN_STATES, WorkflowRun, WorkflowStore
 
@@ -27,7 +28,9 @@ class PlannedStep(BaseModel):
     slug: str
     plugin: str
     enabled: bool
-    outcome: str  # "run", "skip" or "fail"
+    outcome: str  # "run", "skip", "fail", or "depends" (a condition on what earlier steps return)
+    when: str | None = None  #: the step's condition, if it has one
+    reason: str | None = None  #: why it would not run, or why that cannot be told yet
 
 
 class DefinitionVersion(BaseModel):
@@ -106,18 +109,38 @@ class Workflows:
         self._ready()
         return [Workflow.model_validate(d) for _, d in self.store.latest_definitions()]
 
-    def plan(self, name: str) -> builtins.list[PlannedStep]:
-        """A dry run: what each step would do under the current toggles."""
+    def plan(self, name: str, input: dict[str, Any] | None = None) -> builtins.list[PlannedStep]:
+        """A dry run: what each step would do under the current toggles, and with
+        ``input``, under its conditions: a condition false for the input is a
+        skip; one that needs what an earlier step returns is ``depends``."""
         wf = self._definition(name)[2]
+        if input is not None:
+            check_json_object(input, owner=f"workflow '{name}' input", error=InvalidInput)
         planned = []
         flat = wf.flat()
         for position, stage, slug in layout(wf):
+            step = flat[position]
             plugin = self.host.plugin_of(slug) if slug in self.host.capabilities() else slug
             enabled = self.host.is_enabled(plugin)
-            policy = flat[position].on_disabled
-            outcome = "run" if enabled else policy
+            outcome: str = "run" if enabled else step.on_disabled
+            reason = None if enabled else f"plugin '{plugin}' is disabled"
+            if step.when is not None and input is not None:
+                try:
+                    if not conditions.holds(step.when, input):
+                        outcome, reason = "skip", conditions.CONDITION_FALSE
+                except ConditionFailed as exc:
+                    outcome, reason = "depends", f"{exc} (on the input alone)"
             planned.append(
-                PlannedStep(position=position, stage=stage, slug=slug, plugin=plugin, enabled=enabled, outcome=outcome)
+                PlannedStep(
+                    position=position,
+                    stage=stage,
+                    slug=slug,
+                    plugin=plugin,
+                    enabled=enabled,
+                    outcome=outcome,
+                    when=step.when,
+                    reason=reason,
+                )
             )
         return planned
 
