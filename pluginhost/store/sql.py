@@ -29,7 +29,7 @@ from ..errors import (
 )
 from ..model import AuditEntry, Kind, Plugin
 from . import schema
-from .base import MUTABLE_FIELDS, Written, audit_records, next_version
+from .base import MUTABLE_FIELDS, Changes, Written, audit_records, next_version
 from .deadline import WATCHDOG, Breaker, Call, Overrun
 from .engines import SQLITE_ADMIN_BUSY_S, make_engine
 from .migrate import migrate
@@ -40,7 +40,8 @@ log = logging.getLogger("pluginhost.store")
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-_PLUGIN_COLUMNS = [c for c in schema.plugins.c]
+# The record's columns (not change_revision: load and get work on a schema before 0003).
+_PLUGIN_COLUMNS = [c for c in schema.plugins.c if c.name != "change_revision"]
 #: While the store is not answering, how long a call waits for the background
 #: probe to find it answering again before it fails.
 STALLED_WAIT_S = 0.1
@@ -138,9 +139,37 @@ class SQLAlchemyStore:
 
     def load(self) -> tuple[int, list[Plugin]]:
         def read(conn: Connection) -> tuple[int, list[Plugin]]:
+            conn = self._snapshot(conn)
             rev = conn.execute(select(schema.revision.c.revision)).scalar_one()
             rows = conn.execute(select(*_PLUGIN_COLUMNS).order_by(schema.plugins.c.sort, schema.plugins.c.slug))
             return int(rev), [_plugin(r._mapping) for r in rows]
+
+        return self._read(read)
+
+    def changes(self, since: int) -> Changes | None:
+        """The rows changed and the slugs deleted after revision ``since``, in one
+        snapshot; None when that cannot be proven complete: ``since`` below the
+        horizon (deletions pruned past it, a TRUNCATE, the upgrade to 0003), ahead
+        of the store's revision (a restored database), or a schema before 0003."""
+        plugins, deletions, rev_table = schema.plugins, schema.deletions, schema.revision
+
+        def read(conn: Connection) -> Changes | None:
+            conn = self._snapshot(conn)
+            try:
+                revision, horizon = conn.execute(select(rev_table.c.revision, rev_table.c.horizon)).one()
+            except DBAPIError as exc:
+                if _is_old_schema(exc):
+                    return None
+                raise
+            if since < horizon or since > revision:
+                return None
+            if since == revision:
+                return Changes(int(revision), [], [])
+            rows = conn.execute(select(*_PLUGIN_COLUMNS).where(plugins.c.change_revision > since))
+            changed = [_plugin(r._mapping) for r in rows]
+            present = {p.slug for p in changed}
+            gone = conn.execute(select(deletions.c.slug).where(deletions.c.change_revision > since)).scalars()
+            return Changes(int(revision), changed, [slug for slug in gone if slug not in present])
 
         return self._read(read)
 
@@ -206,6 +235,21 @@ class SQLAlchemyStore:
                 conn.execute(select(schema.plugins.c.slug).where(schema.plugins.c.slug.in_(list(wanted)))).scalars()
             )
             return [self._insert(conn, p, actor) for s, p in wanted.items() if s not in have]
+
+        return self._write(write)
+
+    def prune_deletions(self, through: int) -> int:
+        """Forget the deletions recorded at revisions up to ``through`` (the table
+        keeps one row per deleted slug); returns how many. A process whose view is
+        older than ``through`` then loads every row on its next catch-up."""
+
+        def write(conn: Connection) -> int:
+            rev_table = schema.revision
+            current = int(conn.execute(select(rev_table.c.revision)).scalar_one())
+            bound = min(int(through), current)
+            done = conn.execute(delete(schema.deletions).where(schema.deletions.c.change_revision <= bound))
+            conn.execute(update(rev_table).where(rev_table.c.horizon < bound).values(horizon=bound))
+            return int(done.rowcount)
 
         return self._write(write)
 
@@ -304,6 +348,13 @@ class SQLAlchemyStore:
                 after=after_record,
             )
         )
+
+    def _snapshot(self, conn: Connection) -> Connection:
+        """``conn`` with its reads in one snapshot. SQLite: a read transaction is
+        one already (WAL); PostgreSQL's READ COMMITTED takes one per statement."""
+        if self.dialect == "postgresql":
+            return conn.execution_options(isolation_level="REPEATABLE READ")
+        return conn
 
     def _current_revision(self, conn: Connection) -> int:
         return int(conn.execute(select(schema.revision.c.revision)).scalar_one())
@@ -474,6 +525,14 @@ class SQLAlchemyStore:
 
 def _revision_of(conn: Connection) -> int:
     return int(conn.execute(select(schema.revision.c.revision)).scalar_one())
+
+
+def _is_old_schema(exc: DBAPIError) -> bool:
+    """Whether ``exc`` says the schema has no change revisions (before 0003)."""
+    if getattr(exc.orig, "sqlstate", None) in ("42703", "42P01"):  # undefined column / table
+        return True
+    text = str(exc.orig).lower()
+    return "no such column" in text or "no such table" in text
 
 
 def _is_number(value: Any) -> bool:
