@@ -15,7 +15,20 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Engine,
+    bindparam,
+    cast,
+    delete,
+    insert,
+    literal_column,
+    null,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -42,6 +55,7 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The record's columns (not change_revision: load and get work on a schema before 0003).
 _PLUGIN_COLUMNS = [c for c in schema.plugins.c if c.name != "change_revision"]
+_PLUGIN_NAMES = [c.name for c in _PLUGIN_COLUMNS]
 #: While the store is not answering, how long a call waits for the background
 #: probe to find it answering again before it fails.
 STALLED_WAIT_S = 0.1
@@ -151,25 +165,24 @@ class SQLAlchemyStore:
         snapshot; None when that cannot be proven complete: ``since`` below the
         horizon (deletions pruned past it, a TRUNCATE, the upgrade to 0003), ahead
         of the store's revision (a restored database), or a schema before 0003."""
-        plugins, deletions, rev_table = schema.plugins, schema.deletions, schema.revision
 
         def read(conn: Connection) -> Changes | None:
-            conn = self._snapshot(conn)
             try:
-                revision, horizon = conn.execute(select(rev_table.c.revision, rev_table.c.horizon)).one()
+                rows = conn.execute(_CHANGES, {"since": int(since)}).all()
             except DBAPIError as exc:
                 if _is_old_schema(exc):
                     return None
                 raise
+            head = [r for r in rows if r[0] == 0]
+            if len(head) != 1:
+                return None
+            revision, horizon = int(head[0][1]), int(head[0][2])
             if since < horizon or since > revision:
                 return None
-            if since == revision:
-                return Changes(int(revision), [], [])
-            rows = conn.execute(select(*_PLUGIN_COLUMNS).where(plugins.c.change_revision > since))
-            changed = [_plugin(r._mapping) for r in rows]
+            changed = [_plugin(dict(zip(_PLUGIN_NAMES, r[3:]))) for r in rows if r[0] == 1]
             present = {p.slug for p in changed}
-            gone = conn.execute(select(deletions.c.slug).where(deletions.c.change_revision > since)).scalars()
-            return Changes(int(revision), changed, [slug for slug in gone if slug not in present])
+            gone = [r[3] for r in rows if r[0] == 2 and r[3] not in present]
+            return Changes(revision, changed, gone)
 
         return self._read(read)
 
@@ -525,6 +538,37 @@ class SQLAlchemyStore:
 
 def _revision_of(conn: Connection) -> int:
     return int(conn.execute(select(schema.revision.c.revision)).scalar_one())
+
+
+def _changes_query() -> Any:
+    """``changes``: one statement, so one snapshot on any isolation level and one
+    round trip. Rows of three parts (0: the revision row, 1: changed records,
+    2: deleted slugs), each ``(part, revision, horizon, *record columns)``."""
+    rev, plugins, deletions = schema.revision, schema.plugins, schema.deletions
+    since = bindparam("since", type_=BigInteger())
+
+    def nulls(columns: Iterable[Any]) -> list[Any]:
+        return [cast(null(), c.type) for c in columns]
+
+    big = BigInteger()
+    head = select(
+        literal_column("0").label("part"), rev.c.revision.label("at"), rev.c.horizon.label("horizon"),
+        *(n.label(name) for n, name in zip(nulls(_PLUGIN_COLUMNS), _PLUGIN_NAMES)),
+    ).where(rev.c.id == 1)  # fmt: skip
+    changed = select(literal_column("1"), plugins.c.change_revision, cast(null(), big), *_PLUGIN_COLUMNS).where(
+        plugins.c.change_revision > since
+    )
+    gone = select(
+        literal_column("2"),
+        deletions.c.change_revision,
+        cast(null(), big),
+        deletions.c.slug,
+        *nulls(_PLUGIN_COLUMNS[1:]),
+    ).where(deletions.c.change_revision > since)
+    return union_all(head, changed, gone)
+
+
+_CHANGES = _changes_query()
 
 
 def _is_old_schema(exc: DBAPIError) -> bool:
