@@ -15,20 +15,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import (
-    BigInteger,
-    Connection,
-    Engine,
-    bindparam,
-    cast,
-    delete,
-    insert,
-    literal_column,
-    null,
-    select,
-    union_all,
-    update,
-)
+from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -45,6 +32,7 @@ from . import schema
 from .base import MUTABLE_FIELDS, Changes, Written, audit_records, next_version
 from .deadline import WATCHDOG, Breaker, Call, Overrun
 from .engines import SQLITE_ADMIN_BUSY_S, make_engine
+from .feed import RECORD_COLUMNS, read_changes
 from .migrate import migrate
 from .postgres import KEEPALIVE, QUERY_CANCELED, PgRevisionReader
 from .readers import REVISION_SQL, DbapiReader, RevisionReaders
@@ -53,9 +41,7 @@ log = logging.getLogger("pluginhost.store")
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-# The record's columns (not change_revision: load and get work on a schema before 0003).
-_PLUGIN_COLUMNS = [c for c in schema.plugins.c if c.name != "change_revision"]
-_PLUGIN_NAMES = [c.name for c in _PLUGIN_COLUMNS]
+_PLUGIN_COLUMNS = RECORD_COLUMNS
 #: While the store is not answering, how long a call waits for the background
 #: probe to find it answering again before it fails.
 STALLED_WAIT_S = 0.1
@@ -162,29 +148,8 @@ class SQLAlchemyStore:
 
     def changes(self, since: int) -> Changes | None:
         """The rows changed and the slugs deleted after revision ``since``, in one
-        snapshot; None when that cannot be proven complete: ``since`` below the
-        horizon (deletions pruned past it, a TRUNCATE, the upgrade to 0003), ahead
-        of the store's revision (a restored database), or a schema before 0003."""
-
-        def read(conn: Connection) -> Changes | None:
-            try:
-                rows = conn.execute(_CHANGES, {"since": int(since)}).all()
-            except DBAPIError as exc:
-                if _is_old_schema(exc):
-                    return None
-                raise
-            head = [r for r in rows if r[0] == 0]
-            if len(head) != 1:
-                return None
-            revision, horizon = int(head[0][1]), int(head[0][2])
-            if since < horizon or since > revision:
-                return None
-            changed = [_plugin(dict(zip(_PLUGIN_NAMES, r[3:]))) for r in rows if r[0] == 1]
-            present = {p.slug for p in changed}
-            gone = [r[3] for r in rows if r[0] == 2 and r[3] not in present]
-            return Changes(revision, changed, gone)
-
-        return self._read(read)
+        snapshot; None when that cannot be proven complete (see ``feed.read_changes``)."""
+        return self._read(lambda conn: read_changes(conn, int(since), _plugin))
 
     def get(self, slug: str) -> Plugin | None:
         def read(conn: Connection) -> Plugin | None:
@@ -538,45 +503,6 @@ class SQLAlchemyStore:
 
 def _revision_of(conn: Connection) -> int:
     return int(conn.execute(select(schema.revision.c.revision)).scalar_one())
-
-
-def _changes_query() -> Any:
-    """``changes``: one statement, so one snapshot on any isolation level and one
-    round trip. Rows of three parts (0: the revision row, 1: changed records,
-    2: deleted slugs), each ``(part, revision, horizon, *record columns)``."""
-    rev, plugins, deletions = schema.revision, schema.plugins, schema.deletions
-    since = bindparam("since", type_=BigInteger())
-
-    def nulls(columns: Iterable[Any]) -> list[Any]:
-        return [cast(null(), c.type) for c in columns]
-
-    big = BigInteger()
-    head = select(
-        literal_column("0").label("part"), rev.c.revision.label("at"), rev.c.horizon.label("horizon"),
-        *(n.label(name) for n, name in zip(nulls(_PLUGIN_COLUMNS), _PLUGIN_NAMES)),
-    ).where(rev.c.id == 1)  # fmt: skip
-    changed = select(literal_column("1"), plugins.c.change_revision, cast(null(), big), *_PLUGIN_COLUMNS).where(
-        plugins.c.change_revision > since
-    )
-    gone = select(
-        literal_column("2"),
-        deletions.c.change_revision,
-        cast(null(), big),
-        deletions.c.slug,
-        *nulls(_PLUGIN_COLUMNS[1:]),
-    ).where(deletions.c.change_revision > since)
-    return union_all(head, changed, gone)
-
-
-_CHANGES = _changes_query()
-
-
-def _is_old_schema(exc: DBAPIError) -> bool:
-    """Whether ``exc`` says the schema has no change revisions (before 0003)."""
-    if getattr(exc.orig, "sqlstate", None) in ("42703", "42P01"):  # undefined column / table
-        return True
-    text = str(exc.orig).lower()
-    return "no such column" in text or "no such table" in text
 
 
 def _is_number(value: Any) -> bool:
