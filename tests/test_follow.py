@@ -411,3 +411,20 @@ def test_two_processes_racing_writes_and_catch_ups_converge_to_a_full_load(
         assert result["view"] == full, f"process {name} differs from a full load"
         # it followed by catching up, not by loading everything each time
         assert result["stats"]["full_loads"] == 1 and result["stats"]["catch_ups"] > 20
+
+
+def test_a_deletion_recorded_before_a_reset_of_the_revision_counter_removes_no_row_that_is_there(
+    store: CountingStore,
+) -> None:
+    """A deletion recorded at revision 50 that outlived a reset of the counter (a
+    test harness emptying tables one by one, a hand-made restore) names a slug
+    that exists again: the view keeps it."""
+    engine = store.engine
+    _seed(engine, 3)
+    _sql(engine, "INSERT INTO pluginhost_deletions (slug, change_revision) VALUES ('p00001', 50)")
+    host = _host(store)
+    host.list()
+    for i in range(60):  # the counter passes 50
+        _sql(engine, f"UPDATE pluginhost_plugins SET sort = {i} WHERE slug = 'p00002'")
+        assert host.get("p00001") is not None
+    assert _view_of(host) == _full_load(store)

@@ -37,8 +37,7 @@ def read_changes(conn: Connection, since: int, to_plugin: Callable[[dict[str, An
     if since < horizon or since > revision:
         return None
     changed = [to_plugin(dict(zip(_NAMES, r[3:]))) for r in rows if r[0] == 1]
-    present = {p.slug for p in changed}
-    return Changes(revision, changed, [r[3] for r in rows if r[0] == 2 and r[3] not in present])
+    return Changes(revision, changed, [r[3] for r in rows if r[0] == 2])
 
 
 def _changes_query() -> Any:
@@ -61,7 +60,12 @@ def _changes_query() -> Any:
     )
     gone = select(
         literal_column("2"), deletions.c.change_revision, no_horizon, deletions.c.slug, *nulls(RECORD_COLUMNS[1:])
-    ).where(deletions.c.change_revision > since)
+    ).where(
+        deletions.c.change_revision > since,
+        # deleted and not there now: also right when a deletion's row outlived a
+        # reset of the revision counter
+        ~select(plugins.c.slug).where(plugins.c.slug == deletions.c.slug).exists(),
+    )
     return union_all(head, changed, gone)
 
 
