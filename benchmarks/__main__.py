@@ -1,6 +1,6 @@
 """Run every benchmark of the project, one after the other, and print one summary table.
 
-    python -m benchmarks [--quick] [--only dispatch,execution,propagation,workflow,scale,bulk]
+    python -m benchmarks [--quick] [--only dispatch,execution,propagation,workflow,scale,follow,bulk]
                          [--verbose] [--log-dir DIR]
     python benchmarks/readme_table.py LOG_DIR   (the README's summary table from a run)
     python -m benchmarks soak --minutes N [--seed S]   (the long history run: benchmarks/soak.py)
@@ -61,6 +61,7 @@ JOBS = [
     Job("workflow", "workflow.py", ["--db", "pluginhost_wfbench_suite"],
         ["--runs", "20", "--warmup", "3", "--pools", "prefork", "--profile-runs", "0"]),
     Job("scale", "scale.py", [], ["--plugins", "2000", "--history", "40000"]),
+    Job("follow", "follow.py", [], ["--sizes", "10,2000", "--toggles", "50", "--memory-toggles", "30"]),
     Job("bulk-redis", "bulk.py", ["--broker", "redis"], ["--n", "2000", "--rounds", "2"]),
     Job("bulk-amqp", "bulk.py", ["--broker", "amqp"], ["--n", "2000", "--rounds", "2"]),
 ]  # fmt: skip

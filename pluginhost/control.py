@@ -9,8 +9,11 @@ How a change reaches a task that is about to run:
    *from the store* (so a forged number changes nothing) and publishes it in a
    shared-memory integer created before the pool forked.
 3. Every pool process (prefork children, threads, solo) compares that integer
-   with the revision of its own view before each task, and reloads on change:
-   no query per task, no restart.
+   with the revision of its own view before each task, and catches up when it
+   is behind (only the rows changed since its revision, see ``PluginView``):
+   no query per task, no restart. Neither the broadcast handler nor the poll
+   loads anything: both only publish a number, and a process that finds itself
+   several revisions behind catches up once, to the newest.
 4. A consumer timer polls the store revision every ``pluginhost_poll_interval``
    seconds, for workers that missed a broadcast or changes made by direct SQL.
 
@@ -85,7 +88,7 @@ class WorkerLink:
         view = self.view
         try:
             view.ensure_ready()
-            view.reload()
+            view.catch_up()  # a view made before the worker started may be behind
             self.shared.value = view.revision
             log.info("pluginhost: loaded %d plugins at revision %d", len(view.slugs()), view.revision)
         except StoreUnavailable as exc:

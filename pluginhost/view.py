@@ -7,16 +7,20 @@ config" goes through a ``PluginView``; nothing else changes its state.
 The rules (the guarantees in the README rest on them):
 
 - The view is labelled with a revision only when it holds exactly the store's
-  rows at that revision: a full load, or (after this process's own write) the
-  previous view plus that one row when the write moved the revision by one.
+  rows at that revision: a full load; the previous view plus the changes the
+  store proves complete since its revision (``catch_up``, read in one snapshot);
+  or (after this process's own write) the previous view plus that one row when
+  the write moved the revision by one.
 - Outside a worker, ``check_store`` reads the store's revision before each
-  dispatch (one indexed read) and reloads if it moved (G1).
+  dispatch (one indexed read) and catches up if it moved (G1).
 - In a worker pool process, ``follow`` compares the view with the revision the
-  worker's main process published (no query per task) and reloads when it is
+  worker's main process published (no query per task) and catches up when it is
   behind; if it is behind and cannot load, it raises ``StoreUnavailable`` so the
   caller runs nothing on a view it knows is stale (G2).
+- One catch-up per revision per process: threads that find the view behind at
+  once wait for one catch-up and then find it current.
 - A config model validates a plugin's config once per record it loads, not once
-  per task.
+  per task; a catch-up keeps the validated configs of the rows it did not change.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from . import metrics
 from .errors import InvalidConfig, StoreUnavailable
 from .model import Plugin, describe_validation_error, secret_fields
 from .store import SQLAlchemyStore, Store
-from .store.base import RevisionReads, Written
+from .store.base import ChangeFeed, Changes, RevisionReads, Written
 from .store.readers import PendingRevision
 
 log = logging.getLogger("pluginhost.view")
@@ -59,7 +63,17 @@ class PluginView:
         self._store: Store | None = None
         self._lock = threading.RLock()
         self._plugins: dict[str, Plugin] = {}
-        self._configs: dict[tuple[str, int], Any] = {}
+        #: slug -> (the record it was validated for, its config model instance)
+        self._configs: dict[str, tuple[Plugin, Any]] = {}
+        #: Loads begun (``_begun``) and the number of the last one that completed:
+        #: a load begun after a reader looked at the store's revision holds it.
+        self._begun = 0
+        self._completed = 0
+        #: What this process read from the store: full loads, incremental
+        #: catch-ups, and the plugin rows they returned.
+        self.full_loads = 0
+        self.catch_ups = 0
+        self.rows_read = 0
         self.config_models: dict[str, type[BaseModel]] = {}
         self.revision = -1
         self.ready = False
@@ -112,13 +126,57 @@ class PluginView:
             return self.ensure_ready()
 
     def reload(self) -> None:
-        """Load every row and the revision they were read at (one transaction)."""
+        """Load every row and the revision they were read at (one snapshot)."""
         with self._lock:
+            self._begun += 1
+            begun = self._begun
             revision, plugins = self.store.load()
             self._plugins = {p.slug: p for p in plugins}
             self._configs = {}
             self.revision = revision
+            self._completed = begun
+            self.full_loads += 1
+            self.rows_read += len(plugins)
         metrics.applied_revision(revision)
+
+    def catch_up(self) -> None:
+        """Bring the view to the store's current revision: read only what changed
+        since the view's revision (rows and deletions, one snapshot), or load
+        every row when the store cannot prove it has every change since then
+        (deletions pruned past it, a TRUNCATE, a store behind the view, a store
+        without a change feed, a view never loaded)."""
+        with self._lock:
+            store = self.store
+            if self.revision < 0 or not isinstance(store, ChangeFeed):
+                self.reload()
+                return
+            self._begun += 1
+            begun = self._begun
+            changes = store.changes(self.revision)
+            if changes is None:
+                log.info("pluginhost: changes since revision %d cannot be proven complete: loading all", self.revision)
+                self.reload()
+                return
+            self._apply(changes)
+            self._completed = begun
+        metrics.applied_revision(changes.revision)
+
+    def _apply(self, changes: Changes) -> None:
+        self.catch_ups += 1
+        self.rows_read += len(changes.plugins)
+        if changes.revision == self.revision:
+            return
+        # A new dict, not the old one changed in place: a reader holding the
+        # previous one keeps a consistent view.
+        plugins = dict(self._plugins)
+        for plugin in changes.plugins:
+            plugins[plugin.slug] = plugin
+            self._configs.pop(plugin.slug, None)
+        for slug in changes.deleted:
+            plugins.pop(slug, None)
+            self._configs.pop(slug, None)
+        self._plugins = plugins
+        self.revision = changes.revision
 
     def declared(self, record: Plugin) -> None:
         """A capability was declared after the view became ready: create its row."""
@@ -137,14 +195,24 @@ class PluginView:
 
     def check_store(self) -> None:
         """The strict check before dispatch: read the store's revision (one indexed
-        read, one round trip) and reload if it moved."""
+        read, one round trip) and catch up if it moved."""
         self.ensure_ready()
-        if self.store.revision() != self.revision:
-            self.reload()
+        self.meet(self.store.revision())
+
+    def meet(self, seen: int) -> None:
+        """Catch up if the view is not at ``seen``, a revision just read from the
+        store (unless another thread's load that began after that read completed)."""
+        if seen == self.revision:
+            return
+        begun = self._begun  # read after ``seen``: a load begun later holds it
+        with self._lock:
+            if self.revision == seen or self._completed > begun:
+                return  # another thread caught up meanwhile
+            self.catch_up()
 
     def begin_check(self) -> PendingCheck:
         """``check_store`` in two halves: the revision read is sent now, and
-        ``finish()`` waits for its answer and reloads if it moved. In between the
+        ``finish()`` waits for its answer and catches up if it moved. In between the
         caller may do what does not depend on the answer (build the message); the
         read still starts after every commit that finished before this call (G1)."""
         self.ensure_ready()
@@ -161,10 +229,11 @@ class PluginView:
         if self.ready and published <= self.revision:
             return
         try:
-            if self.ready:
-                self.reload()
-            else:
-                self.ensure_ready()
+            with self._lock:  # threads that found the view behind wait for one catch-up
+                if not self.ready:
+                    self.ensure_ready()
+                elif published > self.revision:
+                    self.catch_up()
         except StoreUnavailable as exc:
             if not self._stale_logged:  # once per outage, not once per task
                 self._stale_logged = True
@@ -183,7 +252,7 @@ class PluginView:
 
         A write that changed nothing, or one with other writers in between, reports
         a revision that covers rows this view has not read: the view is never
-        labelled with it. If the load fails the change still stands (the caller
+        labelled with it, it catches up instead. If that fails the change still stands (the caller
         must not raise "nothing was written"): the view keeps its older revision,
         so the next read loads it."""
         with self._lock:
@@ -195,7 +264,7 @@ class PluginView:
             if written.revision == self.revision:
                 return
             try:
-                self.reload()
+                self.catch_up()
             except StoreUnavailable as exc:
                 log.warning(
                     "pluginhost: revision %s is committed, but this process cannot load it yet (%s);"
@@ -219,15 +288,16 @@ class PluginView:
     def config_for(self, plugin: Plugin) -> Any:
         """A plugin's config as its config model, or the dict if none was declared.
 
-        The model validates each record once (per reload), not once per task; each
+        The model validates each record once (per load of it), not once per task; each
         call gets its own shallow copy, so a task that sets a field does not change
         the next task's config (nested values are shared: treat them as read-only)."""
         model = self.config_models.get(plugin.slug)
         if model is None:
             return dict(plugin.config)
-        key = (plugin.slug, plugin.version)
-        validated = self._configs.get(key)
-        if validated is None or plugin is not self._plugins.get(plugin.slug):
+        cached = self._configs.get(plugin.slug)
+        if cached is not None and cached[0] is plugin:
+            validated = cached[1]
+        else:
             try:
                 validated = model.model_validate(plugin.config)
             except ValidationError as exc:
@@ -236,7 +306,7 @@ class PluginView:
                     describe_validation_error(exc, owner=f"plugin '{plugin.slug}'", secret=secret)
                 ) from None
             if plugin is self._plugins.get(plugin.slug):
-                self._configs[key] = validated
+                self._configs[plugin.slug] = (plugin, validated)
         return validated.model_copy()
 
 
@@ -250,12 +320,11 @@ class PendingCheck:
         self.done = False
 
     def finish(self) -> None:
-        """Wait for the read's answer; reload the view if the revision moved."""
+        """Wait for the read's answer; catch the view up if the revision moved."""
         if self.done:
             return
         self.done = True
-        if self._read.result() != self._view.revision:
-            self._view.reload()
+        self._view.meet(self._read.result())
 
     def discard(self) -> None:
         """The answer is not needed (the dispatch failed before it was)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Store, WorkerRegistry
+from .base import ChangeFeed, Changes, Store, WorkerRegistry
 from .memory import MemoryStore
 from .migrate import migrate
 from .sql import SQLAlchemyStore
@@ -21,4 +21,13 @@ def open_store(url_or_store: str | Store, *, timeout_s: float = 2.0) -> Store:
     return SQLAlchemyStore(url_or_store, timeout_s=timeout_s)
 
 
-__all__ = ["Store", "WorkerRegistry", "SQLAlchemyStore", "MemoryStore", "migrate", "open_store"]
+__all__ = [
+    "ChangeFeed",
+    "Changes",
+    "Store",
+    "WorkerRegistry",
+    "SQLAlchemyStore",
+    "MemoryStore",
+    "migrate",
+    "open_store",
+]

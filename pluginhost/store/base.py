@@ -69,6 +69,31 @@ class Store(Protocol):
         """Release connections."""
 
 
+class Changes(NamedTuple):
+    """What changed in a store after a revision, read in one snapshot: ``plugins``,
+    the records inserted or updated after it (in no particular order);
+    ``deleted``, the slugs deleted after it that are not there now; ``revision``,
+    the store revision this is consistent at (the view after applying it holds
+    exactly the store's rows at ``revision``)."""
+
+    revision: int
+    plugins: list[Plugin]
+    deleted: list[str]
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """What a store may add so that a process follows it incrementally.
+
+    Optional: a view on a store without it loads every row when the revision moves.
+    """
+
+    def changes(self, since: int) -> Changes | None:
+        """The changes after revision ``since``, or None when the store cannot prove
+        it has every one of them (deletions pruned, a TRUNCATE, ``since`` ahead of
+        the store, a schema without change revisions): the caller loads everything."""
+
+
 @runtime_checkable
 class RevisionReads(Protocol):
     """What a store may add: a revision read sent now and answered later, so the

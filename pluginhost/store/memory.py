@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConcurrentUpdate, PluginNotFound
 from ..model import AuditEntry, Plugin
-from .base import MUTABLE_FIELDS, Written, audit_records, next_version
+from .base import MUTABLE_FIELDS, Changes, Written, audit_records, next_version
 
 
 class MemoryStore:
@@ -20,6 +20,7 @@ class MemoryStore:
         self._plugins: dict[str, Plugin] = {}
         self._audit: list[AuditEntry] = []
         self._revision = 0
+        self._changed_at: dict[str, int] = {}  # slug -> the revision of its last change
         for plugin in plugins:
             self.upsert(plugin, actor="init")
 
@@ -30,6 +31,14 @@ class MemoryStore:
         with self._lock:
             plugins = sorted(self._plugins.values(), key=lambda p: (p.sort, p.slug))
             return self._revision, [p.model_copy() for p in plugins]
+
+    def changes(self, since: int) -> Changes | None:
+        """As ``SQLAlchemyStore.changes`` (this store deletes nothing)."""
+        with self._lock:
+            if since < 0 or since > self._revision:
+                return None
+            changed = [self._plugins[s].model_copy() for s, at in self._changed_at.items() if at > since]
+            return Changes(self._revision, changed, [])
 
     def get(self, slug: str) -> Plugin | None:
         with self._lock:
@@ -103,6 +112,7 @@ class MemoryStore:
         before_record, after_record = audit_records(before, after)
         self._plugins[after.slug] = after
         self._revision += 1
+        self._changed_at[after.slug] = self._revision
         self._audit.append(
             AuditEntry(
                 id=len(self._audit) + 1,

@@ -30,6 +30,10 @@ plugins = Table(
     Column("label_ar", Text, nullable=False),
     Column("version", BigInteger, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # The store revision of the row's last change, set by the trigger that moves
+    # the revision (0003): a process at revision N reads only the rows above N.
+    Column("change_revision", BigInteger, nullable=False, server_default="0"),
+    Index("ix_pluginhost_plugins_change_revision", "change_revision"),
 )
 
 audit = Table(
@@ -51,6 +55,19 @@ revision = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("revision", BigInteger, nullable=False),
+    # Changes since a revision below this one cannot be proven complete (deletions
+    # pruned, a TRUNCATE, the upgrade to 0003): such a reader loads everything.
+    Column("horizon", BigInteger, nullable=False, server_default="0"),
+)
+
+# One row per deleted slug (its latest deletion), written by a trigger, also for a
+# slug renamed by direct SQL: how a process following changes sees deletions.
+deletions = Table(
+    "pluginhost_deletions",
+    metadata,
+    Column("slug", String(64), primary_key=True),
+    Column("change_revision", BigInteger, nullable=False),
+    Index("ix_pluginhost_deletions_change_revision", "change_revision"),
 )
 
 # Workers that are alive: each worker's main process reports itself here on

@@ -29,9 +29,10 @@ from ..errors import (
 )
 from ..model import AuditEntry, Kind, Plugin
 from . import schema
-from .base import MUTABLE_FIELDS, Written, audit_records, next_version
+from .base import MUTABLE_FIELDS, Changes, Written, audit_records, next_version
 from .deadline import WATCHDOG, Breaker, Call, Overrun
 from .engines import SQLITE_ADMIN_BUSY_S, make_engine
+from .feed import RECORD_COLUMNS, read_changes
 from .migrate import migrate
 from .postgres import KEEPALIVE, QUERY_CANCELED, PgRevisionReader
 from .readers import REVISION_SQL, DbapiReader, PendingRevision, RevisionReaders
@@ -40,7 +41,7 @@ log = logging.getLogger("pluginhost.store")
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-_PLUGIN_COLUMNS = [c for c in schema.plugins.c]
+_PLUGIN_COLUMNS = RECORD_COLUMNS
 #: While the store is not answering, how long a call waits for the background
 #: probe to find it answering again before it fails.
 STALLED_WAIT_S = 0.1
@@ -147,11 +148,17 @@ class SQLAlchemyStore:
 
     def load(self) -> tuple[int, list[Plugin]]:
         def read(conn: Connection) -> tuple[int, list[Plugin]]:
+            conn = self._snapshot(conn)
             rev = conn.execute(select(schema.revision.c.revision)).scalar_one()
             rows = conn.execute(select(*_PLUGIN_COLUMNS).order_by(schema.plugins.c.sort, schema.plugins.c.slug))
             return int(rev), [_plugin(r._mapping) for r in rows]
 
         return self._read(read)
+
+    def changes(self, since: int) -> Changes | None:
+        """The rows changed and the slugs deleted after revision ``since``, in one
+        snapshot; None when that cannot be proven complete (see ``feed.read_changes``)."""
+        return self._read(lambda conn: read_changes(conn, int(since), _plugin))
 
     def get(self, slug: str) -> Plugin | None:
         def read(conn: Connection) -> Plugin | None:
@@ -215,6 +222,21 @@ class SQLAlchemyStore:
                 conn.execute(select(schema.plugins.c.slug).where(schema.plugins.c.slug.in_(list(wanted)))).scalars()
             )
             return [self._insert(conn, p, actor) for s, p in wanted.items() if s not in have]
+
+        return self._write(write)
+
+    def prune_deletions(self, through: int) -> int:
+        """Forget the deletions recorded at revisions up to ``through`` (the table
+        keeps one row per deleted slug); returns how many. A process whose view is
+        older than ``through`` then loads every row on its next catch-up."""
+
+        def write(conn: Connection) -> int:
+            rev_table = schema.revision
+            current = int(conn.execute(select(rev_table.c.revision)).scalar_one())
+            bound = min(int(through), current)
+            done = conn.execute(delete(schema.deletions).where(schema.deletions.c.change_revision <= bound))
+            conn.execute(update(rev_table).where(rev_table.c.horizon < bound).values(horizon=bound))
+            return int(done.rowcount)
 
         return self._write(write)
 
@@ -313,6 +335,13 @@ class SQLAlchemyStore:
                 after=after_record,
             )
         )
+
+    def _snapshot(self, conn: Connection) -> Connection:
+        """``conn`` with its reads in one snapshot. SQLite: a read transaction is
+        one already (WAL); PostgreSQL's READ COMMITTED takes one per statement."""
+        if self.dialect == "postgresql":
+            return conn.execution_options(isolation_level="REPEATABLE READ")
+        return conn
 
     def _current_revision(self, conn: Connection) -> int:
         return int(conn.execute(select(schema.revision.c.revision)).scalar_one())
