@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol, get_args
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
+import workflows
 from pluginhost import (
     MASK,
     SORT_MAX,
@@ -49,8 +50,8 @@ from .schemas import (
     WorkflowView,
 )
 
-#: The run states of the workflows package (``workflows.store.RUN_STATES`` is not public).
-RUN_STATES = ("pending", "running", "succeeded", "failed")
+#: The run states of the workflows package (the console lists and filters by them).
+RUN_STATES = workflows.RUN_STATES
 
 
 class FlowsLike(Protocol):

@@ -12,7 +12,7 @@ from .errors import (
     WorkflowNotFound,
 )
 from .service import PlannedStep, Workflows
-from .store import StepRun, WorkflowRun
+from .store import RUN_STATES, StepRun, WorkflowRun
 
 __all__ = [
     "Workflow",
@@ -22,6 +22,7 @@ __all__ = [
     "WorkflowCapability",
     "WorkflowRun",
     "StepRun",
+    "RUN_STATES",
     "PlannedStep",
     "InvalidWorkflow",
     "WorkflowNotFound",

@@ -271,6 +271,17 @@ def resume(ctx: click.Context, run_id: str, wait: bool, timeout: float) -> None:
 
 
 @workflows.command()
+@click.argument("run_id")
+@click.option("--terminate", is_flag=True, help="Also revoke a running step (its process gets SIGTERM).")
+@click.option("--actor", default=None, help="Who cancels (default: $USER).")
+@click.pass_context
+def cancel(ctx: click.Context, run_id: str, terminate: bool, actor: str | None) -> None:
+    """Cancel a pending or running run before its next step."""
+    run = _flows(ctx).cancel(run_id, actor=_actor(actor), terminate=terminate)
+    click.echo(f"{run.id} {run.status} by {run.cancelled_by} at {run.finished_at}")
+
+
+@workflows.command()
 @_older_than("Steps running longer than this", default=3600.0, show_default=True)
 @click.pass_context
 def sweep(ctx: click.Context, older_than_s: float) -> None:

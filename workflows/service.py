@@ -222,6 +222,29 @@ class Workflows:
         canvas = build(self.runtime, wf, run_id, context, from_stage=from_stage, done=done)
         return canvas.apply_async()
 
+    def cancel(self, run_id: str, *, actor: str | None = None, terminate: bool = False) -> WorkflowRun:
+        """Stop a pending or running run before its next step: the run becomes
+        ``cancelled`` (``cancelled_by``, ``finished_at``), its pending steps
+        ``cancelled``; a step whose body is running finishes (its outcome is
+        recorded), unless ``terminate`` revokes it (``revoke(terminate=True)``:
+        its process gets SIGTERM) and records it ``cancelled``. The run's result
+        becomes REVOKED, so ``AsyncResult.get()`` raises ``TaskRevokedError``. Idempotent; a finished run is
+        ``InvalidRunState``, an unknown one ``WorkflowNotFound``."""
+        if not isinstance(run_id, str) or not run_id:
+            raise InvalidInput(f"a run id is a non-empty string, got {run_id!r}")
+        self._ready()
+        running = self.store.cancel_run(run_id, actor, running=terminate)
+        app = self.host.app
+        if terminate and running:
+            app.control.revoke(running, terminate=True)
+        try:
+            app.backend.mark_as_revoked(run_id, reason="workflow run cancelled")
+        except Exception:  # noqa: BLE001 - no result backend (or it is down): the run row says it
+            pass
+        run = self.store.get_run(run_id)
+        assert run is not None
+        return run
+
     def sweep(self, older_than_s: float = 3600.0) -> builtins.list[str]:
         """Fail runs whose step has been ``running`` longer than ``older_than_s``
         (its worker died and the message is gone), or that made no progress for

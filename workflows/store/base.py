@@ -250,6 +250,17 @@ class WorkflowStore(ABC):
         """Record a run's success (one statement); returns the workflow's name."""
 
     @abstractmethod
+    def cancel_run(self, run_id: str, actor: str | None, *, running: bool = False) -> list[str]:
+        """A pending or running run becomes ``cancelled`` (who: ``actor``, when:
+        ``finished_at``) and its pending steps ``cancelled``, in one transaction;
+        returns the task ids of its steps still running (their bodies finish, or
+        are revoked by the caller: ``running=True`` marks those ``cancelled``
+        too). A cancelled run stays so (idempotent: nothing written again); a
+        finished one is ``InvalidRunState``, an unknown one ``WorkflowNotFound``.
+        No step of a cancelled run is claimed again (``begin_step``), and its
+        last step's success does not replace the state."""
+
+    @abstractmethod
     def get_run(self, run_id: str) -> WorkflowRun | None: ...
 
     @abstractmethod

@@ -42,7 +42,7 @@ from sqlalchemy import Engine
 from ..errors import InvalidRunState, RunNotFound, WorkflowNotFound
 from .base import Claim, ClaimAsk, Layout, WorkflowStore, first_line, resume_point, unreachable
 from .outcome import Outcome
-from .records import DONE, OPEN_RUN_STATES, STEP_LEASE_S, StepRun, WorkflowRun
+from .records import DONE, FINISHED_RUN_STATES, OPEN_RUN_STATES, STEP_LEASE_S, StepRun, WorkflowRun
 from .schema import RUN_COLUMNS, STEP_COLUMNS
 
 T = TypeVar("T")
@@ -134,16 +134,22 @@ SET status = %(status)s, output = %(output)s::json, error = %(error)s,
 WHERE run_id = %(run_id)s AND position = %(position)s
 """
 
-_FINISH_RUN = """
-UPDATE workflows_runs
-SET status = 'succeeded', context = %(context)s::json, output = %(context)s::json, error = NULL,
-    finished_at = coalesce(finished_at, %(now)s)
-WHERE id = %(run_id)s
-RETURNING name
+# The run's success (a cancelled run stays cancelled); the workflow's name, NULL
+# if the run is gone.
+_FINISH_RUN_PARTS = """
+u AS (
+    UPDATE workflows_runs
+    SET status = 'succeeded', context = %(context)s::json, output = %(context)s::json, error = NULL,
+        finished_at = coalesce(finished_at, %(now)s)
+    WHERE id = %(run_id)s AND status <> 'cancelled'
+    RETURNING name
+)
+SELECT coalesce((SELECT name FROM u), (SELECT name FROM workflows_runs WHERE id = %(run_id)s))
 """
+_FINISH_RUN = "WITH " + _FINISH_RUN_PARTS.strip()
 
 # The last step's outcome and the run's success in one statement.
-_FINISH_LAST_STEP = f"WITH s AS ({_FINISH_STEP}) {_FINISH_RUN}"
+_FINISH_LAST_STEP = f"WITH s AS ({_FINISH_STEP.strip()}), {_FINISH_RUN_PARTS.strip()}"
 
 
 # ``post_step``'s statement, prepared once per connection and sent with libpq's
@@ -237,7 +243,7 @@ WITH st AS (
 ), r AS (
     UPDATE workflows_runs
     SET status = 'failed', error = coalesce(error, %(error)s), finished_at = coalesce(finished_at, %(now)s)
-    WHERE id = %(run_id)s AND status <> 'succeeded' AND EXISTS (SELECT 1 FROM st)
+    WHERE id = %(run_id)s AND status NOT IN ('succeeded', 'cancelled') AND EXISTS (SELECT 1 FROM st)
     RETURNING name
 )
 SELECT coalesce((SELECT name FROM r), (SELECT name FROM workflows_runs WHERE id = %(run_id)s)),
@@ -281,6 +287,21 @@ UPDATE workflows_steps SET status = 'pending', finished_at = NULL
 WHERE run_id = %(run_id)s AND status IN ('failed', 'cancelled', 'running')
 """
 
+_CANCEL_RUN = f"""
+UPDATE workflows_runs SET status = 'cancelled', cancelled_by = %(actor)s, finished_at = %(now)s
+WHERE id = %(run_id)s AND status IN {_OPEN}
+RETURNING id
+"""
+_CANCEL_PENDING_STEPS = """
+UPDATE workflows_steps SET status = 'cancelled', finished_at = %(now)s
+WHERE run_id = %(run_id)s AND status = 'pending'
+"""
+_CANCEL_RUNNING_STEPS = """
+UPDATE workflows_steps SET status = 'cancelled', finished_at = %(now)s
+WHERE run_id = %(run_id)s AND status = 'running'
+"""
+_RUNNING_TASKS = "SELECT task_id FROM workflows_steps WHERE run_id = %(run_id)s AND status = 'running'"
+
 _STALE_STEPS = f"""
 SELECT s.run_id, s.position, s.slug FROM workflows_steps s JOIN workflows_runs r ON r.id = s.run_id
 WHERE s.status = 'running' AND s.started_at < %(cutoff)s AND r.status IN {_OPEN}
@@ -299,8 +320,8 @@ WITH first_open AS (
 SELECT s.run_id, s.position, s.slug FROM workflows_steps s
 JOIN first_open f ON f.run_id = s.run_id AND f.position = s.position
 """
-_PRUNE = """
-DELETE FROM workflows_runs WHERE status IN ('succeeded', 'failed') AND finished_at < %(cutoff)s
+_PRUNE = f"""
+DELETE FROM workflows_runs WHERE status IN {_sql_list(FINISHED_RUN_STATES)} AND finished_at < %(cutoff)s
 """  # the steps go with their run (ON DELETE CASCADE)
 
 # How long reading the answer of an outcome sent without waiting may take
@@ -522,6 +543,29 @@ class PgWorkflowStore(WorkflowStore):
     def finish_run(self, run_id: str, output: dict[str, Any]) -> str:
         return self._name(_FINISH_RUN, {"run_id": run_id, "context": json.dumps(output), "now": _now()})
 
+    def cancel_run(self, run_id: str, actor: str | None, *, running: bool = False) -> list[str]:
+        params = {"run_id": run_id, "actor": actor, "now": _now()}
+
+        def write(conn: Any) -> list[str]:
+            with conn.transaction():
+                taken = conn.execute(_CANCEL_RUN, params, prepare=True).fetchone()
+                if taken is None:
+                    status = conn.execute(_RUN_STATUS, params, prepare=True).fetchone()
+                    if status is None:
+                        raise WorkflowNotFound(f"no workflow run {run_id!r}")
+                    if status[0] != "cancelled":
+                        raise InvalidRunState(
+                            f"run {run_id} is {status[0]}; only pending or running runs can be cancelled"
+                        )
+                else:
+                    conn.execute(_CANCEL_PENDING_STEPS, params, prepare=True)
+                rows = conn.execute(_RUNNING_TASKS, params, prepare=True).fetchall()
+                if running:
+                    conn.execute(_CANCEL_RUNNING_STEPS, params, prepare=True)
+            return [str(t) for (t,) in rows if t]
+
+        return self._run(write)
+
     def get_run(self, run_id: str) -> WorkflowRun | None:
         def read(conn: Any) -> WorkflowRun | None:
             with conn.transaction():  # the run and its steps from one snapshot
@@ -576,7 +620,7 @@ class PgWorkflowStore(WorkflowStore):
 
     def _name(self, sql: str, params: dict[str, Any]) -> str:
         row = self._fetch(sql, params)
-        if row is None:
+        if row is None or row[0] is None:
             raise RunNotFound(f"workflow run {params['run_id']!r} is gone from the store")
         return str(row[0])
 

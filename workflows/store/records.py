@@ -12,10 +12,12 @@ from pluginhost import PluginHostError
 #: Step states. ``pending`` -> ``running`` -> ``succeeded`` | ``skipped`` | ``failed``;
 #: steps after a failure become ``cancelled``.
 STEP_STATES = ("pending", "running", "succeeded", "skipped", "failed", "cancelled")
-RUN_STATES = ("pending", "running", "succeeded", "failed")
+RUN_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 DONE = ("succeeded", "skipped")
 #: A step of a run in another state (it failed or succeeded) is never claimed.
 OPEN_RUN_STATES = ("pending", "running")
+#: A run in one of these states has ended (``prune`` deletes them after a while).
+FINISHED_RUN_STATES = ("succeeded", "failed", "cancelled")
 #: How long a running step's claim holds while its owner looks alive (see ``WorkflowStore.begin_step``).
 STEP_LEASE_S = 3600.0
 
@@ -63,6 +65,7 @@ class WorkflowRun(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    cancelled_by: str | None = None
     steps: list[StepRun] = []
 
     @property

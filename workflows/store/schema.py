@@ -37,6 +37,7 @@ runs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
+    Column("cancelled_by", Text),  # who cancelled it (Workflows.cancel); finished_at says when
 )
 steps = Table(
     "workflows_steps",

@@ -22,7 +22,7 @@ from ..errors import InvalidRunState, RunNotFound, WorkflowNotFound
 from ..owner import local_owner, local_owner_alive
 from .base import Claim, ClaimAsk, Layout, WorkflowStore, resume_point, unreachable
 from .outcome import Outcome
-from .records import DONE, OPEN_RUN_STATES, StepRun, WorkflowRun
+from .records import DONE, FINISHED_RUN_STATES, OPEN_RUN_STATES, StepRun, WorkflowRun
 from .schema import definitions, runs, steps
 
 T = TypeVar("T")
@@ -251,7 +251,7 @@ class SqlWorkflowStore(WorkflowStore):
             )
             name = conn.execute(
                 update(runs)
-                .where(runs.c.id == run_id, runs.c.status != "succeeded")
+                .where(runs.c.id == run_id, runs.c.status.not_in(("succeeded", "cancelled")))
                 .values(
                     status="failed",
                     error=func.coalesce(runs.c.error, error),
@@ -267,6 +267,39 @@ class SqlWorkflowStore(WorkflowStore):
 
     def finish_run(self, run_id: str, output: dict[str, Any]) -> str:
         return self._write(lambda conn: _finish_run(conn, run_id, output))
+
+    def cancel_run(self, run_id: str, actor: str | None, *, running: bool = False) -> list[str]:
+        def write(conn: Connection) -> list[str]:
+            now = _now()
+            taken = conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.status.in_(OPEN_RUN_STATES))
+                .values(status="cancelled", cancelled_by=actor, finished_at=now)
+                .returning(runs.c.id)
+            ).first()
+            if taken is None:
+                status = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+                if status is None:
+                    raise WorkflowNotFound(f"no workflow run {run_id!r}")
+                if status != "cancelled":
+                    raise InvalidRunState(f"run {run_id} is {status}; only pending or running runs can be cancelled")
+            else:
+                conn.execute(
+                    update(steps)
+                    .where(steps.c.run_id == run_id, steps.c.status == "pending")
+                    .values(status="cancelled", finished_at=now)
+                )
+            busy = select(steps.c.task_id).where(steps.c.run_id == run_id, steps.c.status == "running")
+            task_ids = [str(t) for (t,) in conn.execute(busy) if t]
+            if running:
+                conn.execute(
+                    update(steps)
+                    .where(steps.c.run_id == run_id, steps.c.status == "running")
+                    .values(status="cancelled", finished_at=now)
+                )
+            return task_ids
+
+        return self._write(write)
 
     def get_run(self, run_id: str) -> WorkflowRun | None:
         def read(conn: Connection) -> WorkflowRun | None:
@@ -359,7 +392,7 @@ class SqlWorkflowStore(WorkflowStore):
     def prune(self, older_than_s: float) -> int:
         def write(conn: Connection) -> int:
             cutoff = _now() - timedelta(seconds=older_than_s)
-            old = select(runs.c.id).where(runs.c.status.in_(("succeeded", "failed")), runs.c.finished_at < cutoff)
+            old = select(runs.c.id).where(runs.c.status.in_(FINISHED_RUN_STATES), runs.c.finished_at < cutoff)
             conn.execute(delete(steps).where(steps.c.run_id.in_(old)))
             return int(conn.execute(delete(runs).where(runs.c.id.in_(old.scalar_subquery()))).rowcount or 0)
 
@@ -413,7 +446,7 @@ def _insert_run(conn: Connection, run_id: str, name: str, version: int, input: d
 def _finish_run(conn: Connection, run_id: str, output: dict[str, Any]) -> str:
     name = conn.execute(
         update(runs)
-        .where(runs.c.id == run_id)
+        .where(runs.c.id == run_id, runs.c.status != "cancelled")  # a cancelled run stays so
         # a duplicate of the last step must not move the end time
         .values(
             status="succeeded",
@@ -424,6 +457,8 @@ def _finish_run(conn: Connection, run_id: str, output: dict[str, Any]) -> str:
         )
         .returning(runs.c.name)
     ).scalar()
+    if name is None:
+        name = conn.execute(select(runs.c.name).where(runs.c.id == run_id)).scalar()
     if name is None:
         raise RunNotFound(f"workflow run {run_id!r} is gone from the store")
     return str(name)
