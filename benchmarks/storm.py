@@ -15,7 +15,8 @@ body records ``RPUSH "<sent> <time.time()>"`` as its first statement.
 Task latency = body start - the producer's time just before ``run_capability``
 (enqueue -> body start), over the runs *sent* in a phase; p50/p99 nearest-rank.
 
-Phases, ``--seconds`` each, after a warm-up: *quiet* (no toggles), then *storm*: an
+Phases, ``--seconds`` each, after a warm-up (until every worker has run the
+capability, so loaded its view, and the store is quiet; then ``--warmup`` s): *quiet* (no toggles), then *storm*: an
 admin (a second ``PluginHost`` in this process) calls ``host.disable`` /
 ``host.enable`` (``wait=False``: the commit and the refresh broadcast, as an admin
 UI would) on ``--storm-rate`` different plugins per second, cycling through 50
@@ -198,7 +199,7 @@ def latencies(redis: RedisDb, a: float, b: float) -> list[float]:
     """Latencies (ms) of the runs sent in [a, b)."""
     out = []
     for raw in redis.client.lrange(KEY, 0, -1):
-        sent, started = (float(x) for x in raw.split())
+        sent, started = (float(x) for x in raw.split()[:2])
         if a <= sent < b:
             out.append((started - sent) * 1000)
     return out
@@ -222,6 +223,22 @@ def storm(admin: Any, seconds: float, per_s: float) -> int:
         if delay > 0:
             time.sleep(delay)
     return n
+
+
+def warm_up(redis: RedisDb, meter: StoreMeter, pids: list[int], seconds: float, limit: float = 120.0) -> None:
+    """Until every worker has run the capability (and so loaded its view of every
+    plugin) and the store has been quiet (no full load: under 5,000 tuples returned)
+    for a second, then ``seconds`` more; at most ``limit`` s."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        ran = {int(raw.split()[2]) for raw in redis.client.lrange(KEY, 0, -1)}
+        before = meter.snapshot()
+        time.sleep(1.0)
+        if set(pids) <= ran and meter.delta(before, meter.snapshot())["returned"] < 5_000:
+            break
+    else:
+        print(f"  WARNING: warm-up not finished after {limit:.0f} s (a worker ran nothing, or the store kept loading)")
+    time.sleep(seconds)
 
 
 def main() -> None:
@@ -291,7 +308,8 @@ def main() -> None:
                 [sys.executable, __file__, "--produce", "--rate", str(args.rate), "--broker", args.broker],
                 cwd=REPO, env=env, start_new_session=True,
             )  # fmt: skip
-            time.sleep(args.warmup)
+            runners = [pid for w in workers for pid in ([w.pid] if args.pool == "solo" else w.children())]
+            warm_up(redis, meter, runners, args.warmup)
             phases: dict[str, dict[str, Any]] = {}
             for name in ("quiet", "storm"):
                 s0, t0, l0 = meter.snapshot(), time.time(), loadavg()

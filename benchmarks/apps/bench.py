@@ -15,8 +15,8 @@ Configured from the ``BENCH_CONF`` environment variable (a JSON object, written 
 - ``count``: ``INCR key`` (execution benchmark counts completions);
 - ``record``: ``RPUSH key "<time.time()> <pid>"`` taken at the *start* of the run
   (propagation benchmark: which process started a run, and when).
-- ``latency``: ``RPUSH key "<payload['sent']> <time.time()>"`` at the start of the
-  run (storm benchmark: the producer's send time, and when the body started).
+- ``latency``: ``RPUSH key "<payload['sent']> <time.time()> <pid>"`` at the start of
+  the run (storm benchmark: the producer's send time, when the body started, where).
 
 Tasks:
 
@@ -84,7 +84,7 @@ def make_body(mode: str, redis_url: str | None, key: str) -> Callable[[dict[str,
     elif mode == "latency":
 
         def work(payload: dict[str, Any]) -> None:
-            client().rpush(key, f"{payload.get('sent', 0.0)} {time.time():.6f}")
+            client().rpush(key, f"{payload.get('sent', 0.0)} {time.time():.6f} {os.getpid()}")
 
     elif mode == "none":
 
