@@ -20,8 +20,10 @@ capability, so loaded its view, and the store is quiet; then ``--warmup`` s): *q
 admin (a second ``PluginHost`` in this process) calls ``host.disable`` /
 ``host.enable`` (``wait=False``: the commit and the refresh broadcast, as an admin
 UI would) on ``--storm-rate`` different plugins per second, cycling through 50
-plugins that no task uses, each flipped from its previous state. Target: storm
-p99 / quiet p99 <= 1.2.
+plugins that no task uses, each flipped from its previous state (``--admin sql``:
+the same by ``UPDATE``, no broadcast, so the workers find the changes by their
+poll, in batches, and the producer by its own check). Target: storm p99 / quiet
+p99 <= 1.2.
 
 The store's work in each phase: statements from ``pg_stat_statements`` when the
 extension is installed *and* loaded (``shared_preload_libraries``); otherwise
@@ -205,8 +207,10 @@ def latencies(redis: RedisDb, a: float, b: float) -> list[float]:
     return out
 
 
-def storm(admin: Any, seconds: float, per_s: float) -> int:
-    """Toggle ``per_s`` different plugins per second for ``seconds``; returns the toggles."""
+def storm(admin: Any, sql: psycopg.Connection[Any] | None, seconds: float, per_s: float) -> int:
+    """Toggle ``per_s`` different plugins per second for ``seconds`` (``host.disable`` /
+    ``enable``, or with ``sql`` an ``UPDATE`` that only the workers' poll and the
+    producer's own check notice); returns the toggles."""
     state = {f"p{k}": True for k in range(1, OTHERS + 1)}
     slugs = list(state)
     interval = 1.0 / per_s
@@ -215,7 +219,10 @@ def storm(admin: Any, seconds: float, per_s: float) -> int:
     n = 0
     while time.perf_counter() < t_end:
         slug = slugs[n % len(slugs)]
-        (admin.disable if state[slug] else admin.enable)(slug)
+        if sql is not None:
+            sql.execute("UPDATE pluginhost_plugins SET enabled = %s WHERE slug = %s", (not state[slug], slug))
+        else:
+            (admin.disable if state[slug] else admin.enable)(slug)
         state[slug] = not state[slug]
         n += 1
         nxt += interval
@@ -250,6 +257,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
     p.add_argument("--storm-rate", type=float, default=10.0, help="toggles/s in the storm phase")
     p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument(
+        "--admin",
+        choices=("host", "sql"),
+        default="host",
+        help="storm toggles by host.disable/enable (default) or by direct SQL (no broadcast: the poll finds them)",
+    )
     p.add_argument("--quick", action="store_true", help="4 workers, 10 s phases (smoke run)")
     p.add_argument("--produce", action="store_true", help="(internal) run as the producer subprocess")
     p.set_defaults(db="pluginhost_bench_storm")
@@ -261,6 +274,7 @@ def main() -> None:
         args.workers, args.seconds, args.warmup = 4, 10.0, 3.0
 
     from benchmarks.apps.bench import CAPABILITY, make_app
+    from pluginhost.control import poll_interval
 
     specs = [
         {"name": f"{args.pool}-{i:02d}", "pool": args.pool, "concurrency": 1, "queues": [QUEUE]}
@@ -269,6 +283,7 @@ def main() -> None:
     redis = RedisDb(args.redis_db)
     producer: subprocess.Popen[bytes] | None = None
     meter: StoreMeter | None = None
+    sql: psycopg.Connection[Any] | None = None
     try:
         pg_url = create_pg_database(args.db)
         conf = bench_conf(celery_conf(args.broker, redis, pg_url, QUEUE), redis, "latency", KEY)
@@ -288,6 +303,8 @@ def main() -> None:
         host.view.reload()
         purge(app, QUEUE)
         meter = StoreMeter(args.db)
+        if args.admin == "sql":
+            sql = psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True)
         header(
             "storm: task latency (enqueue -> body start) with and without a storm of toggles of other plugins",
             plugins=f"{total:,} in {pg_url}",
@@ -295,8 +312,12 @@ def main() -> None:
             stream=f"producer subprocess, host.run_capability at {args.rate:.0f}/s",
             phases=f"warm-up {args.warmup:.0f} s, quiet {args.seconds:.0f} s, storm {args.seconds:.0f} s",
             storm=(
-                f"host.disable/enable (wait=False) of a second PluginHost, {args.storm_rate:.0f} different plugins/s,"
-                f" cycling through {OTHERS}"
+                (
+                    "host.disable/enable (wait=False) of a second PluginHost"
+                    if args.admin == "host"
+                    else f"direct SQL UPDATE (no broadcast; workers poll every {poll_interval(app)} s)"
+                )
+                + f", {args.storm_rate:.0f} different plugins/s, cycling through {OTHERS}"
             ),
             store=meter.method,
             versions=versions(),
@@ -314,7 +335,7 @@ def main() -> None:
             for name in ("quiet", "storm"):
                 s0, t0, l0 = meter.snapshot(), time.time(), loadavg()
                 if name == "storm":
-                    toggles = storm(host, args.seconds, args.storm_rate)
+                    toggles = storm(host, sql, args.seconds, args.storm_rate)
                 else:
                     time.sleep(args.seconds)
                     toggles = 0
@@ -343,6 +364,8 @@ def main() -> None:
                 producer.wait(5)
         if meter is not None:
             meter.close()
+        if sql is not None:
+            sql.close()
         redis.release()
     print(f"load average at the end {loadavg()}")
 
@@ -372,7 +395,7 @@ def report(args: Any, redis: RedisDb, phases: dict[str, dict[str, Any]], backlog
     q, s = phases["quiet"]["store"], phases["storm"]["store"]
     key = "calls" if "calls" in q else "xact"
     what = "statements" if key == "calls" else "commits"
-    workers = f"{args.workers} {args.pool} workers"
+    workers = f"{args.workers} {args.pool} workers" + (", toggles by SQL" if args.admin == "sql" else "")
     return [
         summary_row(
             f"storm: task latency p99, {args.storm_rate:.0f} toggles/s of other plugins vs none"
