@@ -35,6 +35,9 @@ processes named ``postgres`` listed in ``pg_stat_activity`` for it), sampled eve
 0.5 s so backends that start during a phase count; PostgreSQL's background
 processes (WAL writer, checkpointer) and other databases are not counted.
 
+The CPU time of the workers (every process of each) and of the producer in each
+phase is printed too (``/proc/<pid>/task/*/schedstat``).
+
 ``--quick``: 4 workers, 10 s phases (a smoke run; its ratio is noisy).
 """
 
@@ -60,6 +63,7 @@ from benchmarks.common import (  # noqa: E402
     _killpg,
     bench_conf,
     celery_conf,
+    cpu_ns,
     create_pg_database,
     header,
     loadavg,
@@ -332,7 +336,9 @@ def main() -> None:
             runners = [pid for w in workers for pid in ([w.pid] if args.pool == "solo" else w.children())]
             warm_up(redis, meter, runners, args.warmup)
             phases: dict[str, dict[str, Any]] = {}
+            procs = {"workers": [pid for w in workers for pid in (w.pid, *w.children())], "producer": [producer.pid]}
             for name in ("quiet", "storm"):
+                c0 = {k: cpu_ns(v) for k, v in procs.items()}
                 s0, t0, l0 = meter.snapshot(), time.time(), loadavg()
                 if name == "storm":
                     toggles = storm(host, sql, args.seconds, args.storm_rate)
@@ -341,7 +347,8 @@ def main() -> None:
                     toggles = 0
                 t1 = time.time()
                 phases[name] = {"t0": t0, "t1": t1, "toggles": toggles, "store": meter.delta(s0, meter.snapshot()),
-                                "load": f"{l0} -> {loadavg()}"}  # fmt: skip
+                                "load": f"{l0} -> {loadavg()}",
+                                "cpu": {k: (cpu_ns(v) - c0[k]) / 1e9 for k, v in procs.items()}}  # fmt: skip
             if producer.poll() is not None:
                 raise RuntimeError(f"the producer exited early (status {producer.returncode})")
             producer.send_signal(signal.SIGTERM)
@@ -384,7 +391,9 @@ def report(args: Any, redis: RedisDb, phases: dict[str, dict[str, Any]], backlog
             f" p99 {pct(xs, 99):.2f} ms, max {max(xs, default=float('nan')):.1f} ms; toggles {ph['toggles']}"
             f" ({ph['toggles'] / secs:.1f}/s)\n"
             f"         store: backend CPU {st['cpu_s']:.2f} s ({100 * st['cpu_s'] / secs:.1f}% of one CPU),"
-            f" {statements}, {st['returned']:,} tuples returned, {st['fetched']:,} fetched; load {ph['load']}"
+            f" {statements}, {st['returned']:,} tuples returned, {st['fetched']:,} fetched; load {ph['load']}\n"
+            f"         CPU of the {args.workers} workers {ph['cpu']['workers']:.2f} s,"
+            f" of the producer {ph['cpu']['producer']:.2f} s"
         )
     if backlog:
         print(f"  WARNING: {backlog} messages still queued at the end (the workers fell behind)")
