@@ -35,7 +35,8 @@ processes named ``postgres`` listed in ``pg_stat_activity`` for it), sampled eve
 0.5 s so backends that start during a phase count; PostgreSQL's background
 processes (WAL writer, checkpointer) and other databases are not counted.
 PostgreSQL 15 flushes an idle backend's ``pg_stat_database`` counters up to ~10 s
-late, so a short warm-up's loads can show in the quiet phase's tuple counts.
+late, hence the 11 s ``--warmup``: with less, the workers' first loads show in the
+quiet phase's tuple counts.
 
 The CPU time of the workers (every process of each) and of the producer in each
 phase is printed too (``/proc/<pid>/task/*/schedstat``).
@@ -262,7 +263,9 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=50.0, help="producer runs/s")
     p.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
     p.add_argument("--storm-rate", type=float, default=10.0, help="toggles/s in the storm phase")
-    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument(
+        "--warmup", type=float, default=11.0, help="seconds after the workers are warm (past the stats flush delay)"
+    )
     p.add_argument(
         "--admin",
         choices=("host", "sql"),
@@ -277,7 +280,7 @@ def main() -> None:
         produce(args.rate)
         return
     if args.quick:
-        args.workers, args.seconds, args.warmup = 4, 10.0, 5.0
+        args.workers, args.seconds = 4, 10.0
 
     from benchmarks.apps.bench import CAPABILITY, make_app
     from pluginhost.control import poll_interval
