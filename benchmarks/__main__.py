@@ -1,6 +1,6 @@
 """Run every benchmark of the project, one after the other, and print one summary table.
 
-    python -m benchmarks [--quick] [--only dispatch,execution,propagation,workflow,scale,follow,bulk]
+    python -m benchmarks [--quick] [--only dispatch,execution,propagation,workflow,scale,follow,bulk,storm]
                          [--verbose] [--log-dir DIR]
     python benchmarks/readme_table.py LOG_DIR   (the README's summary table from a run)
     python -m benchmarks soak --minutes N [--seed S]   (the long history run: benchmarks/soak.py)
@@ -64,6 +64,7 @@ JOBS = [
     Job("follow", "follow.py", [], ["--sizes", "10,2000", "--toggles", "50", "--memory-toggles", "30"]),
     Job("bulk-redis", "bulk.py", ["--broker", "redis"], ["--n", "2000", "--rounds", "2"]),
     Job("bulk-amqp", "bulk.py", ["--broker", "amqp"], ["--n", "2000", "--rounds", "2"]),
+    Job("storm", "storm.py", [], ["--quick"]),
 ]  # fmt: skip
 
 # command-line fragments of benchmark processes (scripts, their workers, other runners)

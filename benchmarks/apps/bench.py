@@ -6,7 +6,7 @@ Configured from the ``BENCH_CONF`` environment variable (a JSON object, written 
 
     {"celery": {...Celery settings, pluginhost_store included...},
      "redis_url": "redis://127.0.0.1:6379/9",   # where the function reports
-     "mode": "none" | "count" | "record",
+     "mode": "none" | "count" | "record" | "latency",
      "key": "bench:count"}
 
 ``mode`` decides what the function body does, identically for both tasks:
@@ -15,6 +15,8 @@ Configured from the ``BENCH_CONF`` environment variable (a JSON object, written 
 - ``count``: ``INCR key`` (execution benchmark counts completions);
 - ``record``: ``RPUSH key "<time.time()> <pid>"`` taken at the *start* of the run
   (propagation benchmark: which process started a run, and when).
+- ``latency``: ``RPUSH key "<payload['sent']> <time.time()> <pid>"`` at the start of
+  the run (storm benchmark: the producer's send time, when the body started, where).
 
 Tasks:
 
@@ -78,6 +80,11 @@ def make_body(mode: str, redis_url: str | None, key: str) -> Callable[[dict[str,
 
         def work(payload: dict[str, Any]) -> None:
             client().rpush(key, f"{time.time():.6f} {os.getpid()}")
+
+    elif mode == "latency":
+
+        def work(payload: dict[str, Any]) -> None:
+            client().rpush(key, f"{payload.get('sent', 0.0)} {time.time():.6f} {os.getpid()}")
 
     elif mode == "none":
 

@@ -43,7 +43,11 @@ KINDS = (
     "worker_stop",        # SIGSTOP a whole worker group, then SIGCONT
     "broker_restart",     # the private Redis broker killed or stopped, then started (empty)
     "duplicate_delivery", # a captured task message pushed to the queue again
+    "storm",              # 10-20 toggles of other plugins within a second, sometimes one under test too
 )  # fmt: skip
+
+#: Plugins only the storm toggles (no capability: registered by the run's setup).
+STORM_PLUGINS = tuple(f"storm_{i:02d}" for i in range(12))
 
 #: Seconds each fault is held (uniform between the two).
 HOLD_S: dict[str, tuple[float, float]] = {
@@ -84,6 +88,8 @@ class Faults:
         broker: PrivateRedis,
         queue: str,
         workers: WorkerPool,
+        host: Any = None,
+        under_test: tuple[str, ...] = (),
     ) -> None:
         self.log, self.rng = log, rng
         self.proxy, self.admin_conninfo, self.dbname, self.role = proxy, admin_conninfo, dbname, role
@@ -95,6 +101,10 @@ class Faults:
         self._dead: set[str] = set()
         self._captured: dict[str, dict[str, Any]] = {}
         self._redis: Any = None
+        # the storm's admin: a PluginHost of the store (postgres, direct) whose calls
+        # are recorded as admin calls of this process, so G1 and G6 judge them too
+        self.host, self.under_test = host, under_test
+        self._storm_calls = 0
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -361,3 +371,54 @@ class Faults:
         self.log.emit("fault_start", fault="duplicate_delivery", messages=sent)
         self.log.emit("fault_end", fault="duplicate_delivery")
         return True
+
+    # -- admin faults -----------------------------------------------------------------
+
+    def _storm(self) -> bool | None:
+        """A burst of 10-20 enable/disable calls of the storm plugins (each flips
+        the state it last had) within about a second, without waiting for the
+        workers; half the time a plugin under test is disabled in the middle of
+        the burst and enabled again at its end."""
+        if self.host is None:
+            self.log.emit("fault_skipped", fault="storm", reason="no admin host")
+            return False
+        toggles = self.rng.randint(10, 20)
+        enabled: dict[str, bool] = {}
+        calls: list[tuple[str, str]] = []
+        for _ in range(toggles):
+            slug = self.rng.choice(STORM_PLUGINS)
+            if slug not in enabled:
+                record = self.host.view.plugin(slug)
+                enabled[slug] = record.enabled if record is not None else True
+            calls.append(("disable" if enabled[slug] else "enable", slug))
+            enabled[slug] = not enabled[slug]
+        target = self.rng.choice(self.under_test) if self.under_test and self.rng.random() < 0.5 else None
+        if target is not None:
+            calls.insert(len(calls) // 2, ("disable", target))
+            calls.append(("enable", target))
+        gap = self.rng.uniform(0.5, 1.0) / len(calls)
+        self.log.emit("fault_start", fault="storm", toggles=len(calls), under_test=target)
+        done = 0
+        try:
+            for op, slug in calls:
+                done += self._admin_call(op, slug)
+                time.sleep(gap)
+        finally:
+            self.log.emit("fault_end", fault="storm", committed=done)
+        return True
+
+    def _admin_call(self, op: str, slug: str) -> int:
+        """One enable/disable, recorded as roles.py's admins record theirs."""
+        from tests.history.roles import _describe, _result
+
+        self._storm_calls += 1
+        fields = {"call": self._storm_calls, "actor": f"{self.log.proc}:{self._storm_calls}", "op": op,
+                  "wait": False, "slug": slug}  # fmt: skip
+        self.log.emit("admin_start", **fields)
+        try:
+            result = getattr(self.host, op)(slug, actor=fields["actor"], wait=False)
+        except Exception as exc:  # noqa: BLE001 - recorded; the checker judges it
+            self.log.emit("admin_error", **fields, **_describe(exc))
+            return 0
+        self.log.emit("admin_return", **fields, **_result(result))
+        return 1

@@ -182,6 +182,11 @@ def run_history(cfg: RunConfig) -> RunResult:
             hist.app.conf.pluginhost_auto_migrate = True
             hist.host.sync()
             hist.flows.define(hist.HIST)
+            from pluginhost import Plugin
+            from tests.history.faults import STORM_PLUGINS
+
+            for slug in STORM_PLUGINS:  # what the storm fault toggles besides the plugins under test
+                hist.host.register(Plugin(slug=slug, enabled=True, label_en=slug))
             create_role(dbname, role)
 
             workers = Workers(conf, log_dir, events_dir)
@@ -203,7 +208,7 @@ def run_history(cfg: RunConfig) -> RunResult:
         faults = Faults(
             log=log, rng=random.Random(f"{cfg.seed}:faults"), proxy=proxy,
             admin_conninfo=_admin_conninfo(dbname), dbname=dbname, role=role,
-            broker=broker, queue=queue, workers=workers,
+            broker=broker, queue=queue, workers=workers, host=hist.host, under_test=hist.PLUGINS,
         )  # fmt: skip
         cfg.say(f"history: seed {cfg.seed}, {cfg.producers} producers, {cfg.admins} admins, 4 workers, "
                 f"{cfg.chaos_s:.0f} s of faults; work dir {workdir}")  # fmt: skip
