@@ -405,20 +405,21 @@ class WorkerFactory:
             worker.wait_ready(ready_timeout)
         return worker
 
-    def stop_all(self, timeout: float = 10.0, *, graceful: bool = False) -> list[str]:
+    def stop_all(self, timeout: float = 10.0, *, graceful: bool = False, group: bool = False) -> list[str]:
         """Stop every worker; return a description of each failure.
 
         By default each group gets SIGKILL: teardown only has to leave nothing
         behind, and Celery's warm shutdown costs seconds (the prefork pool takes
         about 1.5 s to stop; on the filesystem broker the consumer notices the
         signal only between 2 s polls). ``graceful=True`` sends every worker
-        SIGTERM at once and SIGKILLs what is left after ``timeout``.
+        SIGTERM at once (to its whole group with ``group=True``, see
+        :meth:`Worker.stop`) and SIGKILLs what is left after ``timeout``.
         """
         problems = []
         if graceful:
             for worker in self.started:
                 try:
-                    worker.request_stop()
+                    worker.request_stop(group=group)
                 except Exception as exc:  # noqa: BLE001 - reported; finish_stop SIGKILLs it
                     problems.append(f"{worker!r}: {exc!r}")
         deadline = time.monotonic() + timeout
