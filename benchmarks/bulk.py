@@ -14,33 +14,13 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
-    RedisDb,
-    bench_conf,
-    celery_conf,
-    create_pg_database,
-    header,
-    loadavg,
-    median,
-    parser,
-    purge,
-    server_versions,
-    summary_row,
-    verdict,
-    versions,
-    write_rows,
-)
+from benchmarks.common import claimed, loadavg, median, parser, payload, purge, summary_row, verdict  # noqa: E402
 
 QUEUE = "bench.bulk"
 TARGET = 1.0
-
-
-def payload(i: int) -> dict[str, Any]:
-    return {"i": i, "email": "a@b.c", "tags": ["x", "y"]}
 
 
 def main() -> None:
@@ -48,22 +28,17 @@ def main() -> None:
     p.add_argument("--n", type=int, default=10_000, help="inputs per batch")
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
-    redis = RedisDb(args.redis_db)
-    try:
-        pg_url = create_pg_database(args.db)
-        header(
+    with claimed(args) as run:
+        run.header(
             "bulk dispatch: host.run_capability_many vs a bare loop of apply_async",
             N=f"{args.n} inputs per batch, {args.rounds} interleaved rounds, one warm-up batch each",
-            broker=f"{args.broker} (redis db {redis.index})" if args.broker == "redis" else "amqp (RabbitMQ)",
-            store=pg_url,
+            broker=run.broker_label,
+            store=run.pg_url,
             worker="none (messages queue, purged after each batch)",
-            versions=versions(),
-            servers=server_versions(redis),
         )
         from benchmarks.apps.bench import CAPABILITY, make_app
 
-        conf = bench_conf(celery_conf(args.broker, redis, pg_url, QUEUE), redis, "none")
-        b = make_app(conf, "bulk")
+        b = make_app(run.conf(run.pg_url, QUEUE), "bulk")
         b.host.sync()
         b.host.enable(CAPABILITY)
         inputs = [payload(i) for i in range(args.n)]
@@ -97,12 +72,10 @@ def main() -> None:
             f"  ratio (throughput)       : {ratio:.3f}   target >= {TARGET}  {verdict(ratio, TARGET)}"
             f"   (per round {min(rounds):.2f}..{max(rounds):.2f})"
         )
-        broker_name = "Redis" if args.broker == "redis" else "RabbitMQ"
-        write_rows(
-            args.json_out,
+        run.write_rows(
             [
                 summary_row(
-                    f"bulk dispatch of {args.n}, PostgreSQL + {broker_name}",
+                    f"bulk dispatch of {args.n}, PostgreSQL + {run.broker_name}",
                     f"{args.n / bare_s:.0f} calls/s",
                     f"{args.n / many_s:.0f} calls/s",
                     ratio,
@@ -112,8 +85,6 @@ def main() -> None:
             ],
         )
         print(f"\nload average at the end: {loadavg()}")
-    finally:
-        redis.release()
 
 
 if __name__ == "__main__":

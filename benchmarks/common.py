@@ -1,7 +1,9 @@
 """Shared pieces of the benchmarks: services, config, worker subprocesses, printing.
 
-Nothing here imports tests/; the worker helper is a small, self-contained version
-of tests/harness.py's ``Worker`` (own process group, always stopped).
+The servers, the Redis db claim and the worker subprocesses are the test harness's
+(``tests/harness/``): a benchmark's workers are ``tests.harness.Worker``s (own
+process group, always stopped), and its Redis db is claimed with the same owner
+key as a pytest session's, so neither uses the other's db.
 """
 
 from __future__ import annotations
@@ -11,16 +13,13 @@ import json
 import math
 import os
 import platform
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +27,21 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-LOCALHOST = "127.0.0.1"
+from tests import harness  # noqa: E402
+from tests.harness import AMQP_URL, LOCALHOST, Worker, WorkerFactory  # noqa: E402
+
 PG_DB = "pluginhost_bench"
 PG_URL = f"postgresql+psycopg://postgres@{LOCALHOST}/{PG_DB}"
-PG_ADMIN = f"host={LOCALHOST} port=5432 user=postgres dbname=test connect_timeout=3"
-AMQP_URL = f"amqp://guest:guest@{LOCALHOST}:5672//"
+PG_ADMIN = harness.pg_conninfo(harness.PG_ADMIN_DB)
 APP_MODULE = "benchmarks.apps.bench"
-# Same owner key / format as tests/harness.py, so a concurrent pytest session skips our db.
-REDIS_OWNER_KEY = "pluginhost:test-harness:owner"
+CONF_ENV = "BENCH_CONF"  # the bench app's settings (see benchmarks/apps/bench.py)
 CONTROL_EXCHANGE = "pluginhost_bench"  # keeps our broadcasts away from other apps' workers
+#: Redis db indexes a benchmark may claim (a pytest session may take any of 1..15:
+#: the claim keeps them apart), and how long a claim lasts if never released.
+REDIS_DBS = range(9, 16)
+REDIS_CLAIM_TTL_S = 3600
+#: Worker.start keywords of every benchmark worker.
+WORKER_OPTIONS: dict[str, Any] = {"loglevel": "WARNING", "extra_args": ["--without-heartbeat"], "conf_env": None}
 
 
 # -- services -------------------------------------------------------------------
@@ -44,26 +49,8 @@ CONTROL_EXCHANGE = "pluginhost_bench"  # keeps our broadcasts away from other ap
 
 def create_pg_database(name: str = PG_DB) -> str:
     """(Re)create an empty database; returns its SQLAlchemy URL."""
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    harness.create_pg_database(name)
     return f"postgresql+psycopg://postgres@{LOCALHOST}/{name}"
-
-
-_CLAIM = """
-local owner = redis.call('GET', KEYS[1])
-if owner == false then
-  if redis.call('DBSIZE') > 0 then return 0 end
-elseif owner ~= ARGV[2] then
-  return 0
-end
-redis.call('FLUSHDB')
-redis.call('SET', KEYS[1], ARGV[1], 'EX', 3600)
-return 1
-"""
 
 
 class RedisDb:
@@ -72,41 +59,18 @@ class RedisDb:
     def __init__(self, preferred: int = 9) -> None:
         import redis
 
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
-        for index in [preferred, *[i for i in range(9, 16) if i != preferred]]:
-            client = redis.Redis(host=LOCALHOST, port=6379, db=index)
-            current = (client.get(REDIS_OWNER_KEY) or b"").decode()
-            if current and _owner_alive(current):
-                client.close()
-                continue
-            if client.eval(_CLAIM, 1, REDIS_OWNER_KEY, self.owner, current):
-                self.index = index
-                self.client = client
-                self.url = f"redis://{LOCALHOST}:6379/{index}"
-                return
-            client.close()
-        raise RuntimeError("no free Redis db index in 9..15")
-
-    def reset(self) -> None:
-        """Empty the db (keeps our owner key)."""
-        self.client.flushdb()
-        self.client.set(REDIS_OWNER_KEY, self.owner, ex=3600)
+        self.owner = harness.redis_owner()
+        indexes = [preferred, *[i for i in REDIS_DBS if i != preferred]]
+        try:
+            self.index = harness.claim_redis_db(self.owner, indexes, ttl_s=REDIS_CLAIM_TTL_S)
+        except RuntimeError:
+            raise RuntimeError(f"no free Redis db index in {REDIS_DBS.start}..{REDIS_DBS.stop - 1}") from None
+        self.client = redis.Redis(host=LOCALHOST, port=harness.REDIS_PORT, db=self.index)
+        self.url = harness.redis_url(self.index)
 
     def release(self) -> None:
-        if (self.client.get(REDIS_OWNER_KEY) or b"").decode() == self.owner:
-            self.client.flushdb()
+        harness.release_redis_db(self.index, self.owner)
         self.client.close()
-
-
-def _owner_alive(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def celery_conf(broker: str, redis: RedisDb, store: str, queue: str, **extra: Any) -> dict[str, Any]:
@@ -127,6 +91,54 @@ def celery_conf(broker: str, redis: RedisDb, store: str, queue: str, **extra: An
 
 def bench_conf(celery: dict[str, Any], redis: RedisDb, mode: str, key: str = "bench:count") -> dict[str, Any]:
     return {"celery": celery, "redis_url": redis.url, "mode": mode, "key": key, "ignore_result": True}
+
+
+def payload(i: int) -> dict[str, Any]:
+    """The input of the i-th dispatch (dispatch.py, bulk.py)."""
+    return {"i": i, "email": "a@b.c", "tags": ["x", "y"]}
+
+
+@dataclass
+class Setup:
+    """What a benchmark script runs against: its arguments (from :func:`parser`), the
+    Redis db it claimed and its PostgreSQL database (see :func:`claimed`)."""
+
+    args: argparse.Namespace
+    redis: RedisDb
+    pg_url: str
+
+    @property
+    def broker_name(self) -> str:
+        return "Redis" if self.args.broker == "redis" else "RabbitMQ"
+
+    @property
+    def broker_label(self) -> str:
+        """The broker, as the header shows it."""
+        return f"{self.args.broker} (redis db {self.redis.index})" if self.args.broker == "redis" else "amqp (RabbitMQ)"
+
+    def conf(self, store: str, queue: str) -> dict[str, Any]:
+        """The bench settings (see :func:`bench_conf`) on this broker and ``store``, for
+        dispatch without a worker (mode ``none``)."""
+        return bench_conf(celery_conf(self.args.broker, self.redis, store, queue), self.redis, "none")
+
+    def header(self, title: str, **inputs: Any) -> None:
+        """:func:`header`, the software and server versions last."""
+        header(title, **inputs, versions=versions(), servers=server_versions(self.redis))
+
+    def write_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+        """:func:`write_rows` to ``--json-out``."""
+        write_rows(self.args.json_out, rows)
+
+
+@contextmanager
+def claimed(args: argparse.Namespace) -> Iterator[Setup]:
+    """Claim a Redis db (``--redis-db`` if free) and (re)create the ``--db`` database;
+    the db is flushed and given back at the end, whatever happens."""
+    redis = RedisDb(args.redis_db)
+    try:
+        yield Setup(args, redis, create_pg_database(args.db))
+    finally:
+        redis.release()
 
 
 def purge(app: Any, *queues: str) -> int:
@@ -155,86 +167,6 @@ def queue_length(app: Any, queue: str) -> int:
 # -- workers --------------------------------------------------------------------
 
 
-class Worker:
-    """``celery -A benchmarks.apps.bench worker`` in its own process group."""
-
-    def __init__(
-        self,
-        name: str,
-        conf: dict[str, Any],
-        *,
-        pool: str = "prefork",
-        concurrency: int = 2,
-        queues: Sequence[str] = ("bench",),
-        log_dir: Path,
-        extra_args: Sequence[str] = (),
-    ) -> None:
-        self.name = name
-        self.hostname = f"{name}@{socket.gethostname()}"
-        self.pool = pool
-        self.concurrency = concurrency
-        self.log_path = log_dir / f"worker-{name}.log"
-        setpriv = shutil.which("setpriv")
-        argv = [
-            *([setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []),
-            sys.executable, "-m", "celery", "-A", APP_MODULE, "worker",
-            f"--pool={pool}", f"--concurrency={concurrency}", "-n", self.hostname,
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "--loglevel=WARNING", "-Q", ",".join(queues), *extra_args,
-        ]  # fmt: skip
-        env = dict(os.environ)
-        env["BENCH_CONF"] = json.dumps(conf)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def children(self) -> list[int]:
-        try:
-            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        except FileNotFoundError:
-            return []
-        return [int(p) for p in text.split()]
-
-    def wait_ready(self, app: Any, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        attempt = 0.1
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited:\n{self.log_tail()}")
-            replies = app.control.ping(destination=[self.hostname], timeout=attempt, limit=1)
-            if any(self.hostname in r for r in replies or ()):
-                return
-            attempt = min(attempt * 2, 0.5)
-        raise RuntimeError(f"worker {self.name} not ready after {timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM to the group (warm shutdown), SIGKILL after ``timeout``."""
-        if self.proc.poll() is None:
-            _killpg(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        _killpg(self.pid, signal.SIGKILL)  # stragglers of the group (pool children)
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-
-
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -243,23 +175,20 @@ def _killpg(pgid: int, sig: int) -> None:
 
 
 @contextmanager
-def running_workers(specs: Sequence[dict[str, Any]], conf: dict[str, Any], app: Any) -> Iterator[list[Worker]]:
-    """Start workers (``specs``: kwargs of ``Worker`` minus conf/log_dir), wait until each
-    answers a ping, and ALWAYS stop them."""
-    log_dir = Path(tempfile.mkdtemp(prefix="ph-bench-"))
-    workers: list[Worker] = []
+def running_workers(specs: Sequence[dict[str, Any]], conf: dict[str, Any]) -> Iterator[list[Worker]]:
+    """Start workers of the bench app (``specs``: ``Worker.start`` keywords such as name,
+    pool, concurrency, queues) with the bench settings ``conf``, wait until each answers a
+    ping, and ALWAYS stop them (SIGTERM to each group at once, SIGKILL after 10 s)."""
+    factory = WorkerFactory(conf["celery"], Path(tempfile.mkdtemp(prefix="ph-bench-")))
     try:
         for spec in specs:
-            workers.append(Worker(conf=conf, log_dir=log_dir, **spec))
-        for w in workers:
-            w.wait_ready(app)
-        yield workers
+            factory(APP_MODULE, wait=False, env={CONF_ENV: json.dumps(conf)}, **WORKER_OPTIONS, **spec)
+        for w in factory.started:
+            w.wait_ready()
+        yield list(factory.started)
     finally:
-        for w in workers:
-            if w.proc.poll() is None:
-                _killpg(w.pid, signal.SIGTERM)
-        for w in workers:
-            w.stop()
+        for problem in factory.stop_all(graceful=True, group=True):
+            print(f"warning: a worker did not stop cleanly: {problem}", file=sys.stderr)
 
 
 # -- reporting --------------------------------------------------------------------
@@ -330,13 +259,15 @@ def header(title: str, **inputs: Any) -> None:
     sys.stdout.flush()
 
 
-def pct(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
+def percentile(values: Sequence[float], p: float) -> float:
+    """The ``p``-th percentile (p in 0..100) by nearest rank: the smallest value with at
+    least p% of the values <= it (p 0: the smallest); NaN when there are none. Every
+    benchmark figure called pNN is this."""
     if not values:
         return float("nan")
     s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(p / 100 * len(s) + 0.5)) - 1))
-    return s[k]
+    rank = math.ceil(Fraction(str(p)) * len(s) / 100)  # exact: no float error at whole ranks
+    return s[min(max(rank, 1), len(s)) - 1]
 
 
 def verdict(value: float, target: float, higher_is_better: bool = True) -> str:

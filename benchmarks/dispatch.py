@@ -32,30 +32,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
-    RedisDb,
-    bench_conf,
-    celery_conf,
-    create_pg_database,
-    header,
-    loadavg,
-    median,
-    parser,
-    purge,
-    server_versions,
-    summary_row,
-    verdict,
-    versions,
-    write_rows,
-)
+from benchmarks.common import claimed, loadavg, median, parser, payload, purge, summary_row, verdict  # noqa: E402
 
 QUEUE = "bench.dispatch"
 TARGET = 0.95  # issue 15: the check overlapped with message building
 OTHERS = 20
-
-
-def payload(i: int) -> dict[str, Any]:
-    return {"i": i, "email": "a@b.c", "tags": ["x", "y"]}
 
 
 def setup(conf: dict[str, Any], name: str) -> Any:
@@ -226,19 +207,16 @@ def main() -> None:
     p.add_argument("--probe", type=int, default=300, help="G1 probe toggles (0: skip)")
     p.add_argument("--only", default="", help="comma list of: pg, pg+toggles, sqlite, sqlite+toggles, probe")
     args = p.parse_args()
-    redis = RedisDb(args.redis_db)
-    try:
-        pg_url = create_pg_database(args.db)
+    with claimed(args) as run:
+        pg_url = run.pg_url
         sqlite_url = f"sqlite:///{tempfile.mkdtemp(prefix='ph-bench-')}/store.db"
-        header(
+        run.header(
             "dispatch: host.run_capability(slug, payload) vs bare task.delay(payload)",
             N=f"{args.n} per side per configuration, in {args.rounds} interleaved rounds, 300-call warm-up each",
-            broker=f"{args.broker} (redis db {redis.index})" if args.broker == "redis" else "amqp (RabbitMQ)",
+            broker=run.broker_label,
             stores=f"{pg_url} and {sqlite_url}",
             plugins_in_store=f"{OTHERS + 1}",
             worker="none (messages queue, purged after each configuration)",
-            versions=versions(),
-            servers=server_versions(redis),
         )
         configs = [
             ("pg", "postgresql (revision read per dispatch)", pg_url, 0),
@@ -259,12 +237,10 @@ def main() -> None:
         only = {s.strip() for s in args.only.split(",") if s.strip()}
         results = []
         rows: list[dict[str, Any]] = []
-        broker_name = "Redis" if args.broker == "redis" else "RabbitMQ"
         for key, name, url, toggle_every in configs:
             if only and key not in only:
                 continue
-            conf = bench_conf(celery_conf(args.broker, redis, url, QUEUE), redis, "none")
-            res = measure(conf, args.n, args.rounds, toggle_every)
+            res = measure(run.conf(url, QUEUE), args.n, args.rounds, toggle_every)
             results.append((name, toggle_every, res))
             rr = res["round_ratios"]
             print(f"\n-- {name}")
@@ -296,7 +272,7 @@ def main() -> None:
             sys.stdout.flush()
             rows.append(
                 summary_row(
-                    f"dispatch, {'PostgreSQL' if key.startswith('pg') else 'SQLite'} + {broker_name}"
+                    f"dispatch, {'PostgreSQL' if key.startswith('pg') else 'SQLite'} + {run.broker_name}"
                     + (f", other plugin toggled every {toggle_every}" if toggle_every else ""),
                     f"{res['bare_rate']:.0f} calls/s",
                     f"{res['ph_rate']:.0f} calls/s",
@@ -305,7 +281,7 @@ def main() -> None:
                     res["ratio"] >= TARGET,
                 )
             )
-            write_rows(args.json_out, rows)
+            run.write_rows(rows)
         print(
             "\nThe check: PluginView.check_store() reads the revision row before every dispatch\n"
             "(PostgreSQL: a prepared statement through libpq, one round trip, autocommit) and reloads\n"
@@ -313,8 +289,7 @@ def main() -> None:
             "per toggle, paid by the next dispatch."
         )
         if args.probe and (not only or "probe" in only):
-            conf = bench_conf(celery_conf(args.broker, redis, pg_url, QUEUE), redis, "none")
-            sd, se = g1_probe(conf, args.probe)
+            sd, se = g1_probe(run.conf(pg_url, QUEUE), args.probe)
             print(
                 f"\n-- G1 probe: PostgreSQL, {args.probe} toggles by another PluginHost,\n"
                 "   this host dispatches right after the admin call returns\n"
@@ -332,10 +307,8 @@ def main() -> None:
                     sd == 0,
                 )
             )
-            write_rows(args.json_out, rows)
+            run.write_rows(rows)
         print(f"\nload average at the end: {loadavg()}")
-    finally:
-        redis.release()
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def main() -> None:
         cpu: dict[str, list[float]] = {v: [] for v in variants}
         enq: dict[str, list[float]] = {v: [] for v in variants}
         chunk = args.n // args.rounds
-        with running_workers([spec], conf, b.app) as workers:
+        with running_workers([spec], conf) as workers:
             w = workers[0]
             for v in variants:  # warm-up: imports, connections, pool children
                 enqueue(v, args.warmup)

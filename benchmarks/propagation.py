@@ -44,7 +44,7 @@ from benchmarks.common import (  # noqa: E402
     header,
     loadavg,
     parser,
-    pct,
+    percentile,
     purge,
     queue_length,
     running_workers,
@@ -150,7 +150,7 @@ def main() -> None:
             versions=versions(),
             servers=server_versions(redis),
         )
-        with running_workers(WORKERS, conf, app) as workers:
+        with running_workers(WORKERS, conf) as workers:
             names = [w.hostname for w in workers]
             owner: dict[int, str] = {}
             for w in workers:
@@ -262,8 +262,8 @@ def main() -> None:
         )
         print("  runs per worker: " + ", ".join(f"{k} {v}" for k, v in sorted(per_worker.items())))
         print(f"  workers: {', '.join(names)}")
-        p50, p99, mx = pct(props, 50), pct(props, 99), max(props)
-        g50, g99 = pct(pings, 50), pct(pings, 99)
+        p50, p99, mx = percentile(props, 50), percentile(props, 99), max(props)
+        g50, g99 = percentile(pings, 50), percentile(pings, 99)
         print(f"\n-- propagation ({len(props)} toggles): disable() returned -> last run started on a stale view")
         print(
             f"  p50 {p50:.1f} ms   p99 {p99:.1f} ms   max {mx:.1f} ms   "
@@ -273,12 +273,12 @@ def main() -> None:
             + ")"
         )
         print(
-            f"  p90 {pct(props, 90):.1f} ms   p95 {pct(props, 95):.1f} ms;  latest stale start per worker: "
-            + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(worst_by.items()))
+            f"  p90 {percentile(props, 90):.1f} ms   p95 {percentile(props, 95):.1f} ms;  "
+            "latest stale start per worker: " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(worst_by.items()))
         )
         print(f"-- app.control.ping(timeout=1.0, limit=len(WORKERS)) ({len(pings)} pings, same load, same workers)")
         print(
-            f"  p50 {g50:.1f} ms   p90 {pct(pings, 90):.1f} ms   p99 {g99:.1f} ms   max {max(pings):.1f} ms"
+            f"  p50 {g50:.1f} ms   p90 {percentile(pings, 90):.1f} ms   p99 {g99:.1f} ms   max {max(pings):.1f} ms"
             + (f"   ({ping_short} pings got < {len(WORKERS)} replies)" if ping_short else "")
         )
         print(
@@ -287,7 +287,7 @@ def main() -> None:
         )
         if acks:
             print(
-                f"  p50 {pct(acks, 50):.1f} ms   p99 {pct(acks, 99):.1f} ms   max {max(acks):.1f} ms"
+                f"  p50 {percentile(acks, 50):.1f} ms   p99 {percentile(acks, 99):.1f} ms   max {max(acks):.1f} ms"
                 + (
                     f"   ({ack_missing} toggles not acknowledged by all {len(WORKERS)} within 5 tries)"
                     if ack_missing

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import tracemalloc
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg  # noqa: E402
 from celery import Celery  # noqa: E402
 
-from benchmarks.common import summary_row, write_rows  # noqa: E402
+from benchmarks.common import percentile, summary_row, write_rows  # noqa: E402
 from pluginhost import PluginHost  # noqa: E402
 from workflows import Step, Workflow, Workflows  # noqa: E402
 
@@ -65,7 +64,7 @@ def timed(fn, n: int) -> list[float]:  # type: ignore[no-untyped-def]
 
 
 def p50(xs: list[float]) -> float:
-    return statistics.median(xs)
+    return percentile(xs, 50)
 
 
 def plugins_part(count: int) -> list[dict[str, Any]]:
@@ -95,7 +94,7 @@ def plugins_part(count: int) -> list[dict[str, Any]]:
         print(
             f"  {n:>6} plugins: reload p50 {p50(reloads):8.1f} ms (first {reload_ms:.1f} ms, peak memory "
             f"{peak / 2**20:.1f} MiB); dispatch check p50 {p50(samples):6.1f} us, p99 "
-            f"{sorted(samples)[int(len(samples) * 0.99)]:6.1f} us"
+            f"{percentile(samples, 99):6.1f} us"
         )
         host.store.close()
     ratio = results[count] / results[10]

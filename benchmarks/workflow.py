@@ -14,7 +14,7 @@ interleaved, in alternating order, after a warm-up; same app, same worker):
   vs a bare ``chord([s1, s2, s3], merge)``.
 
 Setup: broker Redis (db ``--redis-db`` if free, else another free index, claimed
-with the owner key of tests/harness.py, flushed before and after) or RabbitMQ,
+with the owner key of tests/harness/redis_db.py, flushed before and after) or RabbitMQ,
 Redis result backend, PostgreSQL store (database ``--db``, created if missing,
 workflow tables emptied first), one worker subprocess per pool
 (``--pool=prefork -c 2`` and ``--pool=solo``), always stopped at the end.
@@ -30,17 +30,15 @@ patched copy without touching the repository.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +46,10 @@ ROOT = Path(__file__).resolve().parent.parent
 APP_MODULE = "benchmarks.apps.flows_bench"
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RedisDb  # noqa: E402
+from benchmarks.common import WORKER_OPTIONS, RedisDb, percentile  # noqa: E402
+from tests.harness import Worker, WorkerFactory  # noqa: E402
 
 # -- helpers -------------------------------------------------------------------
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    s = sorted(values)
-    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
 def ms(seconds: float) -> str:
@@ -78,70 +71,12 @@ def ensure_database(admin_url: str, name: str) -> None:
             conn.execute(f'CREATE DATABASE "{name}"')
 
 
-class Worker:
-    """One ``celery worker`` subprocess in its own session (so its whole group can be stopped)."""
-
-    def __init__(self, pool: str, concurrency: int, queue: str, env: dict[str, str], log_path: Path) -> None:
-        self.name = f"wfbench-{pool}-{os.getpid()}@{socket.gethostname()}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            APP_MODULE,
-            "worker",
-            f"--pool={pool}",
-            "-Q",
-            queue,
-            "-n",
-            self.name,
-            "--loglevel=WARNING",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
-        if pool == "prefork":
-            cmd.append(f"-c{concurrency}")
-        self.cmd = cmd
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, app: Any, timeout: float = 60.0) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}; log: {self.log_path}")
-            if app.control.ping(destination=[self.name], timeout=0.5, limit=1):
-                return time.monotonic() - t0
-        raise RuntimeError(f"worker not ready after {timeout}s; log: {self.log_path}")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # the whole group: also pool children that outlived their parent
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        self._log.close()
+def start_worker(factory: WorkerFactory, name: str, pool: str, queue: str, env: dict[str, str]) -> Worker:
+    """One worker of the app in its own process group (``-c 2`` for prefork; see ``WORKER_OPTIONS``)."""
+    concurrency = 2 if pool == "prefork" else None  # solo: Celery's default, as ever
+    return factory(
+        APP_MODULE, wait=False, name=name, pool=pool, concurrency=concurrency, queues=[queue], env=env, **WORKER_OPTIONS
+    )
 
 
 # -- the measurement -------------------------------------------------------------
@@ -151,39 +86,23 @@ def measure(bench: Any, runs: int, warmup: int) -> dict[str, dict[str, list[floa
     """Interleaved runs of the four cases; returns end-to-end and dispatch times (s)."""
     flows = bench.flows
 
-    def ph_seq(n: int) -> tuple[float, float, Any]:
-        t0 = time.perf_counter()
-        res = flows.start(bench.SEQ, {"n": n})
-        t1 = time.perf_counter()
-        out = res.get(timeout=30)
-        return time.perf_counter() - t0, t1 - t0, out
+    def timed(send: Callable[[dict[str, Any]], Any]) -> Callable[[int], tuple[float, float, Any]]:
+        """A case: ``send`` one run's context, await its result; (end-to-end s, dispatch s, result)."""
 
-    def bare_seq(n: int) -> tuple[float, float, Any]:
-        t0 = time.perf_counter()
-        res = bench.bare_chain({"n": n}).apply_async()
-        t1 = time.perf_counter()
-        out = res.get(timeout=30)
-        return time.perf_counter() - t0, t1 - t0, out
+        def case(n: int) -> tuple[float, float, Any]:
+            t0 = time.perf_counter()
+            res = send({"n": n})
+            t1 = time.perf_counter()
+            out = res.get(timeout=30)
+            return time.perf_counter() - t0, t1 - t0, out
 
-    def ph_par(n: int) -> tuple[float, float, Any]:
-        t0 = time.perf_counter()
-        res = flows.start(bench.PAR, {"n": n})
-        t1 = time.perf_counter()
-        out = res.get(timeout=30)
-        return time.perf_counter() - t0, t1 - t0, out
-
-    def bare_par(n: int) -> tuple[float, float, Any]:
-        t0 = time.perf_counter()
-        res = bench.bare_chord({"n": n}).apply_async()
-        t1 = time.perf_counter()
-        out = res.get(timeout=30)
-        return time.perf_counter() - t0, t1 - t0, out
+        return case
 
     cases = {
-        "seq/pluginhost": ph_seq,
-        "seq/bare": bare_seq,
-        "par/pluginhost": ph_par,
-        "par/bare": bare_par,
+        "seq/pluginhost": timed(lambda ctx: flows.start(bench.SEQ, ctx)),
+        "seq/bare": timed(lambda ctx: bench.bare_chain(ctx).apply_async()),
+        "par/pluginhost": timed(lambda ctx: flows.start(bench.PAR, ctx)),
+        "par/bare": timed(lambda ctx: bench.bare_chord(ctx).apply_async()),
     }
     # Same output both ways (pluginhost's context is the bare canvas's result).
     for kind in ("seq", "par"):
@@ -225,16 +144,16 @@ def report(pool: str, data: dict[str, dict[str, list[float]]], ready_s: float) -
     for name, d in data.items():
         e = d["e2e"]
         lines.append(
-            f"{name:18} {len(e):4d} {ms(pct(e, 50))} {ms(pct(e, 90))} {ms(pct(e, 99))} {ms(statistics.fmean(e))}"
-            f" {ms(pct(d['dispatch'], 50))}"
+            f"{name:18} {len(e):4d} {ms(percentile(e, 50))} {ms(percentile(e, 90))} {ms(percentile(e, 99))}"
+            f" {ms(statistics.fmean(e))} {ms(percentile(d['dispatch'], 50))}"
         )
     for kind in ("seq", "par"):
         a, b = data[f"{kind}/pluginhost"]["e2e"], data[f"{kind}/bare"]["e2e"]
-        r50, r99 = pct(a, 50) / pct(b, 50), pct(a, 99) / pct(b, 99)
+        r50, r99 = percentile(a, 50) / percentile(b, 50), percentile(a, 99) / percentile(b, 99)
         verdict = "meets" if r50 <= 1.3 else "MISSES"
         lines.append(
             f"ratio {kind} pluginhost/bare: p50 {r50:.2f}x  p99 {r99:.2f}x  "
-            f"(+{(pct(a, 50) - pct(b, 50)) * 1e3:.1f} ms at p50; target p50 <= 1.3x: {verdict})"
+            f"(+{(percentile(a, 50) - percentile(b, 50)) * 1e3:.1f} ms at p50; target p50 <= 1.3x: {verdict})"
         )
     return lines
 
@@ -252,12 +171,12 @@ def write_json_rows(path: str | None, pool: str, data: dict[str, dict[str, list[
     rows = JSON_ROWS
     for kind, what in (("seq", "5 steps vs chain"), ("par", "3 parallel vs chord")):
         a, b = data[f"{kind}/pluginhost"]["e2e"], data[f"{kind}/bare"]["e2e"]
-        r50 = pct(a, 50) / pct(b, 50)
+        r50 = percentile(a, 50) / percentile(b, 50)
         rows.append(
             {
                 "figure": f"workflow {kind} p50 ({what}), {pool}, {len(a)} runs",
-                "bare": f"{pct(b, 50) * 1e3:.1f} ms",
-                "pluginhost": f"{pct(a, 50) * 1e3:.1f} ms",
+                "bare": f"{percentile(b, 50) * 1e3:.1f} ms",
+                "pluginhost": f"{percentile(a, 50) * 1e3:.1f} ms",
                 "ratio": r50,
                 "target": "<= 1.3",
                 "passed": r50 <= 1.3,
@@ -304,7 +223,7 @@ def profile(bench: Any, app: Any, worker: Worker, runs: int) -> list[str]:
     rows(worker_stats, "[worker]")
     rows(local, "[producer]")
     for name, v in producer.items():
-        lines.append(f"{'[producer] ' + name + ' (seq, p50)':58} {len(v):6d} {ms(pct(v, 50))} {ms(max(v))}")
+        lines.append(f"{'[producer] ' + name + ' (seq, p50)':58} {len(v):6d} {ms(percentile(v, 50))} {ms(max(v))}")
     lines.append(
         "* ms/run: total time / (seq + par workflow runs); .sql = the statements, .txn = pool checkout + BEGIN + COMMIT"
     )
@@ -331,7 +250,7 @@ def profile(bench: Any, app: Any, worker: Worker, runs: int) -> list[str]:
         f" workflows.merge task {mean(worker_stats, 'task workflows.merge') * 1e3:.2f} ms"
         f" vs bare merge {mean(worker_stats, 'task wfbench.bare.merge') * 1e3:.2f} ms,"
         f" producer create_newest_run {mean(local, 'store.create_newest_run') * 1e3:.2f} ms;"
-        f" PostgreSQL round trip (SELECT 1) p50 {pct(probe, 50) * 1e3:.2f} ms"
+        f" PostgreSQL round trip (SELECT 1) p50 {percentile(probe, 50) * 1e3:.2f} ms"
     )
     return lines
 
@@ -462,10 +381,6 @@ def run(args: argparse.Namespace, redis_url: str) -> None:
     }
     os.environ.update(settings)  # read by the app module, here and in the worker
     os.environ.pop("WFBENCH_PROFILE", None)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    }
     sys.path.insert(0, str(ROOT))
 
     import celery
@@ -496,16 +411,18 @@ def run(args: argparse.Namespace, redis_url: str) -> None:
         flush=True,
     )
 
-    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    logs = Path(tempfile.mkdtemp(prefix="ph-wfbench-"))  # the workers' logs, py-spy's output
+    # the workers' settings reach the app through the WFBENCH_* variables; these are for pings
+    factory = WorkerFactory({"broker_url": app.conf.broker_url, "control_exchange": app.conf.control_exchange}, logs)
     worker: Worker | None = None
     try:
         total_runs = 0
         for pool in [x.strip() for x in args.pools.split(",") if x.strip()]:
-            worker = Worker(pool, 2, args.queue, env, logs / f"wfbench-worker-{pool}-{uuid.uuid4().hex[:6]}.log")
-            ready = worker.wait_ready(app)
+            worker = start_worker(factory, f"wfbench-{pool}-{os.getpid()}", pool, args.queue, {})
+            ready = worker.wait_ready(60.0)
             data = measure(bench, args.runs, args.warmup)
             total_runs += 2 * (args.runs + args.warmup + 1)
-            worker.stop()
+            worker.stop(group=True)
             worker = None
             block = report(pool if pool != "prefork" else "prefork -c 2", data, ready)
             write_json_rows(
@@ -516,22 +433,17 @@ def run(args: argparse.Namespace, redis_url: str) -> None:
             block.append("history: " + check_history(bench, total_runs))
             print("\n".join(block), flush=True)
         if args.profile_runs > 0 or args.py_spy:
-            penv = {**env, "WFBENCH_PROFILE": "1"}
-            worker = Worker(
-                "solo",
-                1,
-                args.queue,
-                penv,
-                logs / f"wfbench-worker-profile-{uuid.uuid4().hex[:6]}.log",
+            worker = start_worker(
+                factory, f"wfbench-profile-{os.getpid()}", "solo", args.queue, {"WFBENCH_PROFILE": "1"}
             )
-            worker.wait_ready(app)
+            worker.wait_ready(60.0)
             if args.py_spy:
                 print("\n".join(py_spy(worker, bench, 8, logs)), flush=True)
             if args.profile_runs > 0:
                 print("\n".join(profile(bench, app, worker, args.profile_runs)), flush=True)
     finally:
         if worker is not None:
-            worker.stop()
+            worker.stop(group=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import pytest
 from celery import chord
 
 from pluginhost import InvalidInput
-from tests.harness import PH_CONF_ENV, REPO_ROOT
+from tests.harness import PH_CONF_ENV, REPO_ROOT, wait_until
 
 pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 APP = "tests.apps.ecosystem_app"
@@ -85,15 +85,6 @@ class Events:
 
 def runs(folder: Path, slug: str) -> int:
     return sum(1 for p in folder.iterdir() if p.name.rsplit("-", 1)[0] == slug)
-
-
-def wait_until(predicate: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_beat_ticks_while_a_plugin_is_off_follow_the_capability_policy(

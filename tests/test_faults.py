@@ -1,7 +1,7 @@
 """Faults never lose a queued run or a workflow step silently: every run ends in a
 recorded state (succeeded, or failed and resumable).
 
-Real workers (tests/harness.py), real RabbitMQ, Redis and PostgreSQL on 127.0.0.1.
+Real workers (tests/harness/), real RabbitMQ, Redis and PostgreSQL on 127.0.0.1.
 Faults injected: SIGKILL of whole workers and of single prefork children mid-step,
 duplicate and concurrent delivery of a step message, a worker lost on Redis (whose
 unacked message only comes back after ``visibility_timeout``), and restarts of the
@@ -34,6 +34,7 @@ from celery.canvas import _chain, chord
 from sqlalchemy import select
 
 from tests import harness
+from tests.harness import wait_until
 from tests.servers import PrivateRabbitMQ, PrivateRedis
 from workflows.compile import build
 from workflows.runtime import STEP_TASK
@@ -42,7 +43,7 @@ from workflows.store import steps as steps_table
 
 APP = "tests.apps.faults_app"
 PLUGINHOST = str(Path(sys.executable).with_name("pluginhost"))
-FINISHED = ("succeeded", "failed")
+FINISHED = harness.RUN_FINISHED
 
 
 # -- fixtures and helpers ---------------------------------------------------------
@@ -96,14 +97,17 @@ def step_progress(faults: ModuleType) -> tuple[Any, ...]:
     return tuple((r.run_id, r.position, r.status, r.attempts) for r in step_rows(faults))
 
 
-def wait_finished(faults: ModuleType, run_ids: list[str], timeout_s: float) -> dict[str, str]:
-    """Wait until every run is succeeded or failed (or the time is up); return statuses."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        statuses = run_statuses(faults, run_ids)
-        if all(s in FINISHED for s in statuses.values()) or time.monotonic() > deadline:
-            return statuses
-        time.sleep(0.2)
+def wait_all_finished(faults: ModuleType, run_ids: list[str], timeout_s: float) -> dict[str, str]:
+    """Wait until every one of the runs is succeeded or failed (or the time is up); return their statuses."""
+    seen: dict[str, str] = {}
+
+    def all_finished() -> bool:
+        seen.clear()
+        seen.update(run_statuses(faults, run_ids))
+        return all(s in FINISHED for s in seen.values())
+
+    wait_until(all_finished, timeout_s, 0.2)
+    return dict(seen)
 
 
 def wait_quiet(faults: ModuleType, quiet_s: float, timeout_s: float) -> None:
@@ -117,22 +121,11 @@ def wait_quiet(faults: ModuleType, quiet_s: float, timeout_s: float) -> None:
             last, since = now, time.monotonic()
 
 
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def settle_and_resume(faults: ModuleType, run_ids: list[str], timeout_s: float) -> dict[str, Any]:
     """Wait for every run; what has not finished by then is handed to the sweeper
     (as an operator's cron would) so it ends failed; resume the failed ones once;
     return what happened. ``lost`` counts runs in no recorded final state."""
-    first = wait_finished(faults, run_ids, timeout_s)
+    first = wait_all_finished(faults, run_ids, timeout_s)
     swept: list[str] = []
     if any(s not in FINISHED for s in first.values()):
         swept = sweep_when_quiet(faults, run_ids)["swept"]
@@ -141,7 +134,7 @@ def settle_and_resume(faults: ModuleType, run_ids: list[str], timeout_s: float) 
     errors = {i: faults.flows.run(i).error for i in failed}
     for run_id in failed:
         faults.flows.resume(run_id)
-    final = wait_finished(faults, run_ids, timeout_s) if failed else first
+    final = wait_all_finished(faults, run_ids, timeout_s) if failed else first
     return {
         "first": first,
         "failed": failed,
@@ -227,7 +220,7 @@ def strand_run(faults: ModuleType, worker: harness.Worker, slug: str, tag: str) 
         others = [s.status for s in steps[:position] if s.slug != slug]
         return faults.execution_count(slug, tag) == 1 and set(others) <= {"succeeded"}
 
-    wait_until(held_alone, 30, f"{slug} of {tag} to start, after the steps before it")
+    wait_until(held_alone, 30, what=f"{slug} of {tag} to start, after the steps before it")
     worker.kill()
     row = faults.flows.run(run_id).steps[position]
     assert (row.slug, row.status, row.attempts) == (slug, "running", 1)
@@ -298,7 +291,7 @@ def test_sigkilled_workers_and_pool_children_lose_no_run(faults: ModuleType, wor
                 w.wait_ready(90)
                 ready.add(w.hostname)
         try:
-            found = wait_until(busy_children, 30, "a pool child inside a step")
+            found = wait_until(busy_children, 30, what="a pool child inside a step")
         except AssertionError:
             states = Counter((r.status, r.slug) for r in step_rows(faults, run_ids))
             raise AssertionError(
@@ -358,7 +351,7 @@ def test_a_redelivered_finished_step_reuses_its_recorded_output(
     workers(APP, concurrency=1)
     flows, rt = faults.flows, faults.flows.runtime
     run_id = flows.start("faulty", {"tag": "dup", "step_s": 0.05}).id
-    assert wait_finished(faults, [run_id], 60) == {run_id: "succeeded"}
+    assert wait_all_finished(faults, [run_id], 60) == {run_id: "succeeded"}
     before = flows.run(run_id)
     messages = step_messages(faults, run_id)
     assert sorted(messages) == [0, 1, 2, 3]
@@ -421,7 +414,7 @@ def test_a_step_delivered_twice_while_it_runs_runs_once_and_the_run_succeeds(
     monkeypatch.undo()
     assert len(doubled) == 1
 
-    assert wait_finished(faults, [run_id], 60) == {run_id: "succeeded"}
+    assert wait_all_finished(faults, [run_id], 60) == {run_id: "succeeded"}
     assert_complete(faults, [run_id])
     time.sleep(1.5)  # the waiting duplicate looks again (0.5 s, then 1 s) and ends
     run = faults.flows.run(run_id)
@@ -466,7 +459,7 @@ def test_a_step_lost_with_its_worker_is_swept_failed_and_resumes(
 
     workers(APP, conf=lost_message_conf, concurrency=1)
     flows.resume(run_id)
-    assert wait_finished(faults, [run_id], 60) == {run_id: "succeeded"}
+    assert wait_all_finished(faults, [run_id], 60) == {run_id: "succeeded"}
     assert_complete(faults, [run_id])
     assert [faults.execution_count(slug, "swept") for slug in faults.OUTPUT_KEYS] == [1, 1, 2, 1]
 
@@ -529,14 +522,14 @@ def test_a_lost_chord_callback_is_swept_and_resume_keeps_both_branches(
     wait_until(
         lambda: faults.execution_count("score", "nomerge") and faults.finished_count("fetch", "nomerge"),
         30,
-        "score to start after fetch finished",
+        what="score to start after fetch finished",
     )
     control = faults.app.control
     assert control.cancel_consumer(queue, destination=[worker.hostname], reply=True, timeout=5)
-    wait_until(lambda: faults.finished_count("score", "nomerge"), 30, "score to finish")
+    wait_until(lambda: faults.finished_count("score", "nomerge"), 30, what="score to finish")
     client = redis.Redis.from_url(app_conf["broker_url"])
     try:
-        wait_until(lambda: client.keys(f"{queue}*"), 10, "the merge message in the queue")
+        wait_until(lambda: client.keys(f"{queue}*"), 10, what="the merge message in the queue")
         client.delete(*client.keys(f"{queue}*"))  # the broker loses it
     finally:
         client.close()
@@ -551,7 +544,7 @@ def test_a_lost_chord_callback_is_swept_and_resume_keeps_both_branches(
     assert flows.sweep(older_than_s=1) == [run_id], "a run whose next message was lost is not reported"
     assert flows.run(run_id).status == "failed"
     flows.resume(run_id)
-    assert wait_finished(faults, [run_id], 60) == {run_id: "succeeded"}
+    assert wait_all_finished(faults, [run_id], 60) == {run_id: "succeeded"}
     assert_complete(faults, [run_id])  # fetched and scored are in the final context
     assert [faults.execution_count(slug, "nomerge") for slug in faults.OUTPUT_KEYS] == [1, 1, 1, 1]
 
@@ -601,10 +594,10 @@ def test_rabbitmq_restart_loses_no_run(
     wait_until(
         lambda: faults.execution_count("score", "outage") == 1 and faults.finished_count("fetch", "outage"),
         30,
-        "the held branch to start after the other one finished",
+        what="the held branch to start after the other one finished",
     )
     run_ids = start_runs(faults, 20, "rmq", step_s=0.3)
-    wait_until(lambda: faults.finished_count("prepare", "rmq0"), 30, "steps of the new runs to finish")
+    wait_until(lambda: faults.finished_count("prepare", "rmq0"), 30, what="steps of the new runs to finish")
     before = Counter(run_statuses(faults, run_ids).values())
 
     stopped_at = time.monotonic()
@@ -613,7 +606,7 @@ def test_rabbitmq_restart_loses_no_run(
     wait_until(
         lambda: faults.finished_count("score", "outage"),
         30,
-        "the held branch to return, broker down",
+        what="the held branch to return, broker down",
     )
     time.sleep(1.0)  # the chord callback's first publish attempts meet a dead broker
     private_rabbitmq.start(timeout_s=90)
@@ -625,7 +618,7 @@ def test_rabbitmq_restart_loses_no_run(
 
     after = faults.flows.start("faulty", {"tag": "after", "step_s": 0.05}).id
     everything = [chord_run, *run_ids, after]
-    assert wait_finished(faults, [after], 60) == {after: "succeeded"}
+    assert wait_all_finished(faults, [after], 60) == {after: "succeeded"}
     swept = sweep_when_quiet(faults, everything)
     report(
         "rabbitmq-restart",
@@ -694,7 +687,7 @@ def test_redis_restart_reports_the_runs_it_lost(
         }
         return bool(faults.busy_pids()) and any(s == "running" for i, s in run_statuses(faults, waiting).items())
 
-    wait_until(between_steps, 30, "a run waiting for its next step while others execute")
+    wait_until(between_steps, 30, what="a run waiting for its next step while others execute")
     before = Counter(run_statuses(faults, run_ids).values())
 
     private_redis.kill()
@@ -703,7 +696,7 @@ def test_redis_restart_reports_the_runs_it_lost(
     crashed = back_or_replaced(workers, live, conf, timeout_s=60)
 
     after = faults.flows.start("faulty", {"tag": "after", "step_s": 0.05}).id
-    assert wait_finished(faults, [after], 60) == {after: "succeeded"}
+    assert wait_all_finished(faults, [after], 60) == {after: "succeeded"}
 
     swept = sweep_when_quiet(faults, [*run_ids, after])
     report(

@@ -1,12 +1,15 @@
-"""Self-test of tests/harness.py: real workers on every backend start, run tasks and die."""
+"""Self-test of tests/harness/: real workers on every backend start, run tasks and die."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -38,19 +41,48 @@ def group_states(worker: harness.Worker) -> set[str]:
     return {info.state for info in infos if info is not None}
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_conf_from_env_reads_ph_conf() -> None:
     conf = {"broker_url": "memory://", "pluginhost_store": "memory://"}
     assert harness.conf_from_env({harness.PH_CONF_ENV: json.dumps(conf)}) == conf
     assert harness.conf_from_env({}) == {}
+
+
+def test_wait_until_returns_the_first_true_value_or_says_what_it_waited_for() -> None:
+    values = iter([0, None, "ready", "later"])
+    assert harness.wait_until(lambda: next(values), 5.0, 0.001) == "ready"
+    started = time.monotonic()
+    assert harness.wait_until(lambda: 0, 0.1, 0.01) == 0
+    assert time.monotonic() - started >= 0.1
+    with pytest.raises(AssertionError, match="after 0.05 s waiting for the moon"):
+        harness.wait_until(lambda: False, 0.05, 0.01, what="the moon")
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_claim_redis_db_skips_live_owners_and_takes_a_dead_sessions_db(
+    backend: harness.Backend, harness_resources: harness.SessionResources
+) -> None:
+    import redis
+
+    db = harness_resources.redis_db()
+    key = harness.REDIS_OWNER_KEY
+    client = redis.Redis(host=harness.LOCALHOST, port=harness.REDIS_PORT, db=db)
+    try:
+        for live in (harness_resources.owner, "another-host:1"):  # this process; another machine's
+            client.set(key, live)
+            with pytest.raises(RuntimeError, match=f"every Redis db index of {db} is claimed"):
+                harness.claim_redis_db("the-next-one", [db])
+        gone = subprocess.Popen([sys.executable, "-c", ""])
+        gone.wait()
+        client.set(key, f"{socket.gethostname()}:{gone.pid}")
+        client.set("left-over", "x")
+        assert harness.claim_redis_db("the-next-one", [db], ttl_s=60) == db
+        assert client.get("left-over") is None  # flushed
+        assert client.get(key) == b"the-next-one" and 0 < client.ttl(key) <= 60
+        harness.release_redis_db(db, "not-the-owner")
+        assert client.get(key) == b"the-next-one"
+    finally:
+        client.set(key, harness_resources.owner, ex=harness.REDIS_CLAIM_TTL_S)
+        client.close()
 
 
 def test_app_conf_isolates_each_test(
@@ -117,7 +149,7 @@ def check_reaped_after_teardown() -> Iterator[dict[harness.Worker, list[int]]]:
     yield recorded
     for worker, children in recorded.items():
         assert worker.returncode == -signal.SIGKILL
-        assert worker not in harness._LIVE_WORKERS
+        assert worker not in harness.workers._LIVE_WORKERS
         assert_no_process_left([worker.pid, *children], worker.pgid)
 
 
@@ -133,13 +165,13 @@ def test_pause_resume_and_a_sigkilled_worker_is_reaped_by_teardown(
     assert len(check_reaped_after_teardown[worker]) == 2
 
     worker.pause()  # SIGSTOP reaches the pool children too
-    assert wait_for(lambda: group_states(worker) == {"T"}), group_states(worker)
+    assert harness.wait_until(lambda: group_states(worker) == {"T"}, 5.0, 0.01), group_states(worker)
     assert not worker.ping(timeout=0.3)
     worker.resume()
     assert worker.ping(timeout=5)
 
     os.killpg(worker.pgid, signal.SIGKILL)  # from outside the harness, like the OOM killer
-    assert wait_for(lambda: worker.group_pids() == [])
+    assert harness.wait_until(lambda: worker.group_pids() == [], 5.0, 0.01)
     # not reaped yet: the main process is a zombie until teardown waits for it
     assert worker.proc.returncode is None
 

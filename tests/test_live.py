@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import text
 
 from pluginhost import CapabilityDisabled, InvalidInput
+from tests.harness import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,15 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def queue_size(app: Any, queue: str) -> int:
     with app.connection_for_write() as conn:
         return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # -- one worker ------------------------------------------------------------------

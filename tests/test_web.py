@@ -146,16 +146,6 @@ def metric(client: TestClient, name: str, **labels: str) -> float:
     return 0.0
 
 
-def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
-
-
 # -- authentication ----------------------------------------------------------------
 
 
@@ -1009,10 +999,10 @@ def test_a_toggle_from_the_console_is_acknowledged_by_a_real_worker(web_live: Mo
     # a failed run resumed through the API finishes
     ops.post("/api/plugins/flaky/configure", json={"config": {"fail": True}})
     failed = web_live.flows.start("welcome", {"name": "r"})
-    assert wait_for(lambda: ops.get(f"/api/runs/{failed.id}").json()["status"] == "failed", 30)
+    assert harness.wait_until(lambda: ops.get(f"/api/runs/{failed.id}").json()["status"] == "failed", 30, 0.1)
     ops.post("/api/plugins/flaky/configure", json={"config": {"fail": False}})
     assert ops.post(f"/api/runs/{failed.id}/resume").json() == {"run_id": failed.id, "status": "resumed"}
-    assert wait_for(lambda: ops.get(f"/api/runs/{failed.id}").json()["status"] == "succeeded", 30)
+    assert harness.wait_until(lambda: ops.get(f"/api/runs/{failed.id}").json()["status"] == "succeeded", 30, 0.1)
     assert ops.get("/api/runs?status=succeeded&name=welcome").json()[0]["id"] == failed.id
 
 
@@ -1023,7 +1013,7 @@ def test_a_failed_run_shows_what_its_steps_added_and_a_skip_is_a_note(web_live: 
     web_live.host.disable("report")
     web_live.host.configure("flaky", {"fail": True})
     run_id = web_live.flows.start("welcome", {"name": "Ada", "token": "s3cret"}).id
-    assert wait_for(lambda: ops.get(f"/api/runs/{run_id}").json()["status"] == "failed", 30)
+    assert harness.wait_until(lambda: ops.get(f"/api/runs/{run_id}").json()["status"] == "failed", 30, 0.1)
     detail = ops.get(f"/api/runs/{run_id}").json()
     assert detail["input"] == {"name": "Ada", "token": "********"}
     assert detail["context"] == {

@@ -3,7 +3,7 @@ version and input; a repeated finished step sends nothing; a step whose pool
 process was SIGKILLed is taken over at once; a disabled step follows the step's
 policy, not the capability's.
 
-Real Celery workers (tests/harness.py) on Redis or RabbitMQ, PostgreSQL store.
+Real Celery workers (tests/harness/) on Redis or RabbitMQ, PostgreSQL store.
 Executions are counted by their side effect (a row per capability run, in the
 store database: tests/apps/core.py, tests/apps/faults_app.py).
 """
@@ -21,28 +21,11 @@ from typing import Any
 
 import pytest
 
+from tests.harness import wait_finished, wait_until
 from workflows import Parallel, Step, Workflow
 from workflows.runtime import STEP_TASK
 
 FAULTS = "tests.apps.faults_app"
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def wait_finished(flows: Any, run_id: str, timeout_s: float = 60) -> Any:
-    return wait_until(
-        lambda: (run := flows.run(run_id)) is not None and run.status in ("succeeded", "failed") and run,
-        timeout_s, f"run {run_id} to finish",
-    )  # fmt: skip
 
 
 @pytest.fixture
@@ -135,7 +118,7 @@ def test_a_repeated_finished_step_does_not_run_the_next_step_again(
     wait_until(
         lambda: faults.execution_count("fetch", "again") == 1 and faults.finished_count("score", "again") == 1
         and faults.finished_count("fetch", "again") == 0,
-        30, "fetch to be held after prepare and score finished",
+        30, what="fetch to be held after prepare and score finished",
     )  # fmt: skip
 
     name, message, kwargs = captured[0]
@@ -190,7 +173,7 @@ def test_a_step_whose_pool_process_was_sigkilled_is_taken_over_at_once(faults: M
     pid = wait_until(
         lambda: faults.execution_count("fetch", "killed") == 1 and faults.finished_count("score", "killed") == 1
         and faults.busy_pids() & set(worker.children()),
-        30, "fetch to be held in a pool process, score done",
+        30, what="fetch to be held in a pool process, score done",
     ).pop()  # fmt: skip
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -277,7 +260,7 @@ def test_a_step_whose_process_cannot_reach_the_store_waits_and_is_not_lost(
     if view_behind:
         assert worker.hostname in host.disable("pure", wait=True, timeout=5)
     ended = re.compile(r"Task workflows\.step\[[^\]]+\] (ignored|raised|succeeded|retry)")
-    wait_until(lambda: ended.search(worker.log_text()), 30, "the step's first delivery to end")
+    wait_until(lambda: ended.search(worker.log_text()), 30, what="the step's first delivery to end")
     assert "raised unexpected" not in worker.log_text(), "the step failed instead of waiting"
     run = flows.run(result.id)
     assert (run.status, [(s.status, s.attempts) for s in run.steps]) == ("pending", [("pending", 0)] * 2), (
@@ -342,7 +325,9 @@ def test_a_disable_acknowledged_while_a_step_waits_for_its_claim_is_obeyed(
         conn.execute(text("BEGIN"))
         conn.execute(text("SELECT * FROM workflows_steps WHERE run_id = :r AND position = 0 FOR UPDATE"), {"r": run_id})
         result = canvas.apply_async()
-        wait_until(lambda: "workflows.step" in worker.log_text() and "received" in worker.log_text(), 20, "the step")
+        wait_until(
+            lambda: "workflows.step" in worker.log_text() and "received" in worker.log_text(), 20, what="the step"
+        )
         time.sleep(1.0)  # the step has looked at its plugin and waits for its claim
         assert worker.hostname in host.disable("step_a", wait=True, timeout=5)
     finally:

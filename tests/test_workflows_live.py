@@ -21,16 +21,6 @@ def statuses(flows: Any, run_id: str) -> dict[str, str]:
     return {s.slug: s.status for s in run.steps}
 
 
-def wait_for(flows: Any, run_id: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = flows.run(run_id)
-        if run.status in ("succeeded", "failed"):
-            return run
-        time.sleep(0.05)
-    raise AssertionError(f"run {run_id} did not finish: {flows.run(run_id)}")
-
-
 def test_chain_and_chord_merge_the_context_in_declaration_order(core: ModuleType, workers: Any) -> None:
     workers("tests.apps.core", pool="prefork")
     res = core.flows.start("flow", {"tag": "merge", "order": []})
@@ -100,7 +90,7 @@ def test_a_workflow_capability_disabled_after_dispatch_fails_its_run_before_any_
     workers("tests.apps.core", pool="prefork")
     with pytest.raises(CapabilityDisabled, match="^plugin 'run_flow' is disabled$"):
         res.get(timeout=60)
-    run = wait_for(core.flows, res.id)
+    run = harness.wait_finished(core.flows, res.id)
     assert run.status == "failed" and "plugin 'run_flow' is disabled" in (run.error or "")
     assert [s.status for s in run.steps] == ["failed", "cancelled", "cancelled", "cancelled", "cancelled"]
     assert core.executions_of("step_a", "gated") == 0
@@ -165,7 +155,7 @@ def test_disabling_a_middle_step_while_runs_are_in_flight(core: ModuleType, work
     time.sleep(0.5)
     host.disable("step_d", wait=True)
     fresh = flows.start("flow", {"tag": "fresh"}).id
-    done = [wait_for(flows, i) for i in slow + [fresh]]
+    done = [harness.wait_finished(flows, i) for i in slow + [fresh]]
     assert all(r.status == "succeeded" for r in done), [
         (r.status, r.error, [(s.slug, s.status) for s in r.steps]) for r in done
     ]
@@ -190,7 +180,7 @@ def test_fail_policy_fails_the_run_and_cancels_later_steps(core: ModuleType, wor
     res = flows.start("strict", {"tag": "strict"})
     with pytest.raises(CapabilityDisabled, match="step 'step_d'"):
         res.get(timeout=60)
-    run = wait_for(flows, res.id)
+    run = harness.wait_finished(flows, res.id)
     assert run.status == "failed" and "plugin 'step_d' is disabled" in run.error
     assert statuses(flows, res.id) == {"step_a": "succeeded", "step_d": "failed", "step_e": "cancelled"}
     assert core.executions_of("step_e", "strict") == 0
@@ -203,7 +193,7 @@ def test_retry_then_failure_then_resume(core: ModuleType, workers: Any) -> None:
     res = flows.start("flow", {"tag": "resume", "d_fail_until": 2})
     with pytest.raises(ValueError, match="not ready"):
         res.get(timeout=60)
-    run = wait_for(flows, res.id)
+    run = harness.wait_finished(flows, res.id)
     st = {s.slug: (s.status, s.attempts) for s in run.steps}
     assert st["step_d"] == ("failed", 2) and st["step_e"] == ("cancelled", 0)
     assert run.status == "failed" and "ValueError: step_d is not ready yet" in run.error

@@ -1,5 +1,5 @@
 """The app the integration tests' workers load: pluginhost capabilities and a
-workflow, configured from ``PH_CONF`` (see tests/harness.py).
+workflow, configured from ``PH_CONF`` (see tests/harness/conf.py).
 
 Every capability run that reaches its function records one row in
 ``test_executions`` (in the store database), so tests count executions in the

@@ -11,7 +11,7 @@ and count how often a capability function really ran.
 for the run's ``tag`` sleep that long, so a test can catch it mid-step; later
 executions (a redelivery, a resume) do not hold.
 
-Configured from ``PH_CONF`` (see tests/harness.py), like tests/apps/core.py.
+Configured from ``PH_CONF`` (see tests/harness/conf.py), like tests/apps/core.py.
 """
 
 from __future__ import annotations

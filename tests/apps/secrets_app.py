@@ -1,7 +1,7 @@
 """A small app whose plugins hold secrets: ``welcome_email`` has a config model
 with a secret-named field and a ``SecretStr`` field, ``webhook`` has none (its
 secret-looking keys are secrets by name). Settings come from ``PH_CONF`` (see
-tests/harness.py); the CLI tests run ``pluginhost --app tests.apps.secrets_app:app``.
+tests/harness/conf.py); the CLI tests run ``pluginhost --app tests.apps.secrets_app:app``.
 """
 
 from __future__ import annotations

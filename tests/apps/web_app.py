@@ -1,6 +1,6 @@
 """The app behind the web console tests: a few capabilities (one with a secret in
 its config, one that fails on demand) and a workflow, configured from ``PH_CONF``
-(see tests/harness.py)."""
+(see tests/harness/conf.py)."""
 
 from __future__ import annotations
 

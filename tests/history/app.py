@@ -16,7 +16,7 @@ from the payload); ``body_end`` is recorded when the body returns. A task a work
 refuses with ``CapabilityDisabled`` records ``worker_refused`` (from Celery's
 ``task_failure`` signal), so the run shows the worker-side check at work.
 
-Configured from ``PH_CONF`` (tests/harness.py); the event log from
+Configured from ``PH_CONF`` (tests/harness/conf.py); the event log from
 ``PH_HISTORY_DIR``/``PH_HISTORY_PROC``; the worker's hostname from
 ``PH_HISTORY_HOSTNAME`` (the orchestrator names each worker).
 """

@@ -9,7 +9,7 @@ soak --minutes N`` (long). What runs, all on 127.0.0.1:
   through the proxy as ``postgres``, the others directly;
 - a private Redis broker (restarted by the injector) and a private Redis result
   backend (tests/servers.py);
-- 4 workers (tests/harness.py): prefork c2, threads c2, solo, prefork c2 with
+- 4 workers (tests/harness/workers.py): prefork c2, threads c2, solo, prefork c2 with
   ``--max-tasks-per-child``, and K producer and 1-2 admin processes
   (``tests/history/roles.py``), all started by ``tests/history/processes.py``;
 - the fault injector, in this process's main thread (``tests/history/faults.py``).
