@@ -1,19 +1,9 @@
 """pluginhost: a database-driven runtime plugin/capability registry for Celery."""
 
+from . import errors
 from .capability import CapabilityContext
 from .embedded import embedded_app, embedded_conf
-from .errors import (
-    CapabilityDisabled,
-    CapabilityNotFound,
-    ConcurrentUpdate,
-    InvalidArgument,
-    InvalidConfig,
-    InvalidInput,
-    InvalidPlugin,
-    PluginHostError,
-    PluginNotFound,
-    StoreUnavailable,
-)
+from .errors import *  # noqa: F403  (the error classes: errors.__all__)
 from .host import PluginHost
 from .model import (
     MASK,
@@ -49,16 +39,7 @@ __all__ = [
     "Store",
     "SQLAlchemyStore",
     "MemoryStore",
-    "PluginHostError",
-    "PluginNotFound",
-    "CapabilityNotFound",
-    "CapabilityDisabled",
-    "InvalidPlugin",
-    "InvalidConfig",
-    "InvalidInput",
-    "InvalidArgument",
-    "ConcurrentUpdate",
-    "StoreUnavailable",
+    *errors.__all__,  # the error classes, listed once: in errors.py
     "embedded_app",
     "embedded_conf",
 ]

@@ -10,7 +10,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast, overload
 
 from celery import Celery
 from pydantic import BaseModel, ValidationError
@@ -57,6 +57,65 @@ HOSTS: weakref.WeakKeyDictionary[Celery, PluginHost] = weakref.WeakKeyDictionary
 #: A configure that read the stored config is retried for this long when other
 #: writers keep changing the plugin in between (then ``ConcurrentUpdate``).
 _CONFIGURE_RETRY_S = 5.0
+
+
+class _Switch(Protocol):
+    """The call ``PluginHost.enable`` and ``PluginHost.disable`` share: the plugin
+    after the change, or with ``wait`` the workers that applied it."""
+
+    @overload
+    def __call__(
+        self,
+        slug: str,
+        *,
+        actor: str | None = ...,
+        wait: Literal[False] = ...,
+        timeout: float = ...,
+        expected_version: int | None = ...,
+    ) -> Plugin: ...
+    @overload
+    def __call__(
+        self,
+        slug: str,
+        *,
+        actor: str | None = ...,
+        wait: Literal[True],
+        timeout: float = ...,
+        expected_version: int | None = ...,
+    ) -> builtins.list[str]: ...
+    @overload
+    def __call__(
+        self,
+        slug: str,
+        *,
+        actor: str | None = ...,
+        wait: bool,
+        timeout: float = ...,
+        expected_version: int | None = ...,
+    ) -> Plugin | builtins.list[str]: ...
+
+
+def _switch(enabled: bool, doc: str) -> _Switch:
+    """``PluginHost.enable`` (``enabled`` True) or ``PluginHost.disable``: one body,
+    each with its own name and docstring."""
+    action = "enable" if enabled else "disable"
+
+    def switch(
+        self,  # a PluginHost: left unannotated, as a method's self is
+        slug: str,
+        *,
+        actor: str | None = None,
+        wait: bool = False,
+        timeout: float = 1.0,
+        expected_version: int | None = None,
+    ) -> Plugin | builtins.list[str]:
+        return self._update(slug, {"enabled": enabled}, action, actor, wait, timeout, expected_version)
+
+    switch.__name__ = action
+    switch.__qualname__ = f"PluginHost.{action}"
+    switch.__doc__ = doc
+    # A method at run time; typed as what an instance's attribute is (self bound).
+    return cast(_Switch, switch)
 
 
 class PluginHost:
@@ -340,89 +399,8 @@ class PluginHost:
             lambda: self.store.upsert(record, actor=actor, expected_version=expected_version), wait, timeout
         )
 
-    @overload
-    def enable(
-        self,
-        slug: str,
-        *,
-        actor: str | None = ...,
-        wait: Literal[False] = ...,
-        timeout: float = ...,
-        expected_version: int | None = ...,
-    ) -> Plugin: ...
-    @overload
-    def enable(
-        self,
-        slug: str,
-        *,
-        actor: str | None = ...,
-        wait: Literal[True],
-        timeout: float = ...,
-        expected_version: int | None = ...,
-    ) -> builtins.list[str]: ...
-    @overload
-    def enable(
-        self,
-        slug: str,
-        *,
-        actor: str | None = ...,
-        wait: bool,
-        timeout: float = ...,
-        expected_version: int | None = ...,
-    ) -> Plugin | builtins.list[str]: ...
-    def enable(
-        self,
-        slug: str,
-        *,
-        actor: str | None = None,
-        wait: bool = False,
-        timeout: float = 1.0,
-        expected_version: int | None = None,
-    ) -> Plugin | builtins.list[str]:
-        """Enable a plugin: persisted, audited, applied here and broadcast to workers."""
-        return self._update(slug, {"enabled": True}, "enable", actor, wait, timeout, expected_version)
-
-    @overload
-    def disable(
-        self,
-        slug: str,
-        *,
-        actor: str | None = ...,
-        wait: Literal[False] = ...,
-        timeout: float = ...,
-        expected_version: int | None = ...,
-    ) -> Plugin: ...
-    @overload
-    def disable(
-        self,
-        slug: str,
-        *,
-        actor: str | None = ...,
-        wait: Literal[True],
-        timeout: float = ...,
-        expected_version: int | None = ...,
-    ) -> builtins.list[str]: ...
-    @overload
-    def disable(
-        self,
-        slug: str,
-        *,
-        actor: str | None = ...,
-        wait: bool,
-        timeout: float = ...,
-        expected_version: int | None = ...,
-    ) -> Plugin | builtins.list[str]: ...
-    def disable(
-        self,
-        slug: str,
-        *,
-        actor: str | None = None,
-        wait: bool = False,
-        timeout: float = 1.0,
-        expected_version: int | None = None,
-    ) -> Plugin | builtins.list[str]:
-        """Disable a plugin: persisted, audited, applied here and broadcast to workers."""
-        return self._update(slug, {"enabled": False}, "disable", actor, wait, timeout, expected_version)
+    enable = _switch(True, "Enable a plugin: persisted, audited, applied here and broadcast to workers.")
+    disable = _switch(False, "Disable a plugin: persisted, audited, applied here and broadcast to workers.")
 
     def configure(
         self,

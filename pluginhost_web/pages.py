@@ -12,7 +12,9 @@ Every page asked for with ``Accept: application/json`` answers the JSON of its
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, Request
@@ -31,7 +33,7 @@ from .auth import (
     log_out,
     require_identity,
 )
-from .console import RUN_STATES
+from .console import RUN_STATES, Console
 from .errors import status_for
 from .schemas import SORT_END, SORT_MIN, AdminResult
 from .templating import page, render, root, wants_json
@@ -118,25 +120,40 @@ def plugins_page(
     return render(request, "plugins.html", context, status_code=status_code)
 
 
-def after_change(
-    request: Request, console: ConsoleDep, slug: str, what: str, change: Any, draft: str | None = None
-) -> Response:
-    """Run an admin change; redirect with its acknowledgements, or re-render with its error
-    (a client asking for JSON gets the API's error body)."""
-    try:
-        result: AdminResult = change()
-    except PluginHostError as exc:
-        if wants_json(request):
-            raise
-        drafts = {slug: draft} if draft is not None else None
-        return plugins_page(
-            request, console, errors={slug: f"{type(exc).__name__}: {exc}"}, drafts=drafts, status_code=status_for(exc)
-        )
-    request.session["flash"] = {
-        "text": f"{what} '{slug}' (version {result.plugin.version}, store revision {result.revision})",
-        "acks": result.acknowledged_by,
-    }
-    return redirect(request, f"/plugins#plugin-{slug}")
+@dataclass(frozen=True)
+class PluginChange:
+    """What every form that changes one plugin comes with: the request, the console,
+    the plugin's slug and the user making the change."""
+
+    request: Request
+    console: Console
+    slug: str
+    user: str
+
+    def apply(self, what: str, change: Callable[[], AdminResult], draft: str | None = None) -> Response:
+        """Run an admin change; redirect with its acknowledgements, or re-render with its error
+        (a client asking for JSON gets the API's error body)."""
+        request, slug = self.request, self.slug
+        try:
+            result = change()
+        except PluginHostError as exc:
+            if wants_json(request):
+                raise
+            drafts = {slug: draft} if draft is not None else None
+            errors = {slug: f"{type(exc).__name__}: {exc}"}
+            return plugins_page(request, self.console, errors=errors, drafts=drafts, status_code=status_for(exc))
+        request.session["flash"] = {
+            "text": f"{what} '{slug}' (version {result.plugin.version}, store revision {result.revision})",
+            "acks": result.acknowledged_by,
+        }
+        return redirect(request, f"/plugins#plugin-{slug}")
+
+
+def plugin_change(request: Request, slug: str, console: ConsoleDep, user: User) -> PluginChange:
+    return PluginChange(request, console, slug, user)
+
+
+ChangeForm = Annotated[PluginChange, Depends(plugin_change)]
 
 
 @router.get("/plugins")
@@ -153,50 +170,29 @@ def confirm_disable(request: Request, slug: str, console: ConsoleDep) -> Respons
 
 
 @router.post("/plugins/{slug}/enabled")
-def set_enabled(
-    request: Request,
-    slug: str,
-    console: ConsoleDep,
-    user: User,
-    enabled: Annotated[bool, Form()],
-    version: Version = None,
-) -> Response:
-    change = lambda: console.set_enabled(slug, enabled, actor=user, expected_version=version)  # noqa: E731
-    return after_change(request, console, slug, "Enabled" if enabled else "Disabled", change)
+def set_enabled(form: ChangeForm, enabled: Annotated[bool, Form()], version: Version = None) -> Response:
+    change = lambda: form.console.set_enabled(form.slug, enabled, actor=form.user, expected_version=version)  # noqa: E731
+    return form.apply("Enabled" if enabled else "Disabled", change)
 
 
 @router.post("/plugins/{slug}/config")
-def configure(
-    request: Request,
-    slug: str,
-    console: ConsoleDep,
-    user: User,
-    config: Annotated[str, Form()],
-    version: Version = None,
-) -> Response:
-    change = lambda: console.configure_text(slug, config, actor=user, expected_version=version)  # noqa: E731
-    return after_change(request, console, slug, "Configured", change, draft=config)
+def configure(form: ChangeForm, config: Annotated[str, Form()], version: Version = None) -> Response:
+    change = lambda: form.console.configure_text(form.slug, config, actor=form.user, expected_version=version)  # noqa: E731
+    return form.apply("Configured", change, draft=config)
 
 
 @router.post("/plugins/{slug}/sort")
 def set_sort(
-    request: Request,
-    slug: str,
-    console: ConsoleDep,
-    user: User,
-    sort: Annotated[int, Form(ge=SORT_MIN, lt=SORT_END)],
-    version: Version = None,
+    form: ChangeForm, sort: Annotated[int, Form(ge=SORT_MIN, lt=SORT_END)], version: Version = None
 ) -> Response:
-    change = lambda: console.set_sort(slug, sort, actor=user, expected_version=version)  # noqa: E731
-    return after_change(request, console, slug, f"Sort {sort} for", change)
+    change = lambda: form.console.set_sort(form.slug, sort, actor=form.user, expected_version=version)  # noqa: E731
+    return form.apply(f"Sort {sort} for", change)
 
 
 @router.post("/plugins/{slug}/move")
-def move(
-    request: Request, slug: str, console: ConsoleDep, user: User, direction: Annotated[Literal["up", "down"], Form()]
-) -> Response:
-    change = lambda: console.move(slug, direction, actor=user)  # noqa: E731
-    return after_change(request, console, slug, f"Moved {direction}", change)
+def move(form: ChangeForm, direction: Annotated[Literal["up", "down"], Form()]) -> Response:
+    change = lambda: form.console.move(form.slug, direction, actor=form.user)  # noqa: E731
+    return form.apply(f"Moved {direction}", change)
 
 
 # -- navigation and audit ------------------------------------------------------

@@ -95,7 +95,7 @@ def test_beat_ticks_while_a_plugin_is_off_follow_the_capability_policy(
     workers(APP, extra_args=["-E"], env={"ECO_RUNS": str(ran)})
     eco.host.disable("report", wait=True)
     eco.host.disable("feed", wait=True)
-    with Events(eco.app) as events:
+    with Events(eco.app) as events, open(tmp_path / "beat.log", "wb") as beat_log:
         beat = subprocess.Popen(
             [
                 sys.executable,
@@ -110,7 +110,7 @@ def test_beat_ticks_while_a_plugin_is_off_follow_the_capability_policy(
             ],
             cwd=REPO_ROOT,
             env={**os.environ, PH_CONF_ENV: json.dumps(app_conf)},
-            stdout=open(tmp_path / "beat.log", "wb"),
+            stdout=beat_log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ("fastapi", "starlette", "uvicorn", "jinja2", "multipart")
 
@@ -47,7 +49,8 @@ def test_the_console_adds_the_web_command_and_the_old_import_path_warns() -> Non
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode != 0 and "pluginhost.web is now pluginhost_web" in done.stderr
-    import pluginhost.web as old
+    with pytest.deprecated_call(match="pluginhost.web is now pluginhost_web"):
+        import pluginhost.web as old
     from pluginhost_web import create_app
 
     assert old.create_app is create_app

@@ -106,6 +106,8 @@ def owner_process() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _try_claim(store: WorkflowStore, run_id: str, worker: str, position: int = 0) -> BaseException | None:
