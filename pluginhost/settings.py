@@ -47,6 +47,10 @@ SETTINGS: tuple[Setting, ...] = (
             replaces="workflows_synchronous_commit"),
     Setting("pluginhost_workflows_step_lease_s", 3600.0, "A `running` step whose owner cannot be proven dead is taken "
             "over by a redelivery after this long.", number=True),
+    Setting("pluginhost_workflows_wake_poll_s", 1.0, "How often each worker claims the due wake-ups of sleeping "
+            "and waiting workflow runs (a wake-up is late by at most about this much).", number=True),
+    Setting("pluginhost_workflows_wake_lease_s", 30.0, "A claimed wake-up whose claimer did not report it sent "
+            "(it died) is claimed again after this long.", number=True),
     Setting("pluginhost_workflows_outcome_format", 2, "Format of the step outcomes tasks carry (2; set 1 while "
             "workers of an earlier release still run, in a rolling upgrade). Both are read."),
     Setting("pluginhost_web_users", None, "Console users: `{\"name\": \"password hash\"}`."),

@@ -65,7 +65,7 @@ def test_cancel_of_a_finished_or_unknown_run_is_an_error_that_writes_nothing(sto
     store.create_run(run_id, "flow", 1, {}, LAYOUT[:1])
     store.begin_step(run_id, 0, "w1", first=True)
     store.finish_step(run_id, 0, "succeeded", output={}, run_output={})
-    with pytest.raises(InvalidRunState, match="is succeeded; only pending or running runs can be cancelled"):
+    with pytest.raises(InvalidRunState, match="is succeeded; only unfinished runs can be cancelled"):
         store.cancel_run(run_id, "ops")
     assert store.get_run(run_id).status == "succeeded"  # type: ignore[union-attr]
     with pytest.raises(WorkflowNotFound):
@@ -123,7 +123,7 @@ def test_cancel_through_the_cli_stops_a_run_before_its_next_step(
     finished = core.flows.start("flow", {"tag": "finished"})
     finished.get(timeout=60)
     refused = _cli(app_conf, "workflows", "cancel", finished.id)
-    assert refused.returncode != 0 and "only pending or running runs can be cancelled" in refused.stderr
+    assert refused.returncode != 0 and "only unfinished runs can be cancelled" in refused.stderr
     assert core.flows.run(finished.id).status == "succeeded"
 
 

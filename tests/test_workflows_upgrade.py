@@ -21,7 +21,14 @@ from workflows.store import MIGRATIONS, definitions, open_workflow_store, runs, 
 
 #: The workflows revision before this branch's migration.
 PREVIOUS = "w0001"
-TABLES = ("workflows_steps", "workflows_runs", "workflows_definitions", "workflows_alembic_version")
+TABLES = (
+    "workflows_signals",
+    "workflows_waits",
+    "workflows_steps",
+    "workflows_runs",
+    "workflows_definitions",
+    "workflows_alembic_version",
+)
 #: tests/apps/core.py FLOW: (position, stage, slug) and what each step returns.
 LAYOUT = [(0, 0, "step_a"), (1, 1, "step_b"), (2, 1, "step_c"), (3, 2, "step_d"), (4, 3, "step_e")]
 OUTPUTS = [{"a": 1, "order": ["a"]}, {"b": 2, "shared": "b"}, {"c": 3, "shared": "c"}, {"d": 4, "order": ["a", "d"]}]

@@ -1,14 +1,16 @@
 """workflows: multi-step workflows composed of pluginhost capabilities."""
 
 from .capability import WorkflowCapability
-from .definition import Parallel, Step, Workflow
+from .definition import Parallel, Sleep, Step, WaitFor, Workflow
 from .errors import (
     InvalidRunState,
+    InvalidSignal,
     InvalidWorkflow,
     RunFinished,
     RunNotFound,
     SqlStoreRequired,
     UnreadableOutcome,
+    WaitTimedOut,
     WorkflowNotFound,
 )
 from .service import PlannedStep, Workflows
@@ -18,6 +20,8 @@ __all__ = [
     "Workflow",
     "Step",
     "Parallel",
+    "Sleep",
+    "WaitFor",
     "Workflows",
     "WorkflowCapability",
     "WorkflowRun",
@@ -29,6 +33,8 @@ __all__ = [
     "InvalidRunState",
     "RunFinished",
     "RunNotFound",
+    "InvalidSignal",
+    "WaitTimedOut",
     "SqlStoreRequired",
     "UnreadableOutcome",
 ]

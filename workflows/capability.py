@@ -45,7 +45,7 @@ class WorkflowCapability:
         run_id, canvas = self.flows.prepare(
             self.name, payload, run_id=options.pop("task_id", None), gate=(capability, plugin)
         )
-        return canvas.apply_async(task_id=run_id, **options)  # type: ignore[no-any-return]
+        return self.flows.send(canvas, run_id, **options)
 
     def __call__(self, payload: dict[str, Any], ctx: CapabilityContext) -> Any:
         task = ctx.task

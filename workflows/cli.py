@@ -20,10 +20,10 @@ from rich.text import Text
 
 from pluginhost import InvalidInput, PluginHost
 
-from .definition import Parallel, Workflow
+from .definition import Parallel, Sleep, WaitFor, Workflow
 from .errors import WorkflowNotFound
 from .service import Workflows
-from .store import RUN_STATES, StepRun
+from .store import RUN_STATES, StepRun, WorkflowRun
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -93,10 +93,17 @@ def _seconds(value: float | None) -> str:
 
 def _steps_line(wf: Workflow) -> str:
     """``a -> [b | c] -> d``."""
-    return " -> ".join(
-        "[" + " | ".join(s.slug for s in stage.steps) + "]" if isinstance(stage, Parallel) else stage.slug
-        for stage in wf.steps
-    )
+
+    def one(stage: Any) -> str:
+        if isinstance(stage, Parallel):
+            return "[" + " | ".join(s.slug for s in stage.steps) + "]"
+        if isinstance(stage, Sleep):
+            return f"sleep {stage.duration:g}s"
+        if isinstance(stage, WaitFor):
+            return f"wait for {stage.signal}"
+        return str(stage.slug)
+
+    return " -> ".join(one(stage) for stage in wf.steps)
 
 
 def _table(columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> Table:
@@ -117,6 +124,27 @@ def _step_runs_table(steps: list[StepRun]) -> Table:
         rows.append((s.position, s.slug, s.status, s.attempts, ms, version, s.error or ""))
     columns = ("position", "slug", "status", "attempts", "duration (ms)", "plugin version", "error")
     return _table(columns, rows)
+
+
+def _timeline_table(run: WorkflowRun) -> Table:
+    """A run's waits and signals, in time order."""
+
+    def at(when: Any) -> str:
+        return "-" if when is None else f"{when:%Y-%m-%d %H:%M:%S}"
+
+    rows: list[tuple[Any, ...]] = []
+    for w in run.waits:
+        what = "sleep" if w.kind == "sleep" else f"wait for {w.signal}"
+        rows.append((at(w.created_at), f"stage {w.stage}: {what}", f"until {at(w.wake_at)}" if w.wake_at else ""))
+        if w.woke_at is not None:
+            rows.append((at(w.woke_at), f"stage {w.stage}: {w.outcome or w.status}", w.claimed_by or ""))
+    for sig in run.signals:
+        keys = ", ".join(sig.payload_keys) or "no payload"
+        rows.append((at(sig.received_at), f"signal {sig.name} ({keys})", f"by {sig.actor or '-'}"))
+    if run.cancelled_by is not None:
+        rows.append((at(run.finished_at), "cancelled", f"by {run.cancelled_by}"))
+    rows.sort(key=lambda r: str(r[0]))
+    return _table(("at", "event", ""), rows)
 
 
 def _wait(flows: Workflows, run_id: str, result: AsyncResult, timeout: float) -> None:
@@ -255,6 +283,8 @@ def run(ctx: click.Context, run_id: str) -> None:
         header.add_row(key, Text(value))
     _print(header)
     _print(_step_runs_table(found.steps))
+    if found.waits or found.signals:
+        _print(_timeline_table(found))
 
 
 @workflows.command()
@@ -279,6 +309,41 @@ def cancel(ctx: click.Context, run_id: str, terminate: bool, actor: str | None) 
     """Cancel a pending or running run before its next step."""
     run = _flows(ctx).cancel(run_id, actor=_actor(actor), terminate=terminate)
     click.echo(f"{run.id} {run.status} by {run.cancelled_by} at {run.finished_at}")
+
+
+@workflows.command()
+@click.argument("target", nargs=-1, metavar="[RUN_ID] NAME")
+@click.option("--payload", "payload_text", default="{}", show_default=True, help="The payload as a JSON object.")
+@click.option("--workflow", default=None, help="With --key: the workflow whose run to signal.")
+@click.option("--key", default=None, help="Signal the newest unfinished run with this key (needs --workflow).")
+@click.option("--actor", default=None, help="Recorded with the signal (default: $USER).")
+@click.pass_context
+def signal(
+    ctx: click.Context,
+    target: tuple[str, ...],
+    payload_text: str,
+    workflow: str | None,
+    key: str | None,
+    actor: str | None,
+) -> None:
+    """Deliver signal NAME to a run: RUN_ID NAME, or NAME --workflow W --key K."""
+    from .errors import InvalidSignal
+
+    try:
+        payload = json.loads(payload_text)
+    except json.JSONDecodeError as exc:
+        raise InvalidSignal(f"--payload is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    by_key = key is not None or workflow is not None
+    if len(target) != (1 if by_key else 2) or (key is None) != (workflow is None):
+        raise _fail("give RUN_ID NAME, or NAME with --workflow and --key")
+    run_id, name = (None, target[0]) if by_key else target
+    flows = _flows(ctx)
+    if key is not None and workflow is not None:
+        found = flows.signal_by_key(workflow, key, name, payload, actor=_actor(actor))
+    else:
+        assert run_id is not None
+        found = flows.signal(run_id, name, payload, actor=_actor(actor))
+    click.echo(f"{found.id} {found.status}")
 
 
 @workflows.command()

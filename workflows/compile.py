@@ -4,6 +4,11 @@ Sequential steps are links of a ``chain``; a ``Parallel`` is a ``chord`` whose
 callback merges the branch outputs in declaration order; a final task records
 the run's outcome and returns the context. The chain's last task id is the
 run id, so the caller's AsyncResult resolves to the final context.
+
+A wait (``Sleep``, ``WaitFor``) ends the canvas: its task records the wait and
+sends nothing; the worker that wakes the run builds the canvas of the stages
+after it (``from_stage``) with the same run id. The wait task keeps no result,
+so the run id's result is the one the last segment stores.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from celery import chain, chord
 from celery.canvas import Signature
 
-from .definition import Parallel, Step, Workflow
+from .definition import Parallel, Sleep, Step, WaitFor, Workflow
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -88,11 +93,22 @@ def build(
         kwargs = {"slug": step.slug, **{k: v for k, v in policy.items() if v != STEP_DEFAULTS[k]}}
         return rt.step_task.signature(args, kwargs, **options)
 
+    def wait_sig(stage: int, wait: Sleep | WaitFor) -> Signature:
+        args: tuple[Any, ...] = (run_id, stage) if links else (context, run_id, stage)
+        if isinstance(wait, Sleep):
+            kwargs: dict[str, Any] = {"kind": "sleep", "seconds": wait.duration}
+        else:
+            kwargs = {"kind": "signal", "signal": wait.signal, "seconds": wait.timeout, "on_timeout": wait.on_timeout}
+        return rt.wait_task.signature(args, kwargs, ignore_result=True)
+
     for stage_index, (stage_def, steps) in enumerate(stages):
         positions = list(range(position, position + len(steps)))
         position += len(steps)
         if stage_index < from_stage:
             continue
+        if isinstance(stage_def, (Sleep, WaitFor)):
+            links.append(wait_sig(stage_index, stage_def))
+            break  # the rest is sent when the run wakes
         final = stage_index == len(stages) - 1
         todo = [(p, s) for p, s in zip(positions, steps) if p not in done]
         if isinstance(stage_def, Parallel):

@@ -30,6 +30,16 @@ class RunNotFound(WorkflowNotFound, StoreUnavailable):
     another database): the delivery cannot record its outcome."""
 
 
+class InvalidSignal(InvalidInput):
+    """A signal that cannot be delivered: a malformed name or payload, a name the
+    run's workflow does not wait for, a run that ended or passed that wait, or a
+    second signal of the same name for one run. Nothing is stored."""
+
+
+class WaitTimedOut(PluginHostError):
+    """A ``WaitFor(on_timeout="fail")`` whose signal did not arrive in time."""
+
+
 class SqlStoreRequired(InvalidWorkflow):
     """Workflows keep their runs in SQL tables: the host's store is not a SQL store."""
 
@@ -46,6 +56,8 @@ __all__ = [
     "RunFinished",
     "ConditionFailed",
     "RunNotFound",
+    "InvalidSignal",
+    "WaitTimedOut",
     "SqlStoreRequired",
     "UnreadableOutcome",
 ]

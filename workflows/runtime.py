@@ -1,4 +1,5 @@
-"""The step task: live enablement check, skip/fail policy, retries and history."""
+"""The step task: live enablement check, skip/fail policy, retries and history;
+the wait task and the waker that sends sleeping and waiting runs on."""
 
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ from pluginhost import (
 
 from . import conditions, metrics
 from .conditions import CONDITION_FALSE
+from .definition import Workflow
 from .errors import ConditionFailed, InvalidWorkflow, RunFinished, SqlStoreRequired
 from .store import DONE, StepBusy, StepRun, WorkflowStore, open_workflow_store
 from .store.outcome import FORMATS as OUTCOME_FORMATS
 from .store.outcome import Outcome, branch_result, carrying, read_branch, unique, unwrap
+from .store.waits import WaitStore
 
 log = logging.getLogger("workflows")
 
@@ -83,6 +86,9 @@ class Runtime:
         self.host = host
         self._store: WorkflowStore | None = None
         self._store_of: Any = None
+        self._waits: WaitStore | None = None
+        self._waits_of: Any = None
+        self._definitions: dict[tuple[str, int], Workflow] = {}
         #: ``Workflows.declare``: definitions to store on first use, with their actor
         self.declared: dict[str, tuple[Any, str | None]] = {}
         app = host.app
@@ -107,6 +113,8 @@ class Runtime:
             return self.finish_run(run_id, context)
 
         self.step_task, self.merge_task, self.finish_task = step, merge, finish
+        #: the wait task (``waiting.Waiting`` registers it)
+        self.wait_task: Any = None
 
     @classmethod
     def for_host(cls, host: PluginHost) -> Runtime:
@@ -135,6 +143,31 @@ class Runtime:
             )
             self._store_of = current
         return self._store
+
+    @property
+    def waits(self) -> WaitStore:
+        """The waits and signals, in the workflow store's database."""
+        store = self.store
+        if self._waits is None or self._waits_of is not store:
+            app = self.host.app
+            self._waits = WaitStore(
+                store.engine,
+                lease_s=settings.value(app, "pluginhost_workflows_wake_lease_s"),
+                timeout_s=settings.value(app, "pluginhost_store_timeout_s"),
+            )
+            self._waits_of = store
+        return self._waits
+
+    def definition(self, name: str, version: int) -> Workflow:
+        """A stored version of a definition, parsed once per process (a stored
+        version never changes)."""
+        wf = self._definitions.get((name, version))
+        if wf is None:
+            found = self.store.definition(name, version)
+            if found is None:
+                raise InvalidWorkflow(f"workflow '{name}' version {version} is gone from the store")
+            wf = self._definitions[(name, version)] = Workflow.model_validate(found[1])
+        return wf
 
     @property
     def outcome_format(self) -> int:
@@ -253,7 +286,7 @@ class Runtime:
                     self.store.release_step(*claimed)
                 except StoreUnavailable:
                     pass  # its owner is this session: the next delivery takes it over
-            _send_again(task, self._store_wait(task))
+            send_again(task, self.store_wait(task))
 
     def _condition_holds(
         self, run_id: str, position: int, slug: str, when: str, context: dict[str, Any], started: float
@@ -317,15 +350,15 @@ class Runtime:
         except StepBusy:
             if task.request.is_eager:
                 raise
-            _send_again(task, min(OWNER_WAIT_MAX_S, OWNER_WAIT_S * 2.0**retries))
+            send_again(task, min(OWNER_WAIT_MAX_S, OWNER_WAIT_S * 2.0**retries))
         except StoreUnavailable as exc:
             if task.request.is_eager:
                 raise
-            countdown = self._store_wait(task)
+            countdown = self.store_wait(task)
             log.warning("step %s of run %s sent again in %.1fs: %s", position, run_id, countdown, exc)
-            _send_again(task, countdown)
+            send_again(task, countdown)
 
-    def _store_wait(self, task: Task) -> float:
+    def store_wait(self, task: Task) -> float:
         """How long a step waits for a store it cannot use: the capability tasks'
         ``pluginhost_stale_retry_s``, doubling per wait, capped."""
         base = settings.value(self.host.app, "pluginhost_stale_retry_s")
@@ -428,7 +461,7 @@ class Runtime:
         metrics.run_finished(name, "failed")
 
 
-def _send_again(task: Task, countdown: float) -> NoReturn:
+def send_again(task: Task, countdown: float) -> NoReturn:
     """Send this delivery again in ``countdown`` seconds (same id, same
     continuation), then end this one without a state: a duplicate's wait must
     not overwrite the result its first delivery stores. If the new message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import re
 import uuid
 from datetime import datetime
 from typing import Any
@@ -14,10 +15,12 @@ from pluginhost import InvalidInput, PluginHost, check_json_object, did_you_mean
 
 from . import conditions
 from .compile import build, layout
-from .definition import Workflow
-from .errors import ConditionFailed, InvalidRunState, InvalidWorkflow, WorkflowNotFound
+from .definition import NAME_PATTERN, Workflow
+from .errors import ConditionFailed, InvalidRunState, InvalidSignal, InvalidWorkflow, RunNotFound, WorkflowNotFound
 from .runtime import Runtime
 from .store import RUN_STATES, WorkflowRun, WorkflowStore
+from .store.waits import WaitStore
+from .waiting import Waiting, owner
 
 
 class PlannedStep(BaseModel):
@@ -49,6 +52,7 @@ class Workflows:
     def __init__(self, host: PluginHost) -> None:
         self.host = host
         self.runtime = Runtime.for_host(host)
+        self.waiting = Waiting.for_runtime(self.runtime)
         self._migrated_for: Any = None
         self._parsed: dict[tuple[str, int, Any], Workflow] = {}
         self._newest: dict[str, tuple[int, Any, Workflow]] = {}  # name -> the last version a start used
@@ -57,6 +61,11 @@ class Workflows:
     def store(self) -> WorkflowStore:
         """The workflow tables (in the host store's database)."""
         return self.runtime.store
+
+    @property
+    def waits(self) -> WaitStore:
+        """The waits and signals (in the same database)."""
+        return self.runtime.waits
 
     # -- definitions -----------------------------------------------------------
 
@@ -150,7 +159,17 @@ class Workflows:
         """Start a run of the newest version; the AsyncResult's id is the run id and
         it resolves to the final context."""
         run_id, canvas = self.prepare(name, input, run_id=apply_async_options.pop("task_id", None))
-        return canvas.apply_async(task_id=run_id, **apply_async_options)
+        return self.send(canvas, run_id, **apply_async_options)
+
+    def send(self, canvas: Any, run_id: str, **apply_async_options: Any) -> AsyncResult:
+        """Send a run's canvas with the run id as its result id. A canvas that
+        ends at a wait sends a task that keeps no result (the run's result comes
+        later, from the stages after the wait): the handle returned still waits
+        for the run's result."""
+        result = canvas.apply_async(task_id=run_id, **apply_async_options)
+        if getattr(result, "ignored", False):
+            return self.host.app.AsyncResult(run_id)
+        return result  # type: ignore[no-any-return]
 
     def prepare(
         self,
@@ -178,8 +197,11 @@ class Workflows:
             if known is None:
                 known = self._definition(name)
             version, stored_at, wf = known
+            key = _key_of(wf, payload)
             # One statement: the run is inserted only if this is still the newest version.
-            newest, inserted = self.store.create_newest_run(run_id, wf.name, version, stored_at, payload, layout(wf))
+            newest, inserted = self.store.create_newest_run(
+                run_id, wf.name, version, stored_at, payload, layout(wf), key
+            )
             if newest == (version, stored_at):
                 if inserted:
                     return run_id, build(self.runtime, wf, run_id, payload, gate=gate)
@@ -190,9 +212,77 @@ class Workflows:
             known = None  # defined again since: read the newest version
 
     def run(self, run_id: str) -> WorkflowRun | None:
-        """A run with its steps, or None."""
+        """A run with its steps, waits and signals (its timeline), or None."""
         self._ready()
-        return self.store.get_run(run_id)
+        found = self.store.get_run(run_id)
+        if found is None:
+            return None
+        waits, signals = self.waits.timeline(run_id)
+        return found.model_copy(update={"waits": waits, "signals": signals})
+
+    # -- signals ---------------------------------------------------------------
+
+    def signal(
+        self, run_id: str, name: str, payload: dict[str, Any] | None = None, *, actor: str | None = None
+    ) -> WorkflowRun:
+        """Deliver signal ``name`` to a run's ``WaitFor(name)``: its payload merges
+        into the context and ``signals.<name>`` becomes ``"received"``. A run
+        that waits for it goes on at once; one that has not reached the wait
+        keeps the signal and takes it when it gets there. One signal per name
+        and run. ``RunNotFound`` for an unknown run; ``InvalidSignal`` (nothing
+        stored) for a run that ended or passed that wait, a name its workflow
+        does not wait for, a second signal, or a payload that is not a JSON
+        object."""
+        if not isinstance(run_id, str) or not run_id:
+            raise InvalidSignal(f"a run id is a non-empty string, got {run_id!r}")
+        if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+            raise InvalidSignal(f"signal name {name!r} is invalid: expected 1-64 characters of a-z, 0-9, '_', '.', '-'")
+        body = check_json_object(
+            {} if payload is None else payload, owner=f"signal {name!r} payload", error=InvalidSignal
+        )
+        self._ready()
+        run = self.store.get_run(run_id)
+        if run is None:
+            raise RunNotFound(f"no workflow run {run_id!r}")
+        found = self.runtime.definition(run.name, run.version).wait_for(name)
+        if found is None:
+            wf = self.runtime.definition(run.name, run.version)
+            awaited = [w.signal for w in wf.waits().values() if hasattr(w, "signal")]
+            raise InvalidSignal(
+                f"workflow '{run.name}' version {run.version} waits for no signal {name!r}"
+                f" (it waits for: {', '.join(awaited) or 'none'})"
+            )
+        stage, _ = found
+        _, state = self.waits.deliver(run_id, stage, name, body, actor)
+        if state == "due":  # the run waits for it: send it on now, not at the next poll
+            self.waiting.wake_due(owner(None), run_id=run_id, stage=stage)
+        result = self.run(run_id)
+        assert result is not None
+        return result
+
+    def signal_by_key(
+        self,
+        workflow: str,
+        key: str,
+        name: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        actor: str | None = None,
+    ) -> WorkflowRun:
+        """``signal`` the run of ``workflow`` whose key (the input field the
+        workflow declares as ``key``, e.g. ``email``) is ``key``. When several
+        unfinished runs have that key, the newest one gets it (a later start
+        for the same key supersedes the earlier ones). ``RunNotFound`` when no
+        unfinished run has it."""
+        if not isinstance(key, str) or not key:
+            raise InvalidSignal(f"a key is a non-empty string, got {key!r}")
+        wf = self._definition(workflow)[2]
+        if wf.key is None:
+            raise InvalidSignal(f"workflow '{workflow}' declares no key: signal its runs by id")
+        found = self.waits.runs_with_key(workflow, key)
+        if not found:
+            raise RunNotFound(f"no unfinished run of workflow '{workflow}' has {wf.key} = {key!r}")
+        return self.signal(found[0], name, payload, actor=actor)
 
     def runs(self, name: str | None = None, status: str | None = None, limit: int = 50) -> builtins.list[WorkflowRun]:
         """Runs, newest first (without their steps)."""
@@ -219,8 +309,26 @@ class Workflows:
         wf = Workflow.model_validate(found[1])
         # Conditional: of two concurrent resumes, one gets the run (InvalidRunState for the other).
         from_stage, context, done = self.store.reset_for_resume(run_id)
+        context = self._after_waits(run_id, from_stage, context)
         canvas = build(self.runtime, wf, run_id, context, from_stage=from_stage, done=done)
-        return canvas.apply_async()
+        return self.send(canvas, run_id) if wf.waits() else canvas.apply_async()
+
+    def _after_waits(self, run_id: str, from_stage: int, context: dict[str, Any]) -> dict[str, Any]:
+        """A resumed run's context with what the waits it passed gave it: the
+        payloads of the signals it took and ``signals.<name>``. (The steps'
+        outputs win over a payload's fields of the same name.)"""
+        waits, _ = self.waits.timeline(run_id)
+        passed = [w for w in waits if w.stage < from_stage and w.kind == "signal" and w.outcome and w.signal]
+        if not passed:
+            return context
+        payloads: dict[str, Any] = {}
+        marks: dict[str, Any] = {}
+        for wait in passed:
+            assert wait.signal is not None
+            marks[wait.signal] = wait.outcome
+            if wait.outcome == "received":
+                payloads.update(self.waits.payload(run_id, wait.signal))
+        return {**payloads, **context, "signals": marks}
 
     def cancel(self, run_id: str, *, actor: str | None = None, terminate: bool = False) -> WorkflowRun:
         """Stop a pending or running run before its next step: the run becomes
@@ -241,7 +349,7 @@ class Workflows:
             app.backend.mark_as_revoked(run_id, reason="workflow run cancelled")
         except Exception:  # noqa: BLE001 - no result backend (or it is down): the run row says it
             pass
-        run = self.store.get_run(run_id)
+        run = self.run(run_id)
         assert run is not None
         return run
 
@@ -328,3 +436,18 @@ class Workflows:
             store.migrate()
             self._store_declared()  # a bad declaration fails every use, loudly
             self._migrated_for = store
+
+
+def _key_of(wf: Workflow, payload: dict[str, Any]) -> str | None:
+    """The run's key: the input field the workflow declares as ``key``."""
+    if wf.key is None:
+        return None
+    value = payload.get(wf.key)
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or value == "":
+        raise InvalidInput(
+            f"workflow '{wf.name}' input needs its key field {wf.key!r} (a non-empty string or integer), got {value!r}"
+        )
+    text = str(value)
+    if len(text) > 255:
+        raise InvalidInput(f"workflow '{wf.name}' key {wf.key!r} is longer than 255 characters")
+    return text

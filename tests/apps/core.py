@@ -23,7 +23,7 @@ from sqlalchemy import Column, Float, Integer, MetaData, String, Table, func, in
 
 from pluginhost import CapabilityContext, PluginHost
 from tests.harness import conf_from_env
-from workflows import Parallel, Step, Workflow, WorkflowCapability, Workflows
+from workflows import Parallel, Sleep, Step, WaitFor, Workflow, WorkflowCapability, Workflows
 
 app = Celery("core")
 app.conf.update(conf_from_env())
@@ -156,6 +156,7 @@ def failing(payload: dict[str, Any]) -> str:
 
 @host.capability("step_a", label_en="Step A", label_ar="الخطوة أ")
 def step_a(ctx: dict[str, Any]) -> dict[str, Any]:
+    time.sleep(float(ctx.get("a_sleep", 0)))
     record("step_a", ctx.get("tag"))
     return {"a": 1, "order": [*ctx.get("order", []), "a"]}
 
@@ -203,6 +204,19 @@ FLOW = Workflow(
 # One stage each: their canvas is a chord, or one task, with no chain around it.
 FAN = Workflow("fan", steps=[Parallel(Step("step_b"), Step("step_c"))])
 SINGLE = Workflow("single", steps=[Step("step_a")])
+
+# Waits: a sleep between two steps; a signal wait with a timeout, keyed by email.
+SLEEPY = Workflow("sleepy", steps=[Step("step_a"), Sleep(2), Step("step_c", on_disabled="skip")])
+VERIFY = Workflow(
+    "verify",
+    key="email",
+    steps=[
+        Step("step_a"),
+        WaitFor("verified", timeout=30, on_timeout="continue"),
+        Step("step_c", when="signals.verified == 'received'"),
+        Step("step_d", when="signals.verified == 'timed_out'"),
+    ],
+)
 
 host.register_capability("run_flow", WorkflowCapability(host, "flow"))
 host.register_capability("run_fan", WorkflowCapability(host, "fan"))

@@ -12,11 +12,13 @@ One module per concept (``from tests.harness import X`` finds every public name)
 - :mod:`~tests.harness.processes`: ``/proc``, process groups, reaping.
 - :mod:`~tests.harness.workers`: :class:`Worker` and :class:`WorkerFactory`.
 - :mod:`~tests.harness.waiting`: :func:`wait_until` and waiting for workflow runs.
+- :mod:`~tests.harness.cli`: :func:`run_cli`, the ``pluginhost`` command as users run it.
 
 Worker processes import this package (the test apps call :func:`conf_from_env`), so
 no module of it imports anything heavy at module level.
 """
 
+from tests.harness.cli import run_cli
 from tests.harness.conf import (
     BACKEND_IDS,
     BACKENDS,
@@ -79,6 +81,7 @@ from tests.harness.waiting import RUN_FINISHED, wait_finished, wait_until
 from tests.harness.workers import Worker, WorkerError, WorkerFactory, kill_all_workers
 
 __all__ = [
+    "run_cli",
     "AMQP_PORT",
     "AMQP_URL",
     "BACKENDS",

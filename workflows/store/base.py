@@ -104,12 +104,22 @@ class WorkflowStore(ABC):
     # -- runs ------------------------------------------------------------------
 
     @abstractmethod
-    def create_run(self, run_id: str, name: str, version: int, input: dict[str, Any], layout: Layout) -> bool:
-        """Insert a run and its pending steps; False if the run already exists (redelivery)."""
+    def create_run(
+        self, run_id: str, name: str, version: int, input: dict[str, Any], layout: Layout, key: str | None = None
+    ) -> bool:
+        """Insert a run and its pending steps; False if the run already exists
+        (redelivery). ``key``: the value of the workflow's key field (``signal_by_key``)."""
 
     @abstractmethod
     def create_newest_run(
-        self, run_id: str, name: str, version: int, stored_at: datetime, input: dict[str, Any], layout: Layout
+        self,
+        run_id: str,
+        name: str,
+        version: int,
+        stored_at: datetime,
+        input: dict[str, Any],
+        layout: Layout,
+        key: str | None = None,
     ) -> tuple[tuple[int, datetime] | None, bool]:
         """Insert a run of ``version`` (the definition stored at ``stored_at``) and
         its pending steps if that is still the newest version of ``name``.
@@ -251,8 +261,9 @@ class WorkflowStore(ABC):
 
     @abstractmethod
     def cancel_run(self, run_id: str, actor: str | None, *, running: bool = False) -> list[str]:
-        """A pending or running run becomes ``cancelled`` (who: ``actor``, when:
-        ``finished_at``) and its pending steps ``cancelled``, in one transaction;
+        """A pending, running, sleeping or waiting run becomes ``cancelled`` (who:
+        ``actor``, when: ``finished_at``), its pending steps and open waits
+        ``cancelled``, in one transaction;
         returns the task ids of its steps still running (their bodies finish, or
         are revoked by the caller: ``running=True`` marks those ``cancelled``
         too). A cancelled run stays so (idempotent: nothing written again); a

@@ -42,7 +42,15 @@ from sqlalchemy import Engine
 from ..errors import InvalidRunState, RunNotFound, WorkflowNotFound
 from .base import Claim, ClaimAsk, Layout, WorkflowStore, first_line, resume_point, unreachable
 from .outcome import Outcome
-from .records import DONE, FINISHED_RUN_STATES, OPEN_RUN_STATES, STEP_LEASE_S, StepRun, WorkflowRun
+from .records import (
+    CANCELLABLE_RUN_STATES,
+    DONE,
+    FINISHED_RUN_STATES,
+    OPEN_RUN_STATES,
+    STEP_LEASE_S,
+    StepRun,
+    WorkflowRun,
+)
 from .schema import RUN_COLUMNS, STEP_COLUMNS
 
 T = TypeVar("T")
@@ -175,8 +183,8 @@ FROM r, (VALUES {values}) AS x(position, stage, slug)
 # id exists already (a redelivered start).
 _CREATE_RUN = """
 WITH r AS (
-    INSERT INTO workflows_runs (id, name, version, status, input, context, created_at)
-    VALUES (%(run_id)s, %(name)s, %(version)s, 'pending', %(input)s::json, %(input)s::json, %(now)s)
+    INSERT INTO workflows_runs (id, name, version, status, input, context, created_at, key)
+    VALUES (%(run_id)s, %(name)s, %(version)s, 'pending', %(input)s::json, %(input)s::json, %(now)s, %(key)s)
     ON CONFLICT (id) DO NOTHING
     RETURNING id
 )
@@ -193,8 +201,8 @@ WHERE name = %(name)s ORDER BY version DESC LIMIT 1
 _CREATE_NEWEST_RUN = f"""
 WITH d AS ({_NEWEST.strip()}),
 r AS (
-    INSERT INTO workflows_runs (id, name, version, status, input, context, created_at)
-    SELECT %(run_id)s, %(name)s, d.version, 'pending', %(input)s::json, %(input)s::json, %(now)s
+    INSERT INTO workflows_runs (id, name, version, status, input, context, created_at, key)
+    SELECT %(run_id)s, %(name)s, d.version, 'pending', %(input)s::json, %(input)s::json, %(now)s, %(key)s
     FROM d WHERE d.version = %(version)s AND d.created_at = %(stored_at)s
     ON CONFLICT (id) DO NOTHING
     RETURNING id
@@ -289,8 +297,12 @@ WHERE run_id = %(run_id)s AND status IN ('failed', 'cancelled', 'running')
 
 _CANCEL_RUN = f"""
 UPDATE workflows_runs SET status = 'cancelled', cancelled_by = %(actor)s, finished_at = %(now)s
-WHERE id = %(run_id)s AND status IN {_OPEN}
+WHERE id = %(run_id)s AND status IN {_sql_list(CANCELLABLE_RUN_STATES)}
 RETURNING id
+"""
+_CANCEL_WAITS = """
+UPDATE workflows_waits SET status = 'cancelled', woke_at = %(now)s
+WHERE run_id = %(run_id)s AND status IN ('waiting', 'claimed')
 """
 _CANCEL_PENDING_STEPS = """
 UPDATE workflows_steps SET status = 'cancelled', finished_at = %(now)s
@@ -431,7 +443,9 @@ class PgWorkflowStore(WorkflowStore):
 
     # -- runs ------------------------------------------------------------------
 
-    def create_run(self, run_id: str, name: str, version: int, input: dict[str, Any], layout: Layout) -> bool:
+    def create_run(
+        self, run_id: str, name: str, version: int, input: dict[str, Any], layout: Layout, key: str | None = None
+    ) -> bool:
         steps = list(layout)
         params = {
             "run_id": run_id,
@@ -439,12 +453,20 @@ class PgWorkflowStore(WorkflowStore):
             "version": version,
             "input": json.dumps(input),
             "now": _now(),
+            "key": key,
             **_layout_params(steps),
         }
         return self._execute(_with_steps(_CREATE_RUN, len(steps)), params) > 0
 
     def create_newest_run(
-        self, run_id: str, name: str, version: int, stored_at: datetime, input: dict[str, Any], layout: Layout
+        self,
+        run_id: str,
+        name: str,
+        version: int,
+        stored_at: datetime,
+        input: dict[str, Any],
+        layout: Layout,
+        key: str | None = None,
     ) -> tuple[tuple[int, datetime] | None, bool]:
         steps = list(layout)
         params = {
@@ -454,6 +476,7 @@ class PgWorkflowStore(WorkflowStore):
             "stored_at": stored_at,
             "input": json.dumps(input),
             "now": _now(),
+            "key": key,
             **_layout_params(steps),
         }
         row = self._fetch(_with_steps(_CREATE_NEWEST_RUN, len(steps)), params)
@@ -554,11 +577,10 @@ class PgWorkflowStore(WorkflowStore):
                     if status is None:
                         raise WorkflowNotFound(f"no workflow run {run_id!r}")
                     if status[0] != "cancelled":
-                        raise InvalidRunState(
-                            f"run {run_id} is {status[0]}; only pending or running runs can be cancelled"
-                        )
+                        raise InvalidRunState(f"run {run_id} is {status[0]}; only unfinished runs can be cancelled")
                 else:
                     conn.execute(_CANCEL_PENDING_STEPS, params, prepare=True)
+                    conn.execute(_CANCEL_WAITS, params, prepare=True)
                 rows = conn.execute(_RUNNING_TASKS, params, prepare=True).fetchall()
                 if running:
                     conn.execute(_CANCEL_RUNNING_STEPS, params, prepare=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Integer, MetaData, String, Table, Text
+from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table, Text
 
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 VERSION_TABLE = "workflows_alembic_version"
@@ -38,6 +38,8 @@ runs = Table(
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
     Column("cancelled_by", Text),  # who cancelled it (Workflows.cancel); finished_at says when
+    Column("key", String(255)),  # the input field the workflow names as its key (signal_by_key)
+    Index("workflows_runs_key", "name", "key"),
 )
 steps = Table(
     "workflows_steps",
@@ -56,6 +58,35 @@ steps = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("owner", Text),  # who holds a running step: see WorkflowStore.begin_step
     Column("task_id", Text),  # the message that claimed it last
+)
+
+waits = Table(
+    "workflows_waits",
+    metadata,
+    Column("run_id", String(64), ForeignKey("workflows_runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("stage", Integer, primary_key=True),
+    Column("kind", String(8), nullable=False),  # "sleep" | "signal"
+    Column("signal", String(64)),  # the awaited signal (kind "signal")
+    Column("on_timeout", String(8)),  # WaitFor.on_timeout
+    Column("status", String(16), nullable=False),  # waiting -> claimed -> done; or cancelled
+    Column("outcome", String(16)),  # slept | received | timed_out, once known
+    Column("wake_at", DateTime(timezone=True)),  # due time: a sleep's end, a signal's timeout (NULL: never)
+    Column("context", JSON, nullable=False),  # the context the run goes on with
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("claimed_by", Text),  # who sends the run on (host:pid), with claimed_at: a lease
+    Column("claimed_at", DateTime(timezone=True)),
+    Column("woke_at", DateTime(timezone=True)),  # when the run was sent on
+    Index("workflows_waits_due", "status", "wake_at"),
+)
+signals = Table(
+    "workflows_signals",
+    metadata,
+    Column("run_id", String(64), ForeignKey("workflows_runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("payload", JSON, nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("actor", Text),
+    Column("consumed_at", DateTime(timezone=True)),  # when its wait took it
 )
 
 #: Column names in table order (the PostgreSQL store selects these).

@@ -22,8 +22,8 @@ from ..errors import InvalidRunState, RunNotFound, WorkflowNotFound
 from ..owner import local_owner, local_owner_alive
 from .base import Claim, ClaimAsk, Layout, WorkflowStore, resume_point, unreachable
 from .outcome import Outcome
-from .records import DONE, FINISHED_RUN_STATES, OPEN_RUN_STATES, StepRun, WorkflowRun
-from .schema import definitions, runs, steps
+from .records import CANCELLABLE_RUN_STATES, DONE, FINISHED_RUN_STATES, OPEN_RUN_STATES, StepRun, WorkflowRun
+from .schema import definitions, runs, signals, steps, waits
 
 T = TypeVar("T")
 log = logging.getLogger("workflows")
@@ -107,15 +107,24 @@ class SqlWorkflowStore(WorkflowStore):
 
     # -- runs ------------------------------------------------------------------
 
-    def create_run(self, run_id: str, name: str, version: int, input: dict[str, Any], layout: Layout) -> bool:
+    def create_run(
+        self, run_id: str, name: str, version: int, input: dict[str, Any], layout: Layout, key: str | None = None
+    ) -> bool:
         try:
-            self._write(lambda conn: _insert_run(conn, run_id, name, version, input, layout))
+            self._write(lambda conn: _insert_run(conn, run_id, name, version, input, layout, key))
         except IntegrityError:
             return False
         return True
 
     def create_newest_run(
-        self, run_id: str, name: str, version: int, stored_at: datetime, input: dict[str, Any], layout: Layout
+        self,
+        run_id: str,
+        name: str,
+        version: int,
+        stored_at: datetime,
+        input: dict[str, Any],
+        layout: Layout,
+        key: str | None = None,
     ) -> tuple[tuple[int, datetime] | None, bool]:
         def write(conn: Connection) -> tuple[tuple[int, datetime] | None, bool]:
             row = conn.execute(
@@ -130,7 +139,7 @@ class SqlWorkflowStore(WorkflowStore):
             exists = conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first()
             if exists is not None:
                 return newest, False
-            _insert_run(conn, run_id, name, version, input, layout)
+            _insert_run(conn, run_id, name, version, input, layout, key)
             return newest, True
 
         return self._write(write)
@@ -140,7 +149,7 @@ class SqlWorkflowStore(WorkflowStore):
         run_id, position, now = ask.run_id, ask.position, ask.now
 
         def write(conn: Connection) -> Claim:
-            _record_carried(conn, run_id, ask.carried)
+            record_carried(conn, run_id, ask.carried)
             where = (steps.c.run_id == run_id, steps.c.position == position)
             found = conn.execute(select(steps, runs.c.status.label("run_status")).join(runs).where(*where)).first()
             if found is None:
@@ -209,7 +218,7 @@ class SqlWorkflowStore(WorkflowStore):
 
     def post_step(self, run_id: str, outcome: Outcome) -> None:
         try:
-            self._write(lambda conn: _record_carried(conn, run_id, [outcome]))
+            self._write(lambda conn: record_carried(conn, run_id, [outcome]))
         except StoreUnavailable as exc:
             log.warning(
                 "step %s of run %s: outcome not written (the next task records it): %s", outcome.position, run_id, exc
@@ -217,7 +226,7 @@ class SqlWorkflowStore(WorkflowStore):
 
     def _finish_stage(self, run_id: str, carried: list[Outcome], output: dict[str, Any]) -> str:
         def write(conn: Connection) -> str:
-            _record_carried(conn, run_id, carried)
+            record_carried(conn, run_id, carried)
             return _finish_run(conn, run_id, output)
 
         return self._write(write)
@@ -273,7 +282,7 @@ class SqlWorkflowStore(WorkflowStore):
             now = _now()
             taken = conn.execute(
                 update(runs)
-                .where(runs.c.id == run_id, runs.c.status.in_(OPEN_RUN_STATES))
+                .where(runs.c.id == run_id, runs.c.status.in_(CANCELLABLE_RUN_STATES))
                 .values(status="cancelled", cancelled_by=actor, finished_at=now)
                 .returning(runs.c.id)
             ).first()
@@ -282,12 +291,17 @@ class SqlWorkflowStore(WorkflowStore):
                 if status is None:
                     raise WorkflowNotFound(f"no workflow run {run_id!r}")
                 if status != "cancelled":
-                    raise InvalidRunState(f"run {run_id} is {status}; only pending or running runs can be cancelled")
+                    raise InvalidRunState(f"run {run_id} is {status}; only unfinished runs can be cancelled")
             else:
                 conn.execute(
                     update(steps)
                     .where(steps.c.run_id == run_id, steps.c.status == "pending")
                     .values(status="cancelled", finished_at=now)
+                )
+                conn.execute(
+                    update(waits)
+                    .where(waits.c.run_id == run_id, waits.c.status.in_(("waiting", "claimed")))
+                    .values(status="cancelled", woke_at=now)
                 )
             busy = select(steps.c.task_id).where(steps.c.run_id == run_id, steps.c.status == "running")
             task_ids = [str(t) for (t,) in conn.execute(busy) if t]
@@ -393,7 +407,9 @@ class SqlWorkflowStore(WorkflowStore):
         def write(conn: Connection) -> int:
             cutoff = _now() - timedelta(seconds=older_than_s)
             old = select(runs.c.id).where(runs.c.status.in_(FINISHED_RUN_STATES), runs.c.finished_at < cutoff)
-            conn.execute(delete(steps).where(steps.c.run_id.in_(old)))
+            # SQLite enforces no foreign keys unless asked: delete the children too.
+            for child in (steps, waits, signals):
+                conn.execute(delete(child).where(child.c.run_id.in_(old)))
             return int(conn.execute(delete(runs).where(runs.c.id.in_(old.scalar_subquery()))).rowcount or 0)
 
         return self._write(write)
@@ -428,10 +444,19 @@ def _guard(fn: Callable[[], T]) -> T:
         raise unreachable(getattr(exc, "orig", exc)) from None
 
 
-def _insert_run(conn: Connection, run_id: str, name: str, version: int, input: dict[str, Any], layout: Layout) -> None:
+def _insert_run(
+    conn: Connection, run_id: str, name: str, version: int, input: dict[str, Any], layout: Layout, key: str | None
+) -> None:
     conn.execute(
         insert(runs).values(
-            id=run_id, name=name, version=version, status="pending", input=input, context=input, created_at=_now()
+            id=run_id,
+            name=name,
+            version=version,
+            status="pending",
+            input=input,
+            context=input,
+            created_at=_now(),
+            key=key,
         )
     )
     conn.execute(
@@ -464,7 +489,7 @@ def _finish_run(conn: Connection, run_id: str, output: dict[str, Any]) -> str:
     return str(name)
 
 
-def _record_carried(conn: Connection, run_id: str, carried: list[Outcome]) -> None:
+def record_carried(conn: Connection, run_id: str, carried: list[Outcome]) -> None:
     """Outcomes sent by ``post_step``, recorded unless the step moved on already."""
     for o in carried:
         conn.execute(
