@@ -161,7 +161,8 @@ def test_cancel_of_a_finished_run_is_409_and_of_an_unknown_one_404(web: ModuleTy
     run_id = failed_run(web)
     finished = ops.post(f"/api/runs/{run_id}/cancel", json={})
     assert finished.status_code == 409, finished.text
-    assert "is failed; only pending or running runs can be cancelled" in finished.json()["detail"]
+    assert finished.json()["error"] == "RunAlreadyFinished"
+    assert re.search(r"is failed; only .* runs can be cancelled", finished.json()["detail"])
     assert web.flows.run(run_id).status == "failed"
     unknown = ops.post("/api/runs/no-such-run/cancel", json={})
     assert unknown.status_code == 404 and unknown.json()["error"] == "WorkflowNotFound"
@@ -173,6 +174,7 @@ def test_the_run_page_cancels_after_a_confirmation(web: ModuleType, ops: Operato
     assert f'href="/runs/{run_id}/cancel"' in page
     confirm = ops.get(f"/runs/{run_id}/cancel").text
     assert f'action="/runs/{run_id}/cancel"' in confirm and 'name="terminate"' in confirm
+    assert re.search(r"pending: 4\s+steps have not finished", confirm)
     assert web.flows.run(run_id).status == "pending"  # asking changes nothing
     done = ops.form(f"/runs/{run_id}/cancel", {"terminate": "true"}, follow_redirects=False)
     assert done.status_code == 303 and done.headers["location"] == f"/runs/{run_id}"
@@ -234,6 +236,10 @@ def test_the_workflow_page_answers_json_and_404s_an_unknown_name(web: ModuleType
     as_json = ops.get("/workflows/welcome", headers={"Accept": "application/json"})
     assert as_json.json() == ops.get("/api/workflows/welcome").json()
     assert ops.get("/workflows/nope").status_code == 404
+    run_id, _canvas = web.flows.prepare("welcome", {"name": "Ada"})
+    confirm = ops.get(f"/runs/{run_id}/cancel", headers={"Accept": "application/json"})
+    assert confirm.json() == ops.get(f"/api/runs/{run_id}").json()
+    assert web.flows.run(run_id).status == "pending"
 
 
 def test_a_console_without_workflows_has_no_run_operations(web: ModuleType) -> None:
