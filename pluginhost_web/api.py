@@ -8,7 +8,7 @@ foreign one is refused either way). Errors are ``{"error": "ClassName", "detail"
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import Response
@@ -17,10 +17,11 @@ from pluginhost import Kind, Plugin
 
 from . import diagram
 from .auth import Identity, csrf_token, current_user, require_identity
-from .console import Console
+from .console import RUN_STATES, Console
 from .schemas import (
     AdminResult,
     AuditRow,
+    CancelBody,
     ConfigureBody,
     ConfigView,
     MoveBody,
@@ -30,7 +31,10 @@ from .schemas import (
     RunDetail,
     RunSummary,
     SessionInfo,
+    SignalBody,
     SortBody,
+    StartBody,
+    StartResult,
     UsageView,
     VersionBody,
     WorkersView,
@@ -38,7 +42,10 @@ from .schemas import (
 )
 
 SVG = "image/svg+xml"
-RunStatus = Literal["pending", "running", "succeeded", "failed"]
+if TYPE_CHECKING:
+    RunStatus = str
+else:  # the workflows package's run states, listed in the OpenAPI schema
+    RunStatus = Literal[RUN_STATES]
 
 
 def console_of(request: Request) -> Console:
@@ -49,6 +56,7 @@ def console_of(request: Request) -> Console:
 ConsoleDep = Annotated[Console, Depends(console_of)]
 User = Annotated[str, Depends(current_user)]
 Version = Annotated[VersionBody | None, Body()]
+Cancel = Annotated[CancelBody | None, Body()]
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_identity)], tags=["plugins"])
 flows_router = APIRouter(prefix="/api", dependencies=[Depends(require_identity)], tags=["workflows"])
@@ -187,3 +195,22 @@ def run_diagram(run_id: str, console: ConsoleDep) -> Response:
 def resume(run_id: str, console: ConsoleDep) -> ResumeResult:
     """Continue a failed run from its failed step."""
     return console.resume(run_id)
+
+
+@flows_router.post("/workflows/{name}/runs")
+def start(name: str, body: StartBody, console: ConsoleDep) -> StartResult:
+    """Start a run; the input is checked against the workflow's input model first
+    (422 and nothing started if it does not fit)."""
+    return console.start(name, body.input)
+
+
+@flows_router.post("/runs/{run_id}/cancel")
+def cancel(run_id: str, console: ConsoleDep, user: User, body: Cancel = None) -> RunDetail:
+    """Cancel a pending or running run before its next step (again: no change; finished: 409)."""
+    return console.cancel(run_id, actor=user, terminate=body.terminate if body else False)
+
+
+@flows_router.post("/runs/{run_id}/signal")
+def signal(run_id: str, body: SignalBody, console: ConsoleDep) -> RunDetail:
+    """Send a signal (with an optional JSON object) to a run waiting for it."""
+    return console.signal(run_id, body.name, body.payload)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, get_args
 
 from pydantic import BaseModel
@@ -22,15 +22,19 @@ from pluginhost import (
     SORT_MAX,
     InvalidArgument,
     InvalidConfig,
+    InvalidInput,
     Plugin,
     PluginHost,
     PluginNotFound,
+    check_json_object,
     is_secret_key,
     mask_secrets,
     secret_fields,
 )
 
-from .errors import RunNotFound, WorkflowsNotConfigured
+from . import inputform
+from .errors import RunAlreadyFinished, RunNotFound, WorkflowsNotConfigured
+from .inputform import InputField
 from .schemas import (
     AdminResult,
     AuditRow,
@@ -42,6 +46,7 @@ from .schemas import (
     ResumeResult,
     RunDetail,
     RunSummary,
+    StartResult,
     StepRow,
     UsageView,
     WorkerStatus,
@@ -52,6 +57,8 @@ from .schemas import (
 
 #: The run states of the workflows package (the console lists and filters by them).
 RUN_STATES = workflows.RUN_STATES
+#: The states a run ends in (the workflows package's; not among its public names).
+FINISHED_RUN_STATES = ("succeeded", "failed", "cancelled")
 
 
 class FlowsLike(Protocol):
@@ -65,6 +72,9 @@ class FlowsLike(Protocol):
     def runs(self, name: str | None = None, status: str | None = None, limit: int = 50) -> Sequence[Any]: ...
     def run(self, run_id: str) -> Any: ...
     def resume(self, run_id: str) -> Any: ...
+    def start(self, name: str, input: dict[str, Any] | None = None) -> Any: ...
+    def cancel(self, run_id: str, *, actor: str | None = None, terminate: bool = False) -> Any: ...
+    def signal(self, run_id: str, name: str, payload: dict[str, Any] | None = None) -> Any: ...
 
 
 class Console:
@@ -272,6 +282,61 @@ class Console:
         """Continue a failed run from its failed step."""
         self._flows().resume(run_id)
         return ResumeResult(run_id=run_id)
+
+    def input_model(self, name: str) -> type[BaseModel] | None:
+        """The input model of a capability that runs workflow ``name`` (a
+        ``WorkflowCapability`` declared with ``input_model``), or None."""
+        for slug in self.host.capabilities():
+            declared = self.host.declared(slug)
+            fn = declared.fn
+            if isinstance(fn, workflows.WorkflowCapability) and fn.name == name and declared.input_model is not None:
+                return declared.input_model
+        return None
+
+    def start_fields(self, name: str) -> list[InputField] | None:
+        """The start form's fields, or None: no input model, the form is one JSON box."""
+        model = self.input_model(name)
+        return None if model is None else inputform.fields_of(model)
+
+    def start(self, name: str, input: Any) -> StartResult:
+        """Start a run of ``name``; ``input`` must be a JSON object the workflow's
+        input model (if any) accepts: otherwise ``InvalidInput`` and nothing starts."""
+        flows = self._flows()
+        if flows.version(name) is None:
+            raise workflows.WorkflowNotFound(f"no workflow named {name!r}")
+        owner = f"workflow '{name}' input"
+        check_json_object(input, owner=owner, error=InvalidInput)
+        model = self.input_model(name)
+        if model is not None:
+            inputform.validate(model, input, owner=owner)
+        return StartResult(run_id=flows.start(name, input).id, name=name)
+
+    def start_form(self, name: str, form: Mapping[str, Any]) -> StartResult:
+        """``start`` with a submitted start form (``start_fields``)."""
+        owner = f"workflow '{name}' input"
+        fields = self.start_fields(name)
+        if fields is None:
+            text = form.get(inputform.JSON_FIELD)
+            return self.start(name, inputform.parse_object(text if isinstance(text, str) else "", owner=owner))
+        return self.start(name, inputform.parse(fields, form, owner=owner))
+
+    def cancel(self, run_id: str, *, actor: str, terminate: bool = False) -> RunDetail:
+        """Cancel a pending or running run (again: no change); a finished one is ``RunAlreadyFinished``."""
+        try:
+            self._flows().cancel(run_id, actor=actor, terminate=terminate)
+        except workflows.InvalidRunState as exc:
+            raise RunAlreadyFinished(str(exc)) from None
+        return self.run(run_id)
+
+    def signal(self, run_id: str, name: str, payload: dict[str, Any] | None = None) -> RunDetail:
+        """Deliver signal ``name`` to a waiting run."""
+        self._flows().signal(run_id, name, payload)
+        return self.run(run_id)
+
+    def signal_text(self, run_id: str, name: str, text: str) -> RunDetail:
+        """``signal`` with the JSON text of the page's payload box (empty: no payload)."""
+        owner = f"signal '{name}' payload"
+        return self.signal(run_id, name, inputform.parse_object(text, owner=owner) if text.strip() else None)
 
     # -- internals -------------------------------------------------------------
 

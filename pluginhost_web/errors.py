@@ -36,6 +36,11 @@ class WorkflowsNotConfigured(PluginHostError):
     """The console was created without a Workflows service."""
 
 
+class RunAlreadyFinished(PluginHostError):
+    """A cancel of a run that succeeded or failed (a cancelled one cancels again,
+    changing nothing): a conflict with the run's state, not bad input."""
+
+
 #: The HTTP status of each error class. An error takes the status of the nearest
 #: class of its MRO listed here, so a subclass answers like its parent and any other
 #: ``PluginHostError`` (bad input nobody mapped yet) answers 400: never a 500.
@@ -45,6 +50,7 @@ STATUS: dict[type, int] = {
     CapabilityNotFound: 404,
     RunNotFound: 404,
     WorkflowsNotConfigured: 404,
+    RunAlreadyFinished: 409,
     InvalidPlugin: 422,
     InvalidConfig: 422,
     InvalidInput: 422,
@@ -58,6 +64,7 @@ STATUS_BY_NAME: dict[str, int] = {
     "workflows.errors.WorkflowNotFound": 404,
     "workflows.errors.InvalidWorkflow": 422,
     "workflows.errors.InvalidRunState": 422,
+    "workflows.errors.InvalidSignal": 422,
 }
 
 

@@ -33,7 +33,7 @@ from .auth import (
     log_out,
     require_identity,
 )
-from .console import RUN_STATES, Console
+from .console import FINISHED_RUN_STATES, RUN_STATES, Console
 from .errors import status_for
 from .schemas import SORT_END, SORT_MIN, AdminResult
 from .templating import page, render, root, wants_json
@@ -233,6 +233,55 @@ def workflows(request: Request, console: ConsoleDep) -> Response:
     return page(request, "workflows.html", {"workflows": views, "diagrams": diagrams}, views)
 
 
+def workflow_page(
+    request: Request,
+    name: str,
+    console: Console,
+    *,
+    error: str | None = None,
+    drafts: dict[str, str] | None = None,
+    status_code: int = 200,
+) -> Response:
+    """A workflow: its plan and diagram, and the form that starts a run."""
+    view = console.workflow(name)
+    if wants_json(request):
+        return page(request, "workflow.html", {}, view)
+    context = {
+        "w": view,
+        "diagram": diagram.render(diagram.plan_boxes(view.plan), title=f"workflow {name}", ident=name),
+        "fields": console.start_fields(name),
+        "error": error,
+        "drafts": drafts,
+    }
+    return render(request, "workflow.html", context, status_code=status_code)
+
+
+@flows_router.get("/workflows/{name}")
+def workflow(request: Request, name: str, console: ConsoleDep) -> Response:
+    return workflow_page(request, name, console)
+
+
+async def form_fields(request: Request) -> dict[str, str]:
+    """A submitted form's text fields (its fields depend on the workflow's input model)."""
+    return {key: value for key, value in (await request.form()).items() if isinstance(value, str)}
+
+
+@flows_router.post("/workflows/{name}/runs")
+def start(
+    request: Request, name: str, console: ConsoleDep, form: Annotated[dict[str, str], Depends(form_fields)]
+) -> Response:
+    """The start form: a run and its page, or the form again with the error and what was typed."""
+    try:
+        started = console.start_form(name, form)
+    except PluginHostError as exc:
+        if wants_json(request) or status_for(exc) == 404:
+            raise
+        error = f"{type(exc).__name__}: {exc}"
+        return workflow_page(request, name, console, error=error, drafts=form, status_code=status_for(exc))
+    request.session["flash"] = {"text": f"Started run {started.run_id} of {name}", "acks": None}
+    return redirect(request, f"/runs/{quote(started.run_id, safe='')}")
+
+
 @flows_router.get("/runs")
 def runs(request: Request, console: ConsoleDep, status: RunStatus | Literal[""] = "", name: str = "") -> Response:
     found = console.runs(name, status, 100)
@@ -249,7 +298,39 @@ def runs(request: Request, console: ConsoleDep, status: RunStatus | Literal[""] 
 def run(request: Request, run_id: str, console: ConsoleDep) -> Response:
     detail = console.run(run_id)
     svg = diagram.render(diagram.run_boxes(detail.steps), title=f"run {run_id}", ident="run")
-    return page(request, "run.html", {"run": detail, "diagram": svg}, detail)
+    context = {"run": detail, "diagram": svg, "finished": detail.status in FINISHED_RUN_STATES}
+    return page(request, "run.html", context, detail)
+
+
+@flows_router.get("/runs/{run_id}/cancel")
+def confirm_cancel(request: Request, run_id: str, console: ConsoleDep) -> Response:
+    """The run page's Cancel leads here: what is still to run, then the real POST."""
+    detail = console.run(run_id)
+    context = {"run": detail, "finished": detail.status in FINISHED_RUN_STATES}
+    return page(request, "cancel.html", context, detail)
+
+
+@flows_router.post("/runs/{run_id}/cancel")
+def cancel(
+    request: Request, run_id: str, console: ConsoleDep, user: User, terminate: Annotated[bool, Form()] = False
+) -> Response:
+    console.cancel(run_id, actor=user, terminate=terminate)
+    text = f"Cancelled run {run_id}" + (" (a running step is terminated)" if terminate else "")
+    request.session["flash"] = {"text": text, "acks": None}
+    return redirect(request, f"/runs/{quote(run_id, safe='')}")
+
+
+@flows_router.post("/runs/{run_id}/signal")
+def signal(
+    request: Request,
+    run_id: str,
+    console: ConsoleDep,
+    name: Annotated[str, Form()],
+    payload: Annotated[str, Form()] = "",
+) -> Response:
+    console.signal_text(run_id, name, payload)
+    request.session["flash"] = {"text": f"Sent signal '{name}' to run {run_id}", "acks": None}
+    return redirect(request, f"/runs/{quote(run_id, safe='')}")
 
 
 @flows_router.post("/runs/{run_id}/resume")

@@ -36,6 +36,21 @@ class MoveBody(BaseModel):
     direction: Literal["up", "down"]
 
 
+class StartBody(BaseModel):
+    """A run's input: validated against the workflow's input model, if it has one."""
+
+    input: dict[str, Any]
+
+
+class CancelBody(BaseModel):
+    terminate: bool = Field(default=False, description="Also stop a step whose body is running (SIGTERM).")
+
+
+class SignalBody(BaseModel):
+    name: str
+    payload: dict[str, Any] | None = None
+
+
 # -- responses -----------------------------------------------------------------
 
 
@@ -138,7 +153,9 @@ class PlanRow(BaseModel):
     slug: str
     plugin: str
     enabled: bool
-    outcome: str = Field(description='"run", "skip" or "fail"')
+    outcome: str = Field(description='"run", "skip", "fail" or "depends" (on what earlier steps return)')
+    when: str | None = Field(default=None, description="The step's condition (CEL), if it has one.")
+    reason: str | None = Field(default=None, description="Why the step would not run, or why that cannot be told.")
     on_disabled: str | None = Field(default=None, description='The step\'s policy: "skip" or "fail".')
     retries: int | None = None
     timeout: float | None = Field(default=None, description="Seconds per attempt (None: no limit).")
@@ -177,6 +194,7 @@ class RunSummary(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     duration_s: float | None = None
+    cancelled_by: str | None = None
 
 
 class RunDetail(RunSummary):
@@ -194,3 +212,8 @@ class RunDetail(RunSummary):
 class ResumeResult(BaseModel):
     run_id: str
     status: Literal["resumed"] = "resumed"
+
+
+class StartResult(BaseModel):
+    run_id: str
+    name: str

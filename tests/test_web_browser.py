@@ -321,7 +321,9 @@ def test_every_page_fits_a_phone(
     )
     tab = phone.new_page()
     try:
-        for path in ("/plugins", "/nav", "/workflows", "/runs", f"/runs/{run_id}", "/audit", "/plugins/greet/disable"):
+        pages = ["/plugins", "/nav", "/workflows", "/workflows/welcome", "/runs", f"/runs/{run_id}", "/audit"]
+        pending = web.flows.prepare("welcome", {"name": "Bo"})[0]  # recorded, not sent: it stays cancellable
+        for path in [*pages, "/plugins/greet/disable", f"/runs/{pending}", f"/runs/{pending}/cancel"]:
             tab.goto(f"{server.url}{path}")
             width = tab.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
             assert width[0] <= width[1] == PHONE["width"], (path, width)
@@ -427,3 +429,32 @@ def test_local_mode_works_in_a_browser_on_loopback_names(
         assert not web.host.is_enabled(slug)
         assert web.host.audit(slug, limit=1)[0].actor == "local"
     context.close()
+
+
+def test_a_run_started_from_the_workflow_form_is_cancelled_from_its_page(
+    web: ModuleType, server: ConsoleProcess, page: Any, tmp_path: Path
+) -> None:
+    page.goto(f"{server.url}/workflows")
+    page.click("#workflow-welcome h2 a")
+    assert page.url == f"{server.url}/workflows/welcome"
+    page.fill("form.start input[name='field.name']", "Ada")
+    page.fill("form.start input[name='field.age']", "36")
+    page.select_option("form.start select[name='field.plan']", "pro")
+    page.check("form.start input[name='field.newsletter']")
+    page.click("form.start button[type=submit]")
+    page.wait_for_url(f"{server.url}/runs/*")
+    run_id = page.url.rsplit("/", 1)[1]
+    assert f"Started run {run_id}" in page.locator(".flash").inner_text()
+    assert web.flows.run(run_id).input == {"name": "Ada", "age": 36, "plan": "pro", "newsletter": True}
+    assert page.locator("#run-status").inner_text() == "pending"  # no worker: it stays before its first step
+    page.click("a.cancel-run")
+    assert page.locator("h1").inner_text() == f"Cancel run {run_id}?"
+    page.check("form.confirm input[name=terminate]")
+    page.click("form.confirm button[type=submit]")  # the confirmation
+    page.wait_for_selector(".flash")
+    assert f"Cancelled run {run_id}" in page.locator(".flash").inner_text()
+    assert page.locator("#run-status").inner_text() == "cancelled"
+    assert page.locator("a.cancel-run").count() == 0
+    assert web.flows.run(run_id).cancelled_by == USER
+    assert page.dialogs == []
+    screenshot(page, "run-cancelled.png", tmp_path)

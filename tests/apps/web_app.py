@@ -1,17 +1,17 @@
 """The app behind the web console tests: a few capabilities (one with a secret in
-its config, one that fails on demand) and a workflow, configured from ``PH_CONF``
-(see tests/harness/conf.py)."""
+its config, one that fails on demand) and a workflow, also exposed as a capability
+with an input model, configured from ``PH_CONF`` (see tests/harness/conf.py)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery
 from pydantic import BaseModel
 
 from pluginhost import CapabilityContext, PluginHost
 from tests.harness import conf_from_env
-from workflows import Parallel, Step, Workflow, Workflows
+from workflows import Parallel, Step, Workflow, WorkflowCapability, Workflows
 
 app = Celery("web_app")
 app.conf.update(conf_from_env())
@@ -25,7 +25,11 @@ class MailerConfig(BaseModel):
     smtp_password: str = "hunter2"
 
 
-@host.capability("greet", label_en="Greeting", label_ar="تحية", sort=10)
+#: The greet plugin's row; the workflow capability below shares the plugin, so the same seed.
+GREET_SEED: dict[str, Any] = {"label_en": "Greeting", "label_ar": "تحية", "sort": 10}
+
+
+@host.capability("greet", **GREET_SEED)
 def greet(payload: dict[str, Any]) -> dict[str, Any]:
     return {"greeting": f"hello {payload.get('name', 'nobody')}"}
 
@@ -55,4 +59,21 @@ WELCOME = Workflow(
         Parallel(Step("mailer"), Step("report", on_disabled="skip")),
         Step("flaky", on_disabled="fail"),
     ],
+)
+
+
+class WelcomeInput(BaseModel):
+    """What a welcome run starts from (the console builds its start form from this)."""
+
+    name: str
+    age: int | None = None
+    score: float | None = None
+    plan: Literal["free", "pro"] = "free"
+    newsletter: bool = False
+    tags: list[str] = []
+
+
+# On the greet plugin: the console's plugin tables stay the four above.
+host.register_capability(
+    "welcome_run", WorkflowCapability(host, "welcome"), plugin="greet", input_model=WelcomeInput, **GREET_SEED
 )
