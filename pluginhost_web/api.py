@@ -211,6 +211,6 @@ def cancel(run_id: str, console: ConsoleDep, user: User, body: Cancel = None) ->
 
 
 @flows_router.post("/runs/{run_id}/signal")
-def signal(run_id: str, body: SignalBody, console: ConsoleDep) -> RunDetail:
+def signal(run_id: str, body: SignalBody, console: ConsoleDep, user: User) -> RunDetail:
     """Send a signal (with an optional JSON object) to a run waiting for it."""
-    return console.signal(run_id, body.name, body.payload)
+    return console.signal(run_id, body.name, body.payload, actor=user)

@@ -74,7 +74,9 @@ class FlowsLike(Protocol):
     def resume(self, run_id: str) -> Any: ...
     def start(self, name: str, input: dict[str, Any] | None = None) -> Any: ...
     def cancel(self, run_id: str, *, actor: str | None = None, terminate: bool = False) -> Any: ...
-    def signal(self, run_id: str, name: str, payload: dict[str, Any] | None = None) -> Any: ...
+    def signal(
+        self, run_id: str, name: str, payload: dict[str, Any] | None = None, *, actor: str | None = None
+    ) -> Any: ...
 
 
 class Console:
@@ -328,15 +330,18 @@ class Console:
             raise RunAlreadyFinished(str(exc)) from None
         return self.run(run_id)
 
-    def signal(self, run_id: str, name: str, payload: dict[str, Any] | None = None) -> RunDetail:
-        """Deliver signal ``name`` to a waiting run."""
-        self._flows().signal(run_id, name, payload)
+    def signal(
+        self, run_id: str, name: str, payload: dict[str, Any] | None = None, *, actor: str | None = None
+    ) -> RunDetail:
+        """Deliver signal ``name`` to a waiting run (recorded with ``actor``)."""
+        self._flows().signal(run_id, name, payload, actor=actor)
         return self.run(run_id)
 
-    def signal_text(self, run_id: str, name: str, text: str) -> RunDetail:
+    def signal_text(self, run_id: str, name: str, text: str, *, actor: str | None = None) -> RunDetail:
         """``signal`` with the JSON text of the page's payload box (empty: no payload)."""
         owner = f"signal '{name}' payload"
-        return self.signal(run_id, name, inputform.parse_object(text, owner=owner) if text.strip() else None)
+        body = inputform.parse_object(text, owner=owner) if text.strip() else None
+        return self.signal(run_id, name, body, actor=actor)
 
     # -- internals -------------------------------------------------------------
 

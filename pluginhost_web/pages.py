@@ -325,10 +325,11 @@ def signal(
     request: Request,
     run_id: str,
     console: ConsoleDep,
+    user: User,
     name: Annotated[str, Form()],
     payload: Annotated[str, Form()] = "",
 ) -> Response:
-    console.signal_text(run_id, name, payload)
+    console.signal_text(run_id, name, payload, actor=user)
     request.session["flash"] = {"text": f"Sent signal '{name}' to run {run_id}", "acks": None}
     return redirect(request, f"/runs/{quote(run_id, safe='')}")
 

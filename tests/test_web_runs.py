@@ -13,7 +13,6 @@ from fastapi.testclient import TestClient
 from pluginhost_web import create_app
 from tests import test_web
 from tests.test_web import AUTH, BEARER, Operator
-from workflows import Workflows
 
 #: test_web's fixtures: the web test app on an embedded broker and store, and a logged-in operator.
 web, ops = test_web.web, test_web.ops
@@ -187,12 +186,7 @@ def test_the_run_page_cancels_after_a_confirmation(web: ModuleType, ops: Operato
 
 # -- signal ------------------------------------------------------------------------
 
-needs_signal = pytest.mark.skipif(
-    not hasattr(Workflows, "signal"), reason="workflows.Workflows.signal is not in this tree yet"
-)
 
-
-@needs_signal
 def test_signal_from_the_api_needs_the_csrf_token_and_maps_errors(web: ModuleType, ops: Operator) -> None:
     run_id, _canvas = web.flows.prepare("welcome", {"name": "Ada"})
     assert ops.client.post(f"/api/runs/{run_id}/signal", json={"name": "approved"}).status_code == 403
@@ -202,6 +196,18 @@ def test_signal_from_the_api_needs_the_csrf_token_and_maps_errors(web: ModuleTyp
     assert bad.status_code == 422 and bad.json()["error"] == "InvalidInput"
     refused = ops.post(f"/api/runs/{run_id}/signal", json={"name": "not waited for", "payload": {}})
     assert refused.status_code == 422 and refused.json()["error"] == "InvalidSignal", refused.text
+
+
+def test_a_signal_from_the_api_is_kept_for_the_runs_wait_with_who_sent_it(web: ModuleType, ops: Operator) -> None:
+    web.flows.define({"name": "approval", "steps": [{"slug": "greet"}, {"type": "wait", "signal": "approved"}]})
+    run_id, _canvas = web.flows.prepare("approval", {})  # not at its wait yet: the signal is kept
+    sent = ops.post(f"/api/runs/{run_id}/signal", json={"name": "approved", "payload": {"by": "cfo"}})
+    assert sent.status_code == 200, sent.text
+    (kept,) = web.flows.run(run_id).signals
+    assert (kept.name, kept.payload_keys, kept.consumed_at) == ("approved", ["by"], None)
+    assert kept.actor == "ops"
+    again = ops.post(f"/api/runs/{run_id}/signal", json={"name": "approved", "payload": {}})
+    assert again.status_code == 422 and again.json()["error"] == "InvalidSignal"
 
 
 def test_the_signal_form_shows_only_on_a_waiting_run(web: ModuleType, ops: Operator) -> None:
