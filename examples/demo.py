@@ -8,9 +8,12 @@ servers: filesystem broker, SQLite store and results, in a fresh folder), then:
 1. runs a capability; queues a second run for later; disables the capability
    live; shows that a new dispatch is refused and that the queued run is refused
    by the worker without executing; re-enables it;
-2. starts onboarding workflows, disables a step while they are in flight, shows
-   that running and new workflows skip it, re-enables it, and prints every run's
-   step table.
+2. starts onboarding workflows (short durations: the verification wait times
+   out after 3 s, the tips come 5 s later): two users verify their address (a
+   signal by e-mail), two do not and get a reminder, the pro plan gets a
+   workspace; while every run sleeps before its tips, the tips step is disabled,
+   and the sleeping runs skip it when they wake; re-enabled, a new run sends
+   them. Prints every run's step table.
 
 Exits 0 if everything behaved as described, 1 otherwise.
 """
@@ -32,6 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(tempfile.mkdtemp(prefix="demo-", dir=os.environ.get("PLUGINHOST_DEMO_DIR") or None))
 os.environ["PLUGINHOST_DATA"] = str(DATA)
 os.environ.pop("PLUGINHOST_BROKER_URL", None)
+# the onboarding workflow's waits, in seconds for the demo (3 days and 1 day in the example)
+os.environ["ONBOARDING_VERIFY_TIMEOUT"] = "3s"
+os.environ["ONBOARDING_TIPS_AFTER"] = "5s"
 sys.path.insert(0, str(ROOT))
 
 from rich import box  # noqa: E402
@@ -154,22 +160,32 @@ def part_one() -> None:
     say("enable", f"create_account enabled again -> {r.get(timeout=30)}")
 
 
-def wait_runs(ids: list[str], label: str) -> None:
+def wait_runs(ids: list[str], label: str, until: tuple[str, ...] = ("succeeded", "failed")) -> None:
     with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task(label, total=len(ids) * 5)
+        bar = progress.add_task(label, total=len(ids))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             runs = [flows.run(i) for i in ids]
-            done = sum(1 for run in runs if run for s in run.steps if s.status not in ("pending", "running"))
-            progress.update(bar, completed=done)
-            if all(run and run.status in ("succeeded", "failed") for run in runs):
+            there = sum(1 for run in runs if run and run.status in until)
+            progress.update(bar, completed=there)
+            if there == len(ids):
                 return
             time.sleep(0.1)
+    expect(False, f"{label}: every run got there within 120 s")
+
+
+#: the step table's column heads (the steps' slugs do not fit 80 columns)
+HEADS = {
+    "create_account": "account",
+    "welcome_email": "welcome",
+    "send_reminder": "reminder",
+    "provision_workspace": "workspace",
+    "send_tips": "tips",
+    "notify_crm": "crm",
+}
 
 
 def step_table(ids: list[str]) -> Table:
-    # light borders and two-line headers: the table is 70 columns wide, and narrower
-    # terminals get wrapped headers rather than cut-off statuses
     table = Table(
         title="onboarding runs (one row per run, one column per step)",
         box=box.SIMPLE_HEAD,
@@ -177,8 +193,9 @@ def step_table(ids: list[str]) -> Table:
         collapse_padding=True,
     )
     table.add_column("run", no_wrap=True)
+    table.add_column("user", no_wrap=True)
     for step in ONBOARDING.flat():
-        table.add_column(step.slug.replace("_", "\n", 1))
+        table.add_column(HEADS.get(step.slug, step.slug))
     table.add_column("status", no_wrap=True)
     shown = {
         "succeeded": "[green]ok[/]",
@@ -190,7 +207,8 @@ def step_table(ids: list[str]) -> Table:
         run = flows.run(run_id)
         assert run is not None
         cells = [shown.get(s.status, s.status) for s in run.steps]
-        table.add_row(run_id[:8], *cells, run.status)
+        user = f"{run.input['email'].split('@')[0]} {run.input.get('plan', 'free')}"
+        table.add_row(run_id[:6], user, *cells, run.status)
     return table
 
 
@@ -200,28 +218,39 @@ def statuses(run_id: str) -> dict[str, str]:
 
 
 def part_two() -> None:
-    console.rule("2. onboarding workflows, a step toggled while they run")
+    console.rule("2. onboarding: waits, a signal, conditions, a step toggled while runs sleep")
     say("define", f"onboarding version {flows.define(ONBOARDING, actor='demo')}")
-    early = [
-        host.run_capability("onboard", {"email": f"user{i}@example.com", "name": f"User {i}"}).id for i in range(4)
-    ]
-    say("start", f"{len(early)} onboarding runs started")
-    time.sleep(0.3)
-    host.disable("notify_crm", actor="demo", wait=True)
-    say("disable", "notify_crm disabled while those runs are in flight")
-    late = [flows.start("onboarding", {"email": f"new{i}@example.com"}).id for i in range(2)]
-    say("start", f"{len(late)} more runs started after the toggle")
-    wait_runs(early + late, "running")
-    host.enable("notify_crm", actor="demo", wait=True)
-    say("enable", "notify_crm enabled again")
-    final = [flows.start("onboarding", {"email": "last@example.com"}).id]
-    wait_runs(final, "running")
-    console.print(step_table(early + late + final))
-    expect(all(flows.run(i).status == "succeeded" for i in early + late + final), "every run succeeded")
-    expect(all(statuses(i)["notify_crm"] == "skipped" for i in early), "runs in flight skipped notify_crm")
-    expect(all(statuses(i)["notify_crm"] == "skipped" for i in late), "runs started while disabled skipped it")
-    expect(statuses(final[0])["notify_crm"] == "succeeded", "after re-enabling, notify_crm runs again")
-    result = host.run_capability("onboard", {"email": "final@example.com"}).get(timeout=60)
+    users = [("ada", "pro"), ("bob", "free"), ("cy", "pro"), ("dee", "free")]
+    runs = {
+        name: host.run_capability("onboard", {"email": f"{name}@example.com", "name": name, "plan": plan}).id
+        for name, plan in users
+    }
+    say("start", "4 runs: each sends a welcome e-mail, then waits for its address to be verified (3 s at most)")
+    wait_runs(list(runs.values()), "waiting for verification", until=("waiting",))
+    for name in ("ada", "bob"):
+        flows.signal_by_key("onboarding", f"{name}@example.com", "email_verified", {"verified_via": "link"})
+    say("signal", "ada and bob verified (a signal by e-mail address); cy and dee did not")
+    wait_runs(list(runs.values()), "asleep before the tips", until=("sleeping",))
+    host.disable("send_tips", actor="demo", wait=True)
+    say("disable", "every run sleeps before its tips (5 s): send_tips disabled now")
+    wait_runs(list(runs.values()), "waking up")
+    host.enable("send_tips", actor="demo", wait=True)
+    say("enable", "send_tips enabled again; one more run, verified at once")
+    last = host.run_capability("onboard", {"email": "eve@example.com", "name": "eve"})
+    wait_runs([last.id], "eve waits", until=("waiting",))
+    flows.signal(last.id, "email_verified", {})
+    result = last.get(timeout=60)
+    ids = [*runs.values(), last.id]
+    console.print(step_table(ids))
+    expect(all(flows.run(i).status == "succeeded" for i in ids), "every run succeeded")
+    verified = [statuses(runs[n])["send_reminder"] for n in ("ada", "bob")]
+    expect(verified == ["skipped", "skipped"], "verified users got no reminder (condition false)")
+    reminded = [statuses(runs[n])["send_reminder"] for n in ("cy", "dee")]
+    expect(reminded == ["succeeded", "succeeded"], "the others got one after the wait timed out")
+    workspaces = [statuses(runs[n])["provision_workspace"] for n, _ in users]
+    expect(workspaces == ["succeeded", "skipped", "succeeded", "skipped"], "only pro plans got a workspace")
+    expect(all(statuses(i)["send_tips"] == "skipped" for i in runs.values()), "runs asleep at the toggle skip it")
+    expect(statuses(last.id)["send_tips"] == "succeeded", "after re-enabling, the tips go out again")
     say("result", f"run_capability('onboard').get() -> {sorted(result)}")
 
 

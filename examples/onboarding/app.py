@@ -1,8 +1,19 @@
 """A user-onboarding service on pluginhost.
 
-Five capabilities write real rows into the store database (no network):
+Six capabilities write real rows into the store database (no network), composed
+into the ``onboarding`` workflow:
 
-    create_account -> [welcome_email | provision_workspace] -> notify_crm -> schedule_followup
+    create_account -> welcome_email
+      -> wait for the signal "email_verified" (at most 3 days)
+      -> send_reminder        only if the wait timed out
+      -> provision_workspace  only on the pro plan
+      -> sleep 1 day -> send_tips -> notify_crm
+
+The waits hold no worker and no broker message: a run that waits is a row in
+the store. ``flows.signal_by_key("onboarding", key=email, name="email_verified")``
+(the workflow's key is the input's ``email``) sends a verified run on. The two
+durations come from ``ONBOARDING_VERIFY_TIMEOUT`` and ``ONBOARDING_TIPS_AFTER``
+(``"3d"`` and ``"1d"`` unless set; the README demo uses seconds).
 
 Configuration comes from the environment; without any, everything runs on the
 embedded default under ``$PLUGINHOST_DATA`` (default ``.pluginhost``):
@@ -18,8 +29,8 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timedelta, timezone
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, Literal
 
 from celery import Celery
 from pydantic import BaseModel, Field
@@ -38,7 +49,7 @@ from sqlalchemy import (
 
 from pluginhost import CapabilityContext, PluginHost
 from pluginhost.embedded import embedded_conf
-from workflows import Parallel, Step, Workflow, WorkflowCapability, Workflows
+from workflows import Sleep, Step, WaitFor, Workflow, WorkflowCapability, Workflows
 
 app = Celery("onboarding")
 if os.environ.get("PLUGINHOST_BROKER_URL"):
@@ -60,6 +71,8 @@ flows = Workflows(host)
 # Each step sleeps a little (ONBOARDING_STEP_DELAY seconds, default 0.2) so that
 # a demo can toggle a step while runs are in flight.
 DELAY_S = float(os.environ.get("ONBOARDING_STEP_DELAY", "0.2"))
+VERIFY_TIMEOUT = os.environ.get("ONBOARDING_VERIFY_TIMEOUT", "3d")
+TIPS_AFTER = os.environ.get("ONBOARDING_TIPS_AFTER", "1d")
 
 meta = MetaData()
 accounts = Table(
@@ -95,15 +108,6 @@ crm_events = Table(
     Column("event", String(64), nullable=False),
     Column("payload", JSON, nullable=False),
 )
-followups = Table(
-    "onboarding_followups",
-    meta,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("account_id", Integer, nullable=False),
-    Column("due_at", DateTime(timezone=True), nullable=False),
-)
-
-
 _tables_ready: set[int] = set()
 
 
@@ -122,6 +126,7 @@ def _engine() -> Any:
 class NewUser(BaseModel):
     email: str = Field(pattern=r"^[^@\s]+@[^@\s]+$")
     name: str = "friend"
+    plan: Literal["free", "pro"] = "free"
 
 
 class EmailConfig(BaseModel):
@@ -130,11 +135,7 @@ class EmailConfig(BaseModel):
 
 
 class WorkspaceConfig(BaseModel):
-    plan: str = "free"
-
-
-class FollowupConfig(BaseModel):
-    after_days: int = Field(default=3, ge=0, le=365)
+    region: str = "eu-west"
 
 
 @host.capability("create_account", input_model=NewUser, sort=10, label_en="Create account", label_ar="إنشاء حساب")
@@ -144,7 +145,7 @@ def create_account(user: NewUser) -> dict[str, Any]:
         account_id = conn.execute(
             insert(accounts).values(email=user.email, name=user.name, created_at=datetime.now(timezone.utc))
         ).inserted_primary_key[0]
-    return {"account_id": account_id, "email": user.email, "name": user.name}
+    return {"account_id": account_id, "email": user.email, "name": user.name, "plan": user.plan}
 
 
 @host.capability("welcome_email", config_model=EmailConfig, sort=20, label_en="Welcome e-mail", label_ar="بريد الترحيب")
@@ -162,6 +163,18 @@ def welcome_email(ctx_in: dict[str, Any], ctx: CapabilityContext) -> dict[str, A
     return {"welcome_sent": True}
 
 
+def _mail(account_id: int, to: str, subject: str, body: str) -> None:
+    with _engine().begin() as conn:
+        conn.execute(insert(outbox).values(account_id=account_id, to_addr=to, subject=subject, body=body))
+
+
+@host.capability("send_reminder", sort=25, label_en="Verification reminder", label_ar="تذكير بالتحقق")
+def send_reminder(ctx_in: dict[str, Any]) -> dict[str, Any]:
+    time.sleep(DELAY_S)
+    _mail(ctx_in["account_id"], ctx_in["email"], "Please verify your address", "One click and you are in.")
+    return {"reminder_sent": True}
+
+
 @host.capability(
     "provision_workspace",
     config_model=WorkspaceConfig,
@@ -171,10 +184,17 @@ def welcome_email(ctx_in: dict[str, Any], ctx: CapabilityContext) -> dict[str, A
 )
 def provision_workspace(ctx_in: dict[str, Any], ctx: CapabilityContext) -> dict[str, Any]:
     time.sleep(DELAY_S)
-    slug = f"ws-{ctx_in['account_id']}"
+    slug = f"ws-{ctx_in['account_id']}-{ctx.config.region}"
     with _engine().begin() as conn:
-        conn.execute(insert(workspaces).values(account_id=ctx_in["account_id"], slug=slug, plan=ctx.config.plan))
-    return {"workspace": slug, "plan": ctx.config.plan}
+        conn.execute(insert(workspaces).values(account_id=ctx_in["account_id"], slug=slug, plan=ctx_in["plan"]))
+    return {"workspace": slug}
+
+
+@host.capability("send_tips", sort=35, label_en="Tips e-mail", label_ar="بريد النصائح")
+def send_tips(ctx_in: dict[str, Any]) -> dict[str, Any]:
+    time.sleep(DELAY_S)
+    _mail(ctx_in["account_id"], ctx_in["email"], "Three tips for your first week", "1. Invite your team ...")
+    return {"tips_sent": True}
 
 
 @host.capability("notify_crm", sort=40, label_en="Notify CRM", label_ar="إبلاغ نظام العملاء")
@@ -191,24 +211,18 @@ def notify_crm(ctx_in: dict[str, Any]) -> dict[str, Any]:
     return {"crm_notified": True}
 
 
-@host.capability(
-    "schedule_followup", config_model=FollowupConfig, sort=50, label_en="Schedule follow-up", label_ar="جدولة المتابعة"
-)
-def schedule_followup(ctx_in: dict[str, Any], ctx: CapabilityContext) -> dict[str, Any]:
-    time.sleep(DELAY_S)
-    due = datetime.now(timezone.utc) + timedelta(days=ctx.config.after_days)
-    with _engine().begin() as conn:
-        conn.execute(insert(followups).values(account_id=ctx_in["account_id"], due_at=due))
-    return {"followup_due": due.isoformat()}
-
-
 ONBOARDING = Workflow(
     "onboarding",
+    key="email",
     steps=[
         Step("create_account", on_disabled="fail"),
-        Parallel(Step("welcome_email"), Step("provision_workspace")),
+        Step("welcome_email"),
+        WaitFor("email_verified", timeout=VERIFY_TIMEOUT, on_timeout="continue"),
+        Step("send_reminder", when="signals.email_verified == 'timed_out'"),
+        Step("provision_workspace", when="plan == 'pro'"),
+        Sleep(TIPS_AFTER, name="tips_delay"),
+        Step("send_tips"),
         Step("notify_crm", on_disabled="skip", retries=2, retry_backoff=0.2),
-        Step("schedule_followup"),
     ],
 )
 
