@@ -463,3 +463,28 @@ def test_signal_through_the_cli(core: ModuleType, workers: Any, app_conf: dict[s
 
 def _cli(conf: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
     return run_cli(conf, "tests.apps.core:app", *args)
+
+
+def test_a_run_just_woken_from_a_long_sleep_is_not_swept_as_stalled(stores: tuple[WorkflowStore, WaitStore]) -> None:
+    """A run whose last step finished days ago and that was claimed from its
+    wait a moment ago is moving (its continuation is on its way), not lost."""
+    store, waits = stores
+    run_id = _new_run(store)
+    _reach(waits, run_id, seconds=0.01)
+    time.sleep(0.05)
+    (wake,) = waits.claim_due("w")
+    long_ago = wake_claimed_long_ago() - timedelta(days=3)
+    from workflows.store.schema import runs as runs_table
+    from workflows.store.schema import steps as steps_table
+
+    with waits.engine.begin() as conn:  # it went to sleep three days ago
+        conn.execute(update(runs_table).values(created_at=long_ago))
+        conn.execute(
+            update(steps_table).where(steps_table.c.position == 0).values(started_at=long_ago, finished_at=long_ago)
+        )
+    assert store.stalled_steps(3600) == []
+    waits.sent(wake)
+    assert store.stalled_steps(3600) == []  # woke (sent on) just now
+    with waits.engine.begin() as conn:
+        conn.execute(update(waits_table).values(claimed_at=long_ago, woke_at=long_ago))
+    assert [r for r, _, _ in store.stalled_steps(3600)] == [run_id]  # an hour on, nothing moved: lost

@@ -299,8 +299,9 @@ class WorkflowStore(ABC):
     @abstractmethod
     def stalled_steps(self, older_than_s: float) -> list[tuple[str, int, str]]:
         """(run id, position, slug) of the first unfinished step of each pending or
-        running run created over ``older_than_s`` ago in which no step is running and
-        none started or finished within ``older_than_s``: the message that would
+        running run created over ``older_than_s`` ago in which no step is running,
+        none started or finished, and no wait was claimed or sent on within
+        ``older_than_s`` (sleeping and waiting runs are never stalled): the message that would
         have moved it on was lost (a broker restart, a lost chord callback)."""
 
     @abstractmethod

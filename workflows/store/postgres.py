@@ -327,6 +327,9 @@ WITH first_open AS (
           SELECT run_id FROM workflows_steps
           WHERE status = 'running' OR started_at >= %(cutoff)s OR finished_at >= %(cutoff)s
       )
+      AND r.id NOT IN (
+          SELECT run_id FROM workflows_waits WHERE claimed_at >= %(cutoff)s OR woke_at >= %(cutoff)s
+      )
     GROUP BY s.run_id
 )
 SELECT s.run_id, s.position, s.slug FROM workflows_steps s

@@ -383,6 +383,7 @@ class SqlWorkflowStore(WorkflowStore):
             active = select(steps.c.run_id).where(
                 or_(steps.c.status == "running", steps.c.started_at >= cutoff, steps.c.finished_at >= cutoff)
             )
+            woken = select(waits.c.run_id).where(or_(waits.c.claimed_at >= cutoff, waits.c.woke_at >= cutoff))
             first_open = (
                 select(steps.c.run_id, func.min(steps.c.position).label("position"))
                 .join(runs, runs.c.id == steps.c.run_id)
@@ -390,6 +391,7 @@ class SqlWorkflowStore(WorkflowStore):
                     runs.c.status.in_(OPEN_RUN_STATES),
                     runs.c.created_at < cutoff,
                     runs.c.id.not_in(active),
+                    runs.c.id.not_in(woken),
                     steps.c.status.not_in(DONE),
                 )
                 .group_by(steps.c.run_id)
