@@ -488,3 +488,75 @@ def test_a_run_just_woken_from_a_long_sleep_is_not_swept_as_stalled(stores: tupl
     with waits.engine.begin() as conn:
         conn.execute(update(waits_table).values(claimed_at=long_ago, woke_at=long_ago))
     assert [r for r, _, _ in store.stalled_steps(3600)] == [run_id]  # an hour on, nothing moved: lost
+
+
+# -- faults while runs sleep ---------------------------------------------------------
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Any]:
+    """A redis-server of this test's own (the broker), keeping nothing on disk."""
+    from tests.servers import PrivateRedis
+
+    server = PrivateRedis(tmp_path / "redis")
+    try:
+        server.start(timeout_s=30)
+        yield server
+    finally:
+        server.stop(timeout_s=10)
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_a_run_asleep_across_a_broker_restart_wakes_once(
+    core: ModuleType, workers: Any, app_conf: dict[str, Any], private_redis: Any
+) -> None:
+    """The broker (Redis without persistence) is SIGKILLed while a run sleeps and
+    comes back empty 3 s later, after the run's wake-up time: nothing of the run
+    was in it, and the wake-up that could not be sent is tried again."""
+    from tests import harness
+
+    conf = {**app_conf, "broker_url": private_redis.url(), "pluginhost_workflows_wake_poll_s": 0.3}
+    harness.configure_app(core.app, conf)
+    _define(core, core.SLEEPY)
+    workers("tests.apps.core", conf=conf, pool="prefork", concurrency=2)
+    res = core.flows.start("sleepy", {"tag": "broker"})
+    wait_until(lambda: _status(core, res.id) == "sleeping", timeout=30, what="run sleeping")
+    private_redis.kill()
+    time.sleep(3.0)  # its wake-up time passes while the broker is away
+    private_redis.start(timeout_s=30)
+    wait_until(lambda: _status(core, res.id) == "succeeded", timeout=60, interval=0.2, what="run woke and finished")
+    time.sleep(1.0)
+    assert core.executions_of("step_c", "broker") == 1
+    (wait,) = core.flows.run(res.id).waits
+    assert wait.status == "done" and wait.woke_at is not None
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_a_run_asleep_across_a_ten_second_store_outage_wakes_once(
+    core: ModuleType, workers: Any, app_conf: dict[str, Any]
+) -> None:
+    """The store is cut off for 10 s (a proxy that resets every connection) over the
+    run's wake-up time: the wakers' claims fail and are logged; once it is back the
+    run wakes, late, once."""
+    from sqlalchemy.engine import make_url
+
+    from tests.tcpproxy import TcpProxy
+
+    _define(core, core.SLEEPY)
+    proxy = TcpProxy(("127.0.0.1", 5432))
+    try:
+        dbname = str(make_url(app_conf["pluginhost_store"]).database)
+        conf = {**app_conf, "pluginhost_store": proxy.url(dbname), "pluginhost_workflows_wake_poll_s": 0.3}
+        w = workers("tests.apps.core", conf=conf, pool="prefork", concurrency=2)
+        res = core.flows.start("sleepy", {"tag": "outage"})
+        wait_until(lambda: _status(core, res.id) == "sleeping", timeout=30, what="run sleeping")
+        proxy.cut()
+        time.sleep(10.0)
+        assert _status(core, res.id) == "sleeping"  # the test reaches the store directly: not woken
+        proxy.restore()
+        wait_until(lambda: _status(core, res.id) == "succeeded", timeout=60, interval=0.2, what="run woke")
+        time.sleep(1.0)
+        assert core.executions_of("step_c", "outage") == 1
+        assert "wake-ups not claimed" in w.log_text()
+    finally:
+        proxy.close()

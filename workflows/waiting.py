@@ -111,9 +111,24 @@ class Waiting:
         """Claim the due wake-ups (or the one of ``run_id``/``stage``) and send
         their runs on; returns how many were claimed."""
         wakes = self.rt.waits.claim_due(claimer, WAKE_BATCH, run_id=run_id, stage=stage)
-        for wake in wakes:
-            self.send_on(wake)
+        for index, wake in enumerate(wakes):
+            try:
+                self.send_on(wake)
+            except StoreUnavailable:
+                raise  # the rows stay claimed: claimed again once the lease has passed
+            except Exception:
+                # Not sent (the broker is away): give back this claim and the rest,
+                # so the next poll tries again at once rather than after the lease.
+                for left in wakes[index:]:
+                    self._release(left, claimer)
+                raise
         return len(wakes)
+
+    def _release(self, wake: Wake, claimer: str) -> None:
+        try:
+            self.rt.waits.release(wake, claimer)
+        except StoreUnavailable:
+            log.warning("wake-up of run %s stays claimed until its lease ends (store unreachable)", wake.run_id)
 
     def send_on(self, wake: Wake) -> None:
         """Send a claimed wait's run on: the stages after the wait, with the

@@ -231,6 +231,27 @@ class WaitStore:
 
         self._write(write)
 
+    def release(self, wake: Wake, claimer: str) -> None:
+        """A claimed wait whose run could not be sent on (the broker is away): back
+        to ``waiting``, and its run to ``sleeping``/``waiting``, so the next poll
+        of any worker tries again instead of waiting out the lease."""
+
+        def write(conn: Connection) -> None:
+            released = conn.execute(
+                update(waits)
+                .where(waits.c.run_id == wake.run_id, waits.c.stage == wake.stage)
+                .where(waits.c.status == "claimed", waits.c.claimed_by == claimer)
+                .values(status="waiting", claimed_by=None, claimed_at=None)
+            ).rowcount
+            if released:
+                conn.execute(
+                    update(runs)
+                    .where(runs.c.id == wake.run_id, runs.c.status == "running")
+                    .values(status="sleeping" if wake.kind == "sleep" else "waiting")
+                )
+
+        self._write(write)
+
     def end_after(self, wake: Wake, *, error: str | None = None, reason: str | None = None) -> None:
         """A timed-out wait that ends its run, in one transaction: with ``error``
         (``on_timeout="fail"``) the steps after it are ``cancelled`` and the run
