@@ -143,7 +143,7 @@ def wake_claimed_long_ago() -> Any:
 def test_signals_before_during_and_after_a_wait(stores: tuple[WorkflowStore, WaitStore]) -> None:
     store, waits = stores
     early = _new_run(store)
-    assert waits.deliver(early, 1, "ok", {"by": "mail"}, "ops") == ("running", "kept")
+    assert waits.deliver(early, 1, "ok", {"by": "mail"}, "ops", "signaller") is None  # kept for the wait
     row = _reach(waits, early, kind="signal", signal="ok", seconds=None)  # the kept signal: due at once
     assert (row.outcome, store.get_run(early).status) == ("received", "waiting")  # type: ignore[union-attr]
     (wake,) = waits.claim_due("w", run_id=early, stage=1)
@@ -155,11 +155,12 @@ def test_signals_before_during_and_after_a_wait(stores: tuple[WorkflowStore, Wai
     during = _new_run(store)
     _reach(waits, during, kind="signal", signal="ok", seconds=None)  # no timeout: never due by time
     assert waits.claim_due("w") == []
-    assert waits.deliver(during, 1, "ok", {}, None) == ("waiting", "due")
+    wake = waits.deliver(during, 1, "ok", {"n": 1}, None, "signaller")  # claimed for the signaller at once
+    assert wake is not None and (wake.run_id, wake.outcome, wake.payload) == (during, "received", {"n": 1})
+    assert store.get_run(during).status == "running"  # type: ignore[union-attr]
     with pytest.raises(InvalidSignal, match="past its wait"):
-        waits.deliver(during, 1, "ok", {}, None)  # a second one while the first is not taken yet
-    (wake,) = waits.claim_due("w")
-    assert wake.run_id == during and wake.outcome == "received"
+        waits.deliver(during, 1, "ok", {}, None, "signaller")  # a second one
+    assert waits.claim_due("w") == []  # the signaller's claim: nobody else sends it
 
     late = _new_run(store)
     _reach(waits, late, kind="signal", signal="ok", seconds=0.01, on_timeout="fail")
@@ -167,15 +168,15 @@ def test_signals_before_during_and_after_a_wait(stores: tuple[WorkflowStore, Wai
     (wake,) = waits.claim_due("w")
     assert wake.outcome == "timed_out"
     with pytest.raises(InvalidSignal, match="it timed out"):
-        waits.deliver(late, 1, "ok", {}, None)
+        waits.deliver(late, 1, "ok", {}, None, "signaller")
     waits.end_after(wake, error="WaitTimedOut: no signal")
     run = store.get_run(late)
     assert run is not None and (run.status, run.error) == ("failed", "WaitTimedOut: no signal")
     assert [s.status for s in run.steps] == ["succeeded", "cancelled"]
     with pytest.raises(InvalidSignal, match="is failed"):
-        waits.deliver(late, 1, "ok", {}, None)
+        waits.deliver(late, 1, "ok", {}, None, "signaller")
     with pytest.raises(RunNotFound):
-        waits.deliver("no-such-run", 1, "ok", {}, None)
+        waits.deliver("no-such-run", 1, "ok", {}, None, "signaller")
     assert waits.timeline(late)[1] == []  # refused signals are not stored
 
 

@@ -15,7 +15,7 @@ from pluginhost import InvalidInput, PluginHost, check_json_object, did_you_mean
 
 from . import conditions
 from .compile import build, layout
-from .definition import NAME_PATTERN, Workflow
+from .definition import NAME_PATTERN, WaitFor, Workflow
 from .errors import ConditionFailed, InvalidRunState, InvalidSignal, InvalidWorkflow, RunNotFound, WorkflowNotFound
 from .runtime import Runtime
 from .store import RUN_STATES, WorkflowRun, WorkflowStore
@@ -241,21 +241,21 @@ class Workflows:
             {} if payload is None else payload, owner=f"signal {name!r} payload", error=InvalidSignal
         )
         self._ready()
-        run = self.store.get_run(run_id)
-        if run is None:
+        head = self.waits.run_head(run_id)
+        if head is None:
             raise RunNotFound(f"no workflow run {run_id!r}")
-        found = self.runtime.definition(run.name, run.version).wait_for(name)
+        wf = self.runtime.definition(head[0], head[1])
+        found = wf.wait_for(name)
         if found is None:
-            wf = self.runtime.definition(run.name, run.version)
-            awaited = [w.signal for w in wf.waits().values() if hasattr(w, "signal")]
+            awaited = [w.signal for w in wf.waits().values() if isinstance(w, WaitFor)]
             raise InvalidSignal(
-                f"workflow '{run.name}' version {run.version} waits for no signal {name!r}"
+                f"workflow '{head[0]}' version {head[1]} waits for no signal {name!r}"
                 f" (it waits for: {', '.join(awaited) or 'none'})"
             )
-        stage, _ = found
-        _, state = self.waits.deliver(run_id, stage, name, body, actor)
-        if state == "due":  # the run waits for it: send it on now, not at the next poll
-            self.waiting.wake_due(owner(None), run_id=run_id, stage=stage)
+        claimer = owner(None)
+        wake = self.waits.deliver(run_id, found[0], name, body, actor, claimer)
+        if wake is not None:  # the run waited for it: sent on now, not at a worker's next poll
+            self.waiting.send_claimed([wake], claimer)
         result = self.run(run_id)
         assert result is not None
         return result

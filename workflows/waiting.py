@@ -111,18 +111,22 @@ class Waiting:
         """Claim the due wake-ups (or the one of ``run_id``/``stage``) and send
         their runs on; returns how many were claimed."""
         wakes = self.rt.waits.claim_due(claimer, WAKE_BATCH, run_id=run_id, stage=stage)
+        self.send_claimed(wakes, claimer)
+        return len(wakes)
+
+    def send_claimed(self, wakes: list[Wake], claimer: str) -> None:
+        """Send claimed wake-ups on, in order; one that cannot be sent (the broker
+        is away) is given back with the rest, so the next poll tries again at
+        once rather than after the lease."""
         for index, wake in enumerate(wakes):
             try:
                 self.send_on(wake)
             except StoreUnavailable:
                 raise  # the rows stay claimed: claimed again once the lease has passed
             except Exception:
-                # Not sent (the broker is away): give back this claim and the rest,
-                # so the next poll tries again at once rather than after the lease.
                 for left in wakes[index:]:
                     self._release(left, claimer)
                 raise
-        return len(wakes)
 
     def _release(self, wake: Wake, claimer: str) -> None:
         try:

@@ -93,7 +93,8 @@ class WaitStore:
         def write(conn: Connection) -> WaitRun | None:
             now = _now()
             record_carried(conn, run_id, carried)
-            status = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+            # locked: a signal delivered meanwhile (``deliver``) waits for this, and is seen
+            status = conn.execute(select(runs.c.status).where(runs.c.id == run_id).with_for_update()).scalar()
             if status is None:
                 raise RunNotFound(f"workflow run {run_id!r} is gone from the store")
             row = _wait_row(conn, run_id, stage)
@@ -279,22 +280,36 @@ class WaitStore:
 
     # -- signals ---------------------------------------------------------------
 
-    def deliver(
-        self, run_id: str, stage: int, name: str, payload: dict[str, Any], actor: str | None
-    ) -> tuple[str, str]:
-        """Store signal ``name`` for the run's wait at ``stage`` (one transaction);
-        returns the run's status and ``"due"`` (the run was waiting for it: the
-        wait is due now) or ``"kept"`` (the run has not reached the wait yet).
-        ``InvalidSignal`` when the run ended or passed the wait, or already
-        has a signal of that name; nothing is written then."""
+    def run_head(self, run_id: str) -> tuple[str, int, str] | None:
+        """(workflow name, version, status) of a run, or None (one indexed read)."""
 
-        def write(conn: Connection) -> tuple[str, str]:
+        def read(conn: Connection) -> tuple[str, int, str] | None:
+            row = conn.execute(select(runs.c.name, runs.c.version, runs.c.status).where(runs.c.id == run_id)).first()
+            return None if row is None else (str(row.name), int(row.version), str(row.status))
+
+        return self._read(read)
+
+    def deliver(
+        self, run_id: str, stage: int, name: str, payload: dict[str, Any], actor: str | None, claimer: str
+    ) -> Wake | None:
+        """Store signal ``name`` for the run's wait at ``stage`` (one transaction).
+        A run waiting for it is claimed for ``claimer`` at once: the returned
+        ``Wake`` is the caller's to send on (``Waiting.send_on``). None: the run
+        has not reached the wait yet, and the signal is kept for it.
+        ``InvalidSignal`` when the run ended or passed the wait, or already has
+        a signal of that name; nothing is written then. The run's row is locked
+        first, as ``reach`` does: a signal and the run reaching its wait never
+        miss each other."""
+
+        def write(conn: Connection) -> Wake | None:
             now = _now()
-            status = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
-            if status is None:
+            run = conn.execute(
+                select(runs.c.status, runs.c.name, runs.c.version).where(runs.c.id == run_id).with_for_update()
+            ).first()
+            if run is None:
                 raise RunNotFound(f"no workflow run {run_id!r}")
-            if status not in CANCELLABLE_RUN_STATES:
-                raise InvalidSignal(f"run {run_id} is {status}: signal {name!r} cannot be delivered")
+            if run.status not in CANCELLABLE_RUN_STATES:
+                raise InvalidSignal(f"run {run_id} is {run.status}: signal {name!r} cannot be delivered")
             row = _wait_row(conn, run_id, stage)
             if row is not None and (row.status != "waiting" or row.outcome is not None):
                 why = "it timed out" if row.outcome == TIMED_OUT else f"it is {row.outcome or row.status}"
@@ -307,13 +322,31 @@ class WaitStore:
             except IntegrityError:
                 raise InvalidSignal(f"run {run_id} has a signal {name!r} already (one per wait)") from None
             if row is None:
-                return status, "kept"
-            conn.execute(
+                return None
+            taken = conn.execute(
                 update(waits)
                 .where(waits.c.run_id == run_id, waits.c.stage == stage, waits.c.status == "waiting")
-                .values(outcome=RECEIVED, wake_at=now)
+                .where(waits.c.outcome.is_(None))
+                .values(outcome=RECEIVED, wake_at=now, status="claimed", claimed_by=claimer, claimed_at=now)
+                .returning(waits.c.context)
+            ).first()
+            if taken is None:  # a waker took it (timed out) meanwhile: the signal is refused, not stored
+                raise InvalidSignal(f"run {run_id} is past its wait for signal {name!r} (it timed out)")
+            conn.execute(
+                update(runs).where(runs.c.id == run_id, runs.c.status.in_(WAITING_RUN_STATES)).values(status="running")
             )
-            return status, "due"
+            return Wake(
+                run_id,
+                stage,
+                "signal",
+                name,
+                row.on_timeout,
+                RECEIVED,
+                dict(taken.context),
+                payload,
+                run.name,
+                run.version,
+            )
 
         return self._write(write)
 
@@ -388,8 +421,10 @@ class WaitStore:
                 with conn.begin():
                     if conn.dialect.name == "postgresql":
                         ms = max(1, int(self.timeout_s * 1000))
-                        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
-                        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+                        limit = f"'{ms}', true"
+                        conn.exec_driver_sql(
+                            f"SELECT set_config('statement_timeout', {limit}), set_config('lock_timeout', {limit})"
+                        )
                     return fn(conn)
         except IntegrityError:
             raise
