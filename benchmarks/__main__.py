@@ -1,6 +1,6 @@
 """Run every benchmark of the project, one after the other, and print one summary table.
 
-    python -m benchmarks [--quick] [--only dispatch,execution,propagation,workflow,scale,follow,bulk,storm]
+    python -m benchmarks [--quick] [--only dispatch,execution,propagation,workflow,scale,follow,bulk,storm,waits]
                          [--verbose] [--log-dir DIR]
     python benchmarks/readme_table.py LOG_DIR   (the README's summary table from a run)
     python -m benchmarks soak --minutes N [--seed S]   (the long history run: benchmarks/soak.py)
@@ -65,6 +65,7 @@ JOBS = [
     Job("bulk-redis", "bulk.py", ["--broker", "redis"], ["--n", "2000", "--rounds", "2"]),
     Job("bulk-amqp", "bulk.py", ["--broker", "amqp"], ["--n", "2000", "--rounds", "2"]),
     Job("storm", "storm.py", [], ["--quick"]),
+    Job("waits", "waits.py", ["--db", "pluginhost_bench_waits"], ["--sleepers", "1000", "--signals", "40"]),
 ]  # fmt: skip
 
 # command-line fragments of benchmark processes (scripts, their workers, other runners)
