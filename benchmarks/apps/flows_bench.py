@@ -37,7 +37,7 @@ if _alt:
 from celery import Celery, signals  # noqa: E402
 
 from pluginhost import PluginHost  # noqa: E402
-from workflows import Parallel, Step, Workflow, Workflows  # noqa: E402
+from workflows import Parallel, Step, Workflow, WorkflowCapability, Workflows  # noqa: E402
 
 QUEUE = os.environ.get("WFBENCH_QUEUE", "wfbench")
 STORE = os.environ.get("WFBENCH_STORE", "postgresql+psycopg://postgres@127.0.0.1/pluginhost_wfbench")
@@ -128,6 +128,11 @@ def define() -> tuple[int, int]:
 
 
 define()
+
+# The path users take: run_capability on a capability that runs the workflow.
+SEQ_CAP, PAR_CAP = "wfb_seq_flow", "wfb_par_flow"
+host.register_capability(SEQ_CAP, WorkflowCapability(host, SEQ))
+host.register_capability(PAR_CAP, WorkflowCapability(host, PAR))
 
 
 # -- optional profiling (WFBENCH_PROFILE=1) -------------------------------------
