@@ -10,10 +10,6 @@ no message, no result subscription.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +21,7 @@ from celery import signals
 
 from pluginhost import CapabilityDisabled
 from pluginhost.store.postgres import PgRevisionReader
+from tests.harness import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,20 +32,7 @@ def queue_size(app: Any, queue: str) -> int:
 
 
 def cli(app_conf: dict[str, Any], *args: str) -> str:
-    env = {
-        **os.environ,
-        "PH_CONF": json.dumps(app_conf),
-        "PLUGINHOST_APP": "tests.apps.core:app",
-        "PYTHONPATH": str(ROOT),
-    }
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("pluginhost")), *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli(app_conf, "tests.apps.core:app", *args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -3,10 +3,6 @@ over the result transport, and live toggles reaching every worker process (G3)."
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from pluginhost import CapabilityDisabled, InvalidInput
-from tests.harness import wait_until
+from tests.harness import run_cli, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,20 +198,7 @@ def test_direct_sql_reaches_workers_by_poll_and_by_refresh(
     # the polling worker converges on its own; the other needs `pluginhost refresh`
     assert wait_until(lambda: host.workers(timeout=0.3).get(w1.hostname, {}).get("revision") == target, 3.0)
     assert host.workers(timeout=0.5)[w2.hostname]["revision"] != target
-    env = {
-        **os.environ,
-        "PH_CONF": json.dumps(app_conf),
-        "PLUGINHOST_APP": "tests.apps.core:app",
-        "PYTHONPATH": str(ROOT),
-    }
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("pluginhost")), "refresh", "--wait"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli(app_conf, "tests.apps.core:app", "refresh", "--wait")
     assert done.returncode == 0, done.stderr
     assert "acknowledged by 2 worker(s)" in done.stdout
     revisions = {name: info["revision"] for name, info in host.workers(timeout=0.5).items()}
@@ -262,20 +245,7 @@ def test_wait_returns_once_every_registered_worker_has_acknowledged(
     w1.kill()  # SIGKILL: no goodbye; listed as silent until its heartbeats expire
     found = host.workers(timeout=0.5)
     assert list(found) == [w1.hostname] and found[w1.hostname]["error"] == "registered but did not answer"
-    env = {
-        **os.environ,
-        "PH_CONF": json.dumps(app_conf),
-        "PLUGINHOST_APP": "tests.apps.core:app",
-        "PYTHONPATH": str(ROOT),
-    }
-    listing = subprocess.run(
-        [str(Path(sys.executable).with_name("pluginhost")), "workers", "--timeout", "0.5"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    listing = run_cli(app_conf, "tests.apps.core:app", "workers", "--timeout", "0.5")
     assert listing.returncode == 0, listing.stderr
     assert "0 worker(s) answered, 1 without a revision" in listing.stdout
 

@@ -4,10 +4,7 @@ the run stops before its next step, later steps become ``cancelled``, the run
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +16,7 @@ import pytest
 from celery.exceptions import TaskRevokedError
 from sqlalchemy import create_engine
 
+from tests.harness import run_cli
 from workflows import InvalidRunState, WorkflowNotFound
 from workflows.errors import RunFinished
 from workflows.store import WorkflowStore, open_workflow_store
@@ -73,20 +71,7 @@ def test_cancel_of_a_finished_or_unknown_run_is_an_error_that_writes_nothing(sto
 
 
 def _cli(app_conf: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PH_CONF": json.dumps(app_conf),
-        "PLUGINHOST_APP": "tests.apps.core:app",
-        "PYTHONPATH": str(ROOT),
-    }
-    return subprocess.run(
-        [str(Path(sys.executable).with_name("pluginhost")), *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(app_conf, "tests.apps.core:app", *args)
 
 
 def _wait_status(flows: Any, run_id: str, slug: str, status: str, timeout: float = 30) -> None:
