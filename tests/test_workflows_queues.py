@@ -18,6 +18,7 @@ from typing import Any
 import kombu
 import pytest
 from celery import Celery, signals
+from celery.exceptions import SoftTimeLimitExceeded
 
 from pluginhost import PluginHost
 from tests import harness
@@ -126,6 +127,24 @@ def test_a_heavy_step_disabled_while_it_waits_in_its_queue_is_skipped(
     steps = {s.slug: s for s in run.steps}
     assert steps["heavy"].status == "skipped" and steps["heavy"].error == "plugin 'heavy' is disabled"
     assert [steps[s].status for s in ("light_a", "light_b", "routed", "light_c")] == ["succeeded"] * 4
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_a_capabilitys_soft_time_limit_stops_its_step_as_it_stops_its_own_runs(
+    qapp: queues_app.QueuesApp, workers: Any, conf: dict[str, Any]
+) -> None:
+    """``slow`` has a 0.5 s soft time limit: its run on its own and its workflow
+    step, each sleeping 3 s, both end with SoftTimeLimitExceeded; the step's run
+    fails and records it."""
+    workers("tests.apps.queues_app", conf=conf, pool="prefork", name="light")
+    own = qapp.host.run_capability("slow", {"sleep_s": 3})
+    step = qapp.flows.start("slow_flow", {"sleep_s": 3})
+    for res in (own, step):
+        with pytest.raises(SoftTimeLimitExceeded):
+            res.get(timeout=30)
+    run = harness.wait_finished(qapp.flows, step.id)
+    assert run.status == "failed" and "SoftTimeLimitExceeded" in (run.error or "")
+    assert [(s.slug, s.status, s.attempts) for s in run.steps] == [("slow", "failed", 1)]
 
 
 @pytest.mark.parametrize("backend", ["redis"], indirect=True)

@@ -13,6 +13,7 @@ declared. A worker loading this module builds it from ``PH_CONF``.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,8 @@ FLOW = Workflow(
 )
 #: A heavy first step, for a run sent by WorkflowCapability.dispatch (its first stage carries a gate).
 HEAVY_FIRST = Workflow("heavy_first", steps=[Step("heavy"), Step("light_c")])
+#: One step of ``slow``, a capability with a 0.5 s soft time limit.
+SLOW = Workflow("slow_flow", steps=[Step("slow")])
 
 
 def heavy_queue(conf: dict[str, Any]) -> str:
@@ -61,6 +64,11 @@ def _ran_on(slug: str) -> Any:
     return fn
 
 
+def _slow(ctx: dict[str, Any]) -> dict[str, Any]:
+    time.sleep(float(ctx.get("sleep_s", 0)))
+    return {"slow_on": current_task.request.hostname}
+
+
 def make(conf: dict[str, Any]) -> QueuesApp:
     register_transport_for(conf)
     app = Celery("queues", set_as_current=False)
@@ -71,9 +79,11 @@ def make(conf: dict[str, Any]) -> QueuesApp:
     for slug in ("light_a", "light_b", "light_c", "routed"):
         host.register_capability(slug, _ran_on(slug))
     host.register_capability("heavy", _ran_on("heavy"), queue=heavy)
+    host.register_capability("slow", _slow, soft_time_limit=0.5)
     host.register_capability("run_heavy_first", WorkflowCapability(host, "heavy_first"))
     flows.declare(FLOW)
     flows.declare(HEAVY_FIRST)
+    flows.declare(SLOW)
     return QueuesApp(app, host, flows, heavy)
 
 
