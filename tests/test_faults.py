@@ -37,7 +37,7 @@ from tests import harness
 from tests.harness import wait_until
 from tests.servers import PrivateRabbitMQ, PrivateRedis
 from workflows.compile import build
-from workflows.runtime import STEP_TASK
+from workflows.runtime import STEP_TASK_PREFIX
 from workflows.store import runs as runs_table
 from workflows.store import steps as steps_table
 
@@ -202,7 +202,7 @@ def step_messages(faults: ModuleType, run_id: str) -> dict[int, tuple[tuple[Any,
                 walk(task)
             if isinstance(sig, chord) and sig.body is not None:
                 walk(sig.body)
-        elif sig.task == STEP_TASK:
+        elif sig.task.startswith(STEP_TASK_PREFIX):
             args = tuple(sig.args)
             found[int(args[-1])] = (args[-2:], dict(sig.kwargs))
 
@@ -361,7 +361,8 @@ def test_a_redelivered_finished_step_reuses_its_recorded_output(
         positions = [p for p, row in enumerate(before.steps) if row.slug in {s.slug for s in stage}]
         for position in positions:
             args, kwargs = messages[position]
-            again = rt.step_task.apply_async(args=(context, *args), kwargs=kwargs)
+            step_task = rt.step_task_for(before.steps[position].slug)
+            again = step_task.apply_async(args=(context, *args), kwargs=kwargs)
             result = again.get(timeout=30)
             parts = [result] if isinstance(result, dict) else [p for p in result if isinstance(p, dict)]
             returned = {k: v for part in parts for k, v in part.items()}
@@ -404,7 +405,7 @@ def test_a_step_delivered_twice_while_it_runs_runs_once_and_the_run_succeeds(
 
     def send_twice(producer: Any, name: str, message: Any, **kwargs: Any) -> Any:
         result = send(producer, name, message, **kwargs)
-        if name == STEP_TASK and not doubled:
+        if name.startswith(STEP_TASK_PREFIX) and not doubled:
             doubled.append(message.headers["id"])
             send(producer, name, message, **kwargs)  # the very same message, again
         return result

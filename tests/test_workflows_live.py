@@ -73,7 +73,7 @@ def test_run_capability_sends_a_workflows_canvas_with_no_capability_task(
     sends the workflow's first step itself; no capability task is queued to be
     replaced (Task.replace) by the canvas."""
     res = core.host.run_capability("run_flow", {"tag": "no-hop"})
-    assert _first_queued_task(core.app, app_conf["task_default_queue"]) == "workflows.step"
+    assert _first_queued_task(core.app, app_conf["task_default_queue"]) == "workflows.step.step_a"
     assert core.flows.run(res.id).status == "pending"  # the result id is the run id, recorded at dispatch
     workers("tests.apps.core", pool="prefork")
     assert res.get(timeout=60)["e"] == 1

@@ -37,6 +37,18 @@ STEP_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _step_task(rt: Runtime, slug: str, kwargs: dict[str, Any]) -> Any:
+    """The task of a step of ``slug``: its capability's step task, which names the
+    capability (no ``slug`` in the message) and runs on its queue with its options
+    (``CapabilityStepTask``); the generic one, told ``slug``, for a slug that is
+    not a capability here."""
+    task = rt.step_task_for(slug)
+    if task is None:
+        kwargs["slug"] = slug
+        return rt.step_task
+    return task
+
+
 def layout(workflow: Workflow) -> list[tuple[int, int, str]]:
     """(position, stage, slug) of every step."""
     rows = []
@@ -90,8 +102,8 @@ def build(
         # Only what differs from Runtime.run_step's defaults: every message
         # carries the rest of the chain, so each step's kwargs are sent again
         # with every step before it.
-        kwargs = {"slug": step.slug, **{k: v for k, v in policy.items() if v != STEP_DEFAULTS[k]}}
-        return rt.step_task.signature(args, kwargs, **options)
+        kwargs = {k: v for k, v in policy.items() if v != STEP_DEFAULTS[k]}
+        return _step_task(rt, step.slug, kwargs).signature(args, kwargs, **options)
 
     def wait_sig(stage: int, wait: Sleep | WaitFor) -> Signature:
         args: tuple[Any, ...] = (run_id, stage) if links else (context, run_id, stage)

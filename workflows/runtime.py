@@ -14,6 +14,7 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from pluginhost import (
     CapabilityDisabled,
+    CapabilityNotFound,
     InvalidArgument,
     InvalidInput,
     Plugin,
@@ -34,7 +35,12 @@ from .store.waits import WaitStore
 
 log = logging.getLogger("workflows")
 
+#: The step task of messages that name their capability in ``slug`` (every step
+#: before steps had their capability's task options; a rolling upgrade's queued
+#: messages still run here, inline, where they are delivered).
 STEP_TASK = "workflows.step"
+#: A step of capability ``x`` is a ``workflows.step.x`` message (``step_task_for``).
+STEP_TASK_PREFIX = STEP_TASK + "."
 MERGE_TASK = "workflows.merge"
 FINISH_TASK = "workflows.finish"
 
@@ -62,6 +68,14 @@ OWNER_WAIT_MAX_S = 10.0
 #: reach the workflow store: ``pluginhost_stale_retry_s``, doubling, capped.
 STALE_VIEW_WAIT_MAX_S = 30.0
 
+#: Capability task attributes its step task takes over: the worker enforces them
+#: per task type (a rate limit is per type and worker, so a capability's step
+#: runs have a bucket of their own, beside its own runs').
+STEP_LIMITS = ("rate_limit", "time_limit", "soft_time_limit")
+#: Capability task options that route a message: its step messages get them too.
+#: Per message, not as step task attributes (Celery 5.7 deprecates those).
+STEP_ROUTING = ("queue", "routing_key", "exchange", "priority")
+
 _RUNTIMES: weakref.WeakKeyDictionary[Celery, Runtime] = weakref.WeakKeyDictionary()
 
 
@@ -77,6 +91,44 @@ class StepTask(Task):
         if post is not None:
             self.request.workflows_post = None
             post()
+
+
+class CapabilityStepTask(StepTask):
+    """The step task of one capability (``workflows.step.<slug>``): a step runs
+    where and how its capability would run on its own.
+
+    It has the capability task's rate limit and time limits (a step's
+    ``timeout`` is its soft limit, sent with the message), and each of its
+    messages is routed as the capability task's own would be, in every process
+    that sends one (the producer, the worker sending the next link or a chord's
+    branches, a retry): the capability task's ``queue``/``routing_key``/
+    ``exchange``/``priority`` options, else the app's ``task_routes`` looked up
+    with the capability task's name (``pluginhost.capability.<slug>``; a router
+    function gets the step's arguments). A priority Celery clears when it sends
+    the next link of a chain (``task_inherit_parent_priority`` off) is the
+    capability's again."""
+
+    #: the capability task's name, the one routes are looked up with
+    workflows_route_name: str = ""
+    #: the capability task's routing options that are set
+    workflows_routing: dict[str, Any] = {}  # set per subclass, never changed
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> Any:
+        for key, value in self.workflows_routing.items():
+            if options.get(key) is None:
+                options[key] = value
+        options.setdefault("route_name", self.workflows_route_name)
+        return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
 
 
 class Runtime:
@@ -115,6 +167,50 @@ class Runtime:
         self.step_task, self.merge_task, self.finish_task = step, merge, finish
         #: the wait task (``waiting.Waiting`` registers it)
         self.wait_task: Any = None
+        self._step_tasks: dict[str, Task] = {}
+        self.register_step_tasks()
+
+    def step_task_for(self, slug: str) -> Task | None:
+        """The step task of capability ``slug`` (``CapabilityStepTask``), registered
+        on first use; None if ``slug`` is not a capability declared on this host
+        (its step goes as a ``workflows.step`` message, which fails it when it runs).
+
+        A worker registers one for every declared capability when it starts
+        (``worker_init``, see ``for_host``), before it consumes: a step message
+        of a capability declared after the worker started is refused by it as
+        an unregistered task."""
+        task = self._step_tasks.get(slug)
+        if task is None:
+            try:
+                cap_task = self.host.task(slug)
+            except CapabilityNotFound:
+                return None
+            task = self._step_tasks[slug] = self._register_step_task(slug, cap_task)
+        return task
+
+    def register_step_tasks(self) -> None:
+        """Register the step task of every capability declared so far."""
+        for slug in self.host.capabilities():
+            self.step_task_for(slug)
+
+    def _register_step_task(self, slug: str, cap_task: Task) -> Task:
+        limits = {k: getattr(cap_task, k) for k in STEP_LIMITS if getattr(cap_task, k, None) is not None}
+        routing = {k: getattr(cap_task, k) for k in STEP_ROUTING if getattr(cap_task, k, None) is not None}
+
+        def step(task: Task, context: dict[str, Any], run_id: str, position: int, **policy: Any) -> Any:
+            return self.run_step(task, context, run_id, position, **{**policy, "slug": slug})
+
+        step.__name__ = "step_" + "".join(c if c.isalnum() else "_" for c in slug)
+        step.__doc__ = f"Run a workflow step of capability '{slug}' (history recorded in the workflow store)."
+        return self.host.app.task(  # type: ignore[no-any-return]
+            name=STEP_TASK_PREFIX + slug,
+            bind=True,
+            base=CapabilityStepTask,
+            workflows_route_name=cap_task.name,
+            workflows_routing=routing,
+            **TASK_OPTIONS,
+            **limits,
+        )(step)
 
     @classmethod
     def for_host(cls, host: PluginHost) -> Runtime:
@@ -123,6 +219,14 @@ class Runtime:
         if rt is None:
             rt = _RUNTIMES[host.app] = cls(host)
             signals.worker_process_init.connect(lambda **_: rt.after_fork(), weak=False)
+
+            def on_worker_init(sender: Any = None, **_: Any) -> None:
+                # Before the worker consumes (and forks its pool): capabilities
+                # declared after this runtime was made get their step tasks.
+                if getattr(sender, "app", None) is host.app:
+                    rt.register_step_tasks()
+
+            signals.worker_init.connect(on_worker_init, weak=False)
         return rt
 
     @property

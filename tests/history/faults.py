@@ -355,7 +355,9 @@ class Faults:
         # workflow step messages first when there are some: a step delivered twice
         # (while running, or after it finished) must not run its body twice
         steps = sorted(
-            t for t, raw in self._captured.items() if (raw.get("headers") or {}).get("task") == "workflows.step"
+            t
+            for t, raw in self._captured.items()
+            if str((raw.get("headers") or {}).get("task", "")).startswith("workflows.step")  # .<slug> too
         )
         others = sorted(set(self._captured) - set(steps))
         want = self.rng.randint(2, 6)
