@@ -131,3 +131,8 @@ def test_diagrams_draw_sleep_and_wait_stages(web: ModuleType, ops: Operator) -> 
     assert plan.status_code == 200 and 'data-slug="wait for approved"' in plan.text
     assert ops.get("/workflows/approval").status_code == 200
     assert ops.get("/workflows").status_code == 200
+
+
+def test_the_signal_form_of_a_waiting_run_names_the_awaited_signal(web: ModuleType, ops: Operator) -> None:
+    html = ops.get(f"/runs/{waiting_run(web)}").text
+    assert '<input type="text" name="name" required value="approved">' in html
