@@ -118,10 +118,10 @@ def _wait_entries(wait: WaitRow) -> list[TimelineEntry]:
             text = f"sleeping{until}"
         return [TimelineEntry(at=wait.created_at, kind="sleep", text=text)]
     how = awaited(wait).removeprefix("wait for ")
-    done = wait.status in ("done", "claimed") or wait.woke_at is not None
-    text = f"{'waited' if done or wait.status == 'cancelled' else 'waiting'} for signal {how}"
-    if wait.woke_at is not None and wait.outcome == "received":
-        text += f", woke at {when(wait.woke_at)}"
+    waiting = wait.status == "waiting" and wait.outcome is None
+    text = f"{'waiting' if waiting else 'waited'} for signal {how}"
+    if wait.outcome == "received":  # a signal kept from before the wait makes it due at once
+        text += f", woke at {when(wait.woke_at)}" if wait.woke_at is not None else ": received, due now"
     found = [TimelineEntry(at=wait.created_at, kind="wait", text=text)]
     if wait.outcome == "timed_out":
         at = wait.woke_at or wait.wake_at or wait.created_at

@@ -4,6 +4,8 @@ and the pages. No worker: waits are reached through the store, as a worker would
 
 from __future__ import annotations
 
+import re
+import time
 from types import ModuleType
 from typing import Any
 
@@ -136,3 +138,46 @@ def test_diagrams_draw_sleep_and_wait_stages(web: ModuleType, ops: Operator) -> 
 def test_the_signal_form_of_a_waiting_run_names_the_awaited_signal(web: ModuleType, ops: Operator) -> None:
     html = ops.get(f"/runs/{waiting_run(web)}").text
     assert '<input type="text" name="name" required value="approved">' in html
+
+
+def test_a_slept_wait_says_until_when_and_when_the_run_woke(web: ModuleType, ops: Operator) -> None:
+    web.flows.define(NAP)
+    run_id, _canvas = web.flows.prepare("nap", {})
+    reach(web, run_id, 1, seconds=0.001)
+    time.sleep(0.01)
+    assert web.flows.waiting.wake_due("test-waker", run_id=run_id, stage=1) == 1  # what a worker's waker does
+    body = ops.get(f"/api/runs/{run_id}").json()
+    (wait,) = body["waits"]
+    assert (wait["status"], wait["outcome"], wait["claimed_by"]) == ("done", "slept", "test-waker")
+    (slept,) = [text for kind, text in texts(body) if kind == "sleep"]
+    assert re.fullmatch(r"slept until [-\d: ]+ UTC, woke at [-\d: ]+ UTC", slept), slept
+    assert body["wait"] is None  # sent on: no longer stopped at it
+
+
+def test_a_timed_out_wait_is_on_the_timeline_with_what_followed(web: ModuleType, ops: Operator) -> None:
+    web.flows.define({**APPROVAL, "steps": [{"slug": "greet"}, {"type": "wait", "signal": "approved", "timeout": 1}]})
+    run_id, _canvas = web.flows.prepare("approval", {})
+    reach(web, run_id, 1, kind="signal", signal="approved", on_timeout="fail", seconds=0.001)
+    time.sleep(0.01)
+    web.flows.waiting.wake_due("test-waker", run_id=run_id, stage=1)
+    body = ops.get(f"/api/runs/{run_id}").json()
+    assert body["status"] == "failed"
+    assert ("wait", "waited for signal approved (timeout 1s, then fail)") in texts(body)
+    assert ("timed_out", "timed out waiting for signal approved, then fail") in texts(body)
+    assert body["timeline"][-1]["kind"] == "failed"
+    svg = ops.get(f"/api/runs/{run_id}/diagram.svg").text
+    assert 'data-slug="wait for approved" data-state="timed_out"' in svg
+
+
+def test_a_signal_sent_before_the_wait_makes_the_wait_received_and_due(web: ModuleType, ops: Operator) -> None:
+    web.flows.define(APPROVAL)
+    run_id, _canvas = web.flows.prepare("approval", {})
+    web.flows.signal(run_id, "approved", {}, actor="cfo")  # kept: the run has not reached its wait
+    reach(web, run_id, 1, kind="signal", signal="approved", on_timeout="fail", seconds=3 * 86400.0)
+    assert texts(ops.get(f"/api/runs/{run_id}").json())[1:] == [
+        ("signal", "signal approved received from cfo with no payload"),
+        ("wait", "waited for signal approved (timeout 3d, then fail): received, due now"),
+    ]
+    (row,) = ops.get("/api/waiting").json()
+    assert row["wait"]["outcome"] == "received"
+    assert "signal received" in ops.get("/waiting").text
