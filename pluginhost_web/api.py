@@ -37,6 +37,7 @@ from .schemas import (
     StartResult,
     UsageView,
     VersionBody,
+    WaitingRow,
     WorkersView,
     WorkflowView,
 )
@@ -163,7 +164,8 @@ def plan(name: str, console: ConsoleDep) -> list[PlanRow]:
 
 @flows_router.get("/workflows/{name}/diagram.svg", response_class=Response, responses={200: {"content": {SVG: {}}}})
 def workflow_diagram(name: str, console: ConsoleDep) -> Response:
-    svg = diagram.render(diagram.plan_boxes(console.plan(name)), title=f"workflow {name}", ident=name)
+    view = console.workflow(name)
+    svg = diagram.render(diagram.plan_boxes(view.plan, view.waits), title=f"workflow {name}", ident=name)
     return Response(str(svg), media_type=SVG)
 
 
@@ -174,20 +176,27 @@ def runs(
     name: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> list[RunSummary]:
-    """Workflow runs, newest first."""
+    """Workflow runs, newest first; a sleeping or waiting one with its ``wait``
+    (wake-up time, or the awaited signal and its timeout)."""
     return console.runs(name, status, limit)
+
+
+@flows_router.get("/waiting")
+def waiting(console: ConsoleDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[WaitingRow]:
+    """The runs that sleep or wait now, the soonest due first."""
+    return console.waiting(limit)
 
 
 @flows_router.get("/runs/{run_id}")
 def run(run_id: str, console: ConsoleDep) -> RunDetail:
-    """A run with its step table."""
+    """A run with its steps, waits, signals and their ``timeline`` (oldest first)."""
     return console.run(run_id)
 
 
 @flows_router.get("/runs/{run_id}/diagram.svg", response_class=Response, responses={200: {"content": {SVG: {}}}})
 def run_diagram(run_id: str, console: ConsoleDep) -> Response:
     detail = console.run(run_id)
-    svg = diagram.render(diagram.run_boxes(detail.steps), title=f"run {run_id}", ident="run")
+    svg = diagram.render(diagram.run_boxes(detail.steps, detail.waits), title=f"run {run_id}", ident="run")
     return Response(str(svg), media_type=SVG)
 
 

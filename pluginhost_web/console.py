@@ -31,8 +31,9 @@ from pluginhost import (
     mask_secrets,
     secret_fields,
 )
+from workflows import Workflow
 
-from . import inputform
+from . import inputform, timeline
 from .errors import RunAlreadyFinished, RunNotFound, WorkflowsNotConfigured
 from .inputform import InputField
 from .schemas import (
@@ -46,9 +47,11 @@ from .schemas import (
     ResumeResult,
     RunDetail,
     RunSummary,
+    SignalRow,
     StartResult,
     StepRow,
     UsageView,
+    WaitingRow,
     WorkerStatus,
     WorkersView,
     WorkflowUse,
@@ -59,6 +62,15 @@ from .schemas import (
 RUN_STATES = workflows.RUN_STATES
 #: The states a run ends in (the workflows package's; not among its public names).
 FINISHED_RUN_STATES = ("succeeded", "failed", "cancelled")
+#: The states of a run stopped at a ``Sleep`` or ``WaitFor``.
+WAITING_RUN_STATES = ("sleeping", "waiting")
+
+
+class WaitsLike(Protocol):
+    """The part of ``workflows``' wait store the console reads."""
+
+    def waiting(self, limit: int = 100) -> Sequence[tuple[str, Any]]: ...
+    def timeline(self, run_id: str) -> tuple[Sequence[Any], Sequence[Any]]: ...
 
 
 class FlowsLike(Protocol):
@@ -77,6 +89,8 @@ class FlowsLike(Protocol):
     def signal(
         self, run_id: str, name: str, payload: dict[str, Any] | None = None, *, actor: str | None = None
     ) -> Any: ...
+    @property
+    def waits(self) -> WaitsLike: ...
 
 
 class Console:
@@ -264,21 +278,59 @@ class Console:
         return rows
 
     def runs(self, name: str | None = None, status: str | None = None, limit: int = 50) -> list[RunSummary]:
-        runs = self._flows().runs(name=name or None, status=status or None, limit=limit)
-        return [RunSummary.model_validate(run, from_attributes=True) for run in runs]
+        """Runs, newest first; a sleeping or waiting one with the wait it is stopped at."""
+        flows = self._flows()
+        runs = flows.runs(name=name or None, status=status or None, limit=limit)
+        stopped = [run for run in runs if run.status in WAITING_RUN_STATES]
+        # One read for the usual case; a run the list of waits cuts off reads its own.
+        open_waits = dict(flows.waits.waiting(max(limit, len(stopped)))) if stopped else {}
+        definitions: dict[tuple[str, int], Workflow | None] = {}
+        found = []
+        for run in runs:
+            summary = RunSummary.model_validate(run, from_attributes=True)
+            if run.status in WAITING_RUN_STATES:
+                reached = [open_waits[run.id]] if run.id in open_waits else flows.waits.timeline(run.id)[0]
+                at = (run.name, run.version)
+                if at not in definitions:
+                    definitions[at] = self._definition(*at)
+                waits = timeline.wait_rows(definitions[at], reached)
+                summary.wait = timeline.current_wait(waits)
+            found.append(summary)
+        return found
 
     def run(self, run_id: str) -> RunDetail:
+        """A run with its steps, waits, signals and their timeline."""
         run = self._flows().run(run_id)
         if run is None:
             raise RunNotFound(f"no workflow run {run_id!r}")
         context = run.context if run.status == "succeeded" else context_so_far(run.input, run.steps)
+        steps = [step_row(step) for step in run.steps]
+        waits = timeline.wait_rows(self._definition(run.name, run.version), run.waits)
+        signals = [SignalRow.model_validate(s, from_attributes=True) for s in run.signals]
         return RunDetail(
-            **RunSummary.model_validate(run, from_attributes=True).model_dump(),
+            **RunSummary.model_validate(run, from_attributes=True).model_dump(exclude={"wait"}),
+            wait=timeline.current_wait(waits),
             input=mask_secrets(run.input),
             context=mask_secrets(context),
             output=mask_secrets(run.output),
-            steps=[step_row(step) for step in run.steps],
+            steps=steps,
+            waits=waits,
+            signals=signals,
+            timeline=timeline.entries(run, steps, waits, signals),
         )
+
+    def waiting(self, limit: int = 100) -> list[WaitingRow]:
+        """The runs that sleep or wait now, the soonest due first (no due time: last)."""
+        flows = self._flows()
+        found = flows.waits.waiting(limit)
+        runs = {r.id: r for state in WAITING_RUN_STATES for r in flows.runs(status=state, limit=max(limit, 1))}
+        rows = []
+        for run_id, wait in found:
+            run = runs.get(run_id) or flows.run(run_id)  # one just sent on is running, off both lists
+            definition = self._definition(run.name, run.version) if run is not None else None
+            (row,) = [w for w in timeline.wait_rows(definition, [wait]) if w.stage == wait.stage]
+            rows.append(WaitingRow(run_id=run_id, name=run.name if run is not None else None, wait=row))
+        return rows
 
     def resume(self, run_id: str) -> ResumeResult:
         """Continue a failed run from its failed step."""
@@ -361,7 +413,12 @@ class Console:
             version=self._flows().version(definition.name),
             definition=definition.model_dump(mode="json"),
             plan=self.plan(definition.name) if plan is None else plan,
+            waits=timeline.wait_rows(definition if isinstance(definition, Workflow) else None, []),
         )
+
+    def _definition(self, name: str, version: int) -> Workflow | None:
+        found = self._flows().get(name, version)
+        return found if isinstance(found, Workflow) else None
 
     def _flows(self) -> FlowsLike:
         if self.flows is None:

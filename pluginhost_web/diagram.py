@@ -1,5 +1,6 @@
 """Server-rendered SVG diagrams of workflows: stages left to right, the branches
-of a parallel stage stacked, each step coloured (and labelled) by its state."""
+of a parallel stage stacked, each step coloured (and labelled) by its state; a
+``Sleep`` or ``WaitFor`` stage is a smaller, rounder node."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from itertools import groupby
 
 from markupsafe import Markup, escape
 
-from .schemas import PlanRow, StepRow
+from .schemas import PlanRow, StepRow, WaitRow
 
 BOX_W, BOX_H = 168, 46
 GAP_X, GAP_Y, PAD = 44, 14, 12
@@ -26,7 +27,16 @@ PALETTE: dict[str, tuple[str, str, bool]] = {
     "running": ("#e8f0fe", "#1a73e8", False),
     "pending": ("#ffffff", "#9aa0a6", False),
     "cancelled": ("#f1f3f4", "#9aa0a6", True),
+    "wait": ("#fef7e0", "#b06000", False),
+    "sleeping": ("#fef7e0", "#b06000", False),
+    "waiting": ("#fef7e0", "#b06000", False),
+    "claimed": ("#e8f0fe", "#1a73e8", False),
+    "slept": ("#e6f4ea", "#1e8e3e", False),
+    "received": ("#e6f4ea", "#1e8e3e", False),
+    "timed_out": ("#fce8e6", "#c5221f", True),
 }
+#: A wait node's height (a step's is BOX_H).
+WAIT_H = 30
 
 
 @dataclass(frozen=True)
@@ -37,16 +47,33 @@ class Box:
     label: str
     state: str
     note: str
+    wait: bool = False
 
 
-def plan_boxes(plan: Sequence[PlanRow]) -> list[Box]:
+def plan_boxes(plan: Sequence[PlanRow], waits: Sequence[WaitRow] = ()) -> list[Box]:
     """Boxes for a dry run: green if the step's plugin is enabled, else what happens to it."""
-    return [Box(p.stage, p.slug, p.outcome, "enabled" if p.enabled else f"disabled: {p.outcome}") for p in plan]
+    boxes = [Box(p.stage, p.slug, p.outcome, "enabled" if p.enabled else f"disabled: {p.outcome}") for p in plan]
+    return boxes + [Box(w.stage, w.label, "wait", _wait_note(w), wait=True) for w in waits]
 
 
-def run_boxes(steps: Sequence[StepRow]) -> list[Box]:
-    """Boxes for a run, by step status."""
-    return [Box(s.stage, s.slug, s.status, s.status) for s in steps]
+def run_boxes(steps: Sequence[StepRow], waits: Sequence[WaitRow] = ()) -> list[Box]:
+    """Boxes for a run, by step status; a wait by how far the run got with it."""
+    boxes = [Box(s.stage, s.slug, s.status, s.status) for s in steps]
+    return boxes + [Box(w.stage, w.label, _wait_state(w), _wait_state(w).replace("_", " "), wait=True) for w in waits]
+
+
+def _wait_state(wait: WaitRow) -> str:
+    if wait.status == "waiting":
+        return "sleeping" if wait.kind == "sleep" else "waiting"
+    if wait.status == "done" and wait.outcome:
+        return wait.outcome
+    return wait.status  # pending, claimed, cancelled
+
+
+def _wait_note(wait: WaitRow) -> str:
+    if wait.kind == "sleep":
+        return "sleep"
+    return "no timeout" if wait.duration_s is None else f"then {wait.on_timeout or 'fail'} on timeout"
 
 
 def render(boxes: Sequence[Box], *, title: str, ident: str) -> Markup:
@@ -83,6 +110,8 @@ def render(boxes: Sequence[Box], *, title: str, ident: str) -> Markup:
 
 
 def _box(box: Box, x: float, y: float) -> str:
+    if box.wait:
+        return _wait_box(box, x, y)
     fill, stroke, dashed = PALETTE.get(box.state, ("#ffffff", "#9aa0a6", False))
     dash = ' stroke-dasharray="5 3"' if dashed else ""
     label = box.label if len(box.label) <= MAX_CHARS else box.label[: MAX_CHARS - 1] + "\u2026"
@@ -95,4 +124,19 @@ def _box(box: Box, x: float, y: float) -> str:
         f'font-size="13" font-weight="600" fill="#202124">{escape(label)}</text>'
         f'<text x="{x + BOX_W / 2:.0f}" y="{y + 36:.0f}" text-anchor="middle" font-family="sans-serif" '
         f'font-size="11" fill="{stroke}">{escape(box.note)}</text></g>'
+    )
+
+
+def _wait_box(box: Box, x: float, y: float) -> str:
+    fill, stroke, dashed = PALETTE.get(box.state, ("#ffffff", "#9aa0a6", False))
+    dash = ' stroke-dasharray="5 3"' if dashed else ""
+    top = y + (BOX_H - WAIT_H) / 2
+    label = box.label if len(box.label) <= MAX_CHARS else box.label[: MAX_CHARS - 1] + "\u2026"
+    return (
+        f'<g class="wait wait-{escape(box.state)}" data-slug="{escape(box.label)}" data-state="{escape(box.state)}">'
+        f"<title>{escape(box.label)}: {escape(box.note)}</title>"
+        f'<rect x="{x:.0f}" y="{top:.0f}" width="{BOX_W}" height="{WAIT_H}" rx="{WAIT_H / 2:.0f}" fill="{fill}" '
+        f'stroke="{stroke}" stroke-width="1.5"{dash}/>'
+        f'<text x="{x + BOX_W / 2:.0f}" y="{top + 19:.0f}" text-anchor="middle" font-family="sans-serif" '
+        f'font-size="12" fill="#202124">{escape(label)}</text></g>'
     )

@@ -228,7 +228,8 @@ def audit(
 def workflows(request: Request, console: ConsoleDep) -> Response:
     views = console.workflows()
     diagrams = {
-        w.name: diagram.render(diagram.plan_boxes(w.plan), title=f"workflow {w.name}", ident=w.name) for w in views
+        w.name: diagram.render(diagram.plan_boxes(w.plan, w.waits), title=f"workflow {w.name}", ident=w.name)
+        for w in views
     }
     return page(request, "workflows.html", {"workflows": views, "diagrams": diagrams}, views)
 
@@ -248,7 +249,7 @@ def workflow_page(
         return page(request, "workflow.html", {}, view)
     context = {
         "w": view,
-        "diagram": diagram.render(diagram.plan_boxes(view.plan), title=f"workflow {name}", ident=name),
+        "diagram": diagram.render(diagram.plan_boxes(view.plan, view.waits), title=f"workflow {name}", ident=name),
         "fields": console.start_fields(name),
         "error": error,
         "drafts": drafts,
@@ -294,10 +295,17 @@ def runs(request: Request, console: ConsoleDep, status: RunStatus | Literal[""] 
     return page(request, "runs.html", context, found)
 
 
+@flows_router.get("/waiting")
+def waiting(request: Request, console: ConsoleDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
+    """The runs that sleep or wait now: what for, and when they are due."""
+    rows = console.waiting(limit)
+    return page(request, "waiting.html", {"rows": rows}, rows)
+
+
 @flows_router.get("/runs/{run_id}")
 def run(request: Request, run_id: str, console: ConsoleDep) -> Response:
     detail = console.run(run_id)
-    svg = diagram.render(diagram.run_boxes(detail.steps), title=f"run {run_id}", ident="run")
+    svg = diagram.render(diagram.run_boxes(detail.steps, detail.waits), title=f"run {run_id}", ident="run")
     context = {"run": detail, "diagram": svg, "finished": detail.status in FINISHED_RUN_STATES}
     return page(request, "run.html", context, detail)
 

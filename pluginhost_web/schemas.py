@@ -161,11 +161,48 @@ class PlanRow(BaseModel):
     timeout: float | None = Field(default=None, description="Seconds per attempt (None: no limit).")
 
 
+class WaitRow(BaseModel):
+    """A ``Sleep`` or ``WaitFor`` stage of a run: ``pending`` until the run reaches it,
+    then the store's row (``waiting`` -> ``claimed`` -> ``done``, or ``cancelled``)."""
+
+    stage: int
+    kind: Literal["sleep", "signal"]
+    label: str = Field(description='"sleep 2m" or "wait for approved".')
+    signal: str | None = None
+    duration_s: float | None = Field(default=None, description="A sleep's length or a wait's timeout (None: none).")
+    on_timeout: str | None = None
+    status: str
+    outcome: str | None = Field(default=None, description='"slept", "received" or "timed_out" once known.')
+    wake_at: datetime | None = Field(default=None, description="When it is due: a sleep's end, a wait's timeout.")
+    created_at: datetime | None = Field(default=None, description="When the run reached it.")
+    claimed_by: str | None = None
+    woke_at: datetime | None = Field(default=None, description="When the run was sent on.")
+
+
+class SignalRow(BaseModel):
+    """A signal delivered to a run (its payload's keys only: the values may be secret)."""
+
+    name: str
+    payload_keys: list[str]
+    received_at: datetime
+    actor: str | None = None
+    consumed_at: datetime | None = None
+
+
+class TimelineEntry(BaseModel):
+    """One moment of a run's history."""
+
+    at: datetime
+    kind: Literal["created", "step", "sleep", "wait", "signal", "timed_out", "succeeded", "failed", "cancelled"]
+    text: str
+
+
 class WorkflowView(BaseModel):
     name: str
     version: int | None
     definition: dict[str, Any]
     plan: list[PlanRow]
+    waits: list[WaitRow] = Field(default=[], description="The workflow's Sleep and WaitFor stages.")
 
 
 class StepRow(BaseModel):
@@ -195,10 +232,12 @@ class RunSummary(BaseModel):
     finished_at: datetime | None = None
     duration_s: float | None = None
     cancelled_by: str | None = None
+    wait: WaitRow | None = Field(default=None, description="What a sleeping or waiting run is stopped at.")
 
 
 class RunDetail(RunSummary):
-    """A run with its steps; input, context and output with secret-looking keys masked."""
+    """A run with its steps, waits, signals and their timeline; input, context and
+    output with secret-looking keys masked."""
 
     input: dict[str, Any]
     context: dict[str, Any] = Field(
@@ -207,6 +246,17 @@ class RunDetail(RunSummary):
     )
     output: dict[str, Any] | None = None
     steps: list[StepRow]
+    waits: list[WaitRow] = Field(default=[], description="Every wait stage of the run's version, in stage order.")
+    signals: list[SignalRow] = []
+    timeline: list[TimelineEntry] = Field(default=[], description="Steps, waits and signals in time order.")
+
+
+class WaitingRow(BaseModel):
+    """A run that sleeps or waits now (``GET /api/waiting``)."""
+
+    run_id: str
+    name: str | None = Field(description="The run's workflow.")
+    wait: WaitRow
 
 
 class ResumeResult(BaseModel):

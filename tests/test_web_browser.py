@@ -307,6 +307,19 @@ def test_back_on_an_unknown_run_goes_to_the_page_one_came_from(
 PHONE = {"width": 390, "height": 844}
 
 
+def waiting_run(module: ModuleType) -> str:
+    """A run stopped at its wait for signal ``approved``, recorded through the store as a
+    worker's wait task does (no worker sends it on: it has no timeout due for 3 days)."""
+    module.flows.define(
+        {"name": "approval", "steps": [{"slug": "greet"}, {"type": "wait", "signal": "approved", "timeout": "3d"}]}
+    )
+    run_id = module.flows.prepare("approval", {})[0]
+    module.flows.waits.reach(
+        run_id, 1, kind="signal", signal="approved", on_timeout="fail", seconds=3 * 86400.0, context={}, carried=[]
+    )
+    return run_id
+
+
 def test_every_page_fits_a_phone(
     web: ModuleType, server: ConsoleProcess, page: Any, browser: Any, workers: Any, tmp_path: Path
 ) -> None:
@@ -323,10 +336,19 @@ def test_every_page_fits_a_phone(
     try:
         pages = ["/plugins", "/nav", "/workflows", "/workflows/welcome", "/runs", f"/runs/{run_id}", "/audit"]
         pending = web.flows.prepare("welcome", {"name": "Bo"})[0]  # recorded, not sent: it stays cancellable
-        for path in [*pages, "/plugins/greet/disable", f"/runs/{pending}", f"/runs/{pending}/cancel"]:
+        waiting = waiting_run(web)
+        more = [f"/runs/{pending}", f"/runs/{pending}/cancel", f"/runs/{waiting}", "/runs?status=waiting", "/waiting"]
+        for path in [*pages, "/plugins/greet/disable", *more]:
             tab.goto(f"{server.url}{path}")
             width = tab.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
             assert width[0] <= width[1] == PHONE["width"], (path, width)
+        tab.click(f"table.waiting tr[data-run='{waiting}'] a")  # the waiting page leads to the run
+        assert tab.locator("#run-status").inner_text() == "waiting"
+        entry = tab.locator("ol.timeline li[data-kind=wait] .text")
+        assert entry.inner_text() == "waiting for signal approved (timeout 3d, then fail)"
+        box = entry.bounding_box()
+        assert box is not None and 0 <= box["x"] and box["x"] + box["width"] <= PHONE["width"], box
+        screenshot(tab, "run-waiting-phone.png", tmp_path)
         tab.goto(f"{server.url}/plugins")
         assert tab.locator("tr.worker").count() == 1  # the workers table has a row to fit too
         for slug in ("greet", "mailer", "report", "flaky"):
