@@ -110,33 +110,29 @@ def render(boxes: Sequence[Box], *, title: str, ident: str) -> Markup:
 
 
 def _box(box: Box, x: float, y: float) -> str:
+    """A step's box (its label and note), or a wait's smaller rounded one (its label)."""
+    fill, stroke, dashed = PALETTE.get(box.state, ("#ffffff", "#9aa0a6", False))
+    dash = ' stroke-dasharray="5 3"' if dashed else ""
+    label = box.label if len(box.label) <= MAX_CHARS else box.label[: MAX_CHARS - 1] + "\u2026"
+    kind, height = ("wait", WAIT_H) if box.wait else ("step", BOX_H)
+    top = y + (BOX_H - height) / 2
+    rx = f"{WAIT_H / 2:.0f}" if box.wait else "6"
+    middle, state = x + BOX_W / 2, escape(box.state)
     if box.wait:
-        return _wait_box(box, x, y)
-    fill, stroke, dashed = PALETTE.get(box.state, ("#ffffff", "#9aa0a6", False))
-    dash = ' stroke-dasharray="5 3"' if dashed else ""
-    label = box.label if len(box.label) <= MAX_CHARS else box.label[: MAX_CHARS - 1] + "\u2026"
+        texts = (
+            f'<text x="{middle:.0f}" y="{top + 19:.0f}" text-anchor="middle" font-family="sans-serif" '
+            f'font-size="12" fill="#202124">{escape(label)}</text>'
+        )
+    else:
+        texts = (
+            f'<text x="{middle:.0f}" y="{top + 19:.0f}" text-anchor="middle" font-family="sans-serif" '
+            f'font-size="13" font-weight="600" fill="#202124">{escape(label)}</text>'
+            f'<text x="{middle:.0f}" y="{top + 36:.0f}" text-anchor="middle" font-family="sans-serif" '
+            f'font-size="11" fill="{stroke}">{escape(box.note)}</text>'
+        )
     return (
-        f'<g class="step step-{escape(box.state)}" data-slug="{escape(box.label)}" data-state="{escape(box.state)}">'
+        f'<g class="{kind} {kind}-{state}" data-slug="{escape(box.label)}" data-state="{state}">'
         f"<title>{escape(box.label)}: {escape(box.note)}</title>"
-        f'<rect x="{x:.0f}" y="{y:.0f}" width="{BOX_W}" height="{BOX_H}" rx="6" fill="{fill}" '
-        f'stroke="{stroke}" stroke-width="1.5"{dash}/>'
-        f'<text x="{x + BOX_W / 2:.0f}" y="{y + 19:.0f}" text-anchor="middle" font-family="sans-serif" '
-        f'font-size="13" font-weight="600" fill="#202124">{escape(label)}</text>'
-        f'<text x="{x + BOX_W / 2:.0f}" y="{y + 36:.0f}" text-anchor="middle" font-family="sans-serif" '
-        f'font-size="11" fill="{stroke}">{escape(box.note)}</text></g>'
-    )
-
-
-def _wait_box(box: Box, x: float, y: float) -> str:
-    fill, stroke, dashed = PALETTE.get(box.state, ("#ffffff", "#9aa0a6", False))
-    dash = ' stroke-dasharray="5 3"' if dashed else ""
-    top = y + (BOX_H - WAIT_H) / 2
-    label = box.label if len(box.label) <= MAX_CHARS else box.label[: MAX_CHARS - 1] + "\u2026"
-    return (
-        f'<g class="wait wait-{escape(box.state)}" data-slug="{escape(box.label)}" data-state="{escape(box.state)}">'
-        f"<title>{escape(box.label)}: {escape(box.note)}</title>"
-        f'<rect x="{x:.0f}" y="{top:.0f}" width="{BOX_W}" height="{WAIT_H}" rx="{WAIT_H / 2:.0f}" fill="{fill}" '
-        f'stroke="{stroke}" stroke-width="1.5"{dash}/>'
-        f'<text x="{x + BOX_W / 2:.0f}" y="{top + 19:.0f}" text-anchor="middle" font-family="sans-serif" '
-        f'font-size="12" fill="#202124">{escape(label)}</text></g>'
+        f'<rect x="{x:.0f}" y="{top:.0f}" width="{BOX_W}" height="{height}" rx="{rx}" fill="{fill}" '
+        f'stroke="{stroke}" stroke-width="1.5"{dash}/>{texts}</g>'
     )

@@ -192,6 +192,20 @@ def core(app_conf: dict[str, Any], configure_app: Callable[[Any], Any]) -> Itera
 
 
 @pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Any]:
+    """A redis-server of this test's own, keeping nothing on disk (a broker a test
+    may kill and start again); stopped at teardown."""
+    from tests.servers import PrivateRedis
+
+    server = PrivateRedis(tmp_path / "redis")
+    try:
+        server.start(timeout_s=30)
+        yield server
+    finally:
+        server.stop(timeout_s=10)
+
+
+@pytest.fixture
 def nologin_role(app_conf: dict[str, Any]) -> Any:
     """A role of its own for the worker (with rights on the store's tables), so the
     test can take LOGIN away from it while the admin keeps connecting as postgres."""

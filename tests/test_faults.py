@@ -647,17 +647,6 @@ def test_rabbitmq_restart_loses_no_run(
 # -- 5. Redis restarted (it keeps nothing on disk) ----------------------------------------
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """A redis-server of this test's own, keeping nothing on disk; stopped at teardown."""
-    server = PrivateRedis(tmp_path / "redis")
-    try:
-        server.start(timeout_s=30)
-        yield server
-    finally:
-        server.stop(timeout_s=10)
-
-
 @pytest.mark.parametrize("backend", ["redis"], indirect=True)
 def test_redis_restart_reports_the_runs_it_lost(
     private_redis: PrivateRedis,

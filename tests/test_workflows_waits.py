@@ -494,19 +494,6 @@ def test_a_run_just_woken_from_a_long_sleep_is_not_swept_as_stalled(stores: tupl
 # -- faults while runs sleep ---------------------------------------------------------
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[Any]:
-    """A redis-server of this test's own (the broker), keeping nothing on disk."""
-    from tests.servers import PrivateRedis
-
-    server = PrivateRedis(tmp_path / "redis")
-    try:
-        server.start(timeout_s=30)
-        yield server
-    finally:
-        server.stop(timeout_s=10)
-
-
 @pytest.mark.parametrize("backend", ["redis"], indirect=True)
 def test_a_run_asleep_across_a_broker_restart_wakes_once(
     core: ModuleType, workers: Any, app_conf: dict[str, Any], private_redis: Any
