@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from pluginhost import StoreUnavailable
 from pluginhost.store import migrate
 
-from ..errors import RunFinished, WorkflowNotFound
+from ..errors import InvalidRunState, RunFinished, WorkflowNotFound
 from .outcome import Outcome
 from .records import DONE, OPEN_RUN_STATES, STEP_LEASE_S, StepBusy, StepRun, WorkflowRun
 from .schema import MIGRATIONS, VERSION_TABLE
@@ -322,6 +322,17 @@ def resume_point(
             context.update(output)
     done = {pos: dict(output or {}) for pos, row_stage, status, output in rows if row_stage == stage and status in DONE}
     return stage, context, done
+
+
+def refuse(run_id: str, status: str | None, *, only: str, action: str, unless: str | None = None) -> None:
+    """Why a conditional transition of a run (``cancel_run``, ``reset_for_resume``)
+    took nothing: there is no such run (``WorkflowNotFound``), or it is in another
+    state (``InvalidRunState``), unless that state is ``unless``, the one the
+    transition leads to (a repeat: nothing to do, no error)."""
+    if status is None:
+        raise WorkflowNotFound(f"no workflow run {run_id!r}")
+    if status != unless:
+        raise InvalidRunState(f"run {run_id} is {status}; only {only} runs can be {action}")
 
 
 def unreachable(exc: BaseException) -> StoreUnavailable:

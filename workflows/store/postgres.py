@@ -39,8 +39,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 
-from ..errors import InvalidRunState, RunNotFound, WorkflowNotFound
-from .base import Claim, ClaimAsk, Layout, WorkflowStore, first_line, resume_point, unreachable
+from ..errors import RunNotFound, WorkflowNotFound
+from .base import Claim, ClaimAsk, Layout, WorkflowStore, first_line, refuse, resume_point, unreachable
 from .outcome import Outcome
 from .records import (
     CANCELLABLE_RUN_STATES,
@@ -577,10 +577,7 @@ class PgWorkflowStore(WorkflowStore):
                 taken = conn.execute(_CANCEL_RUN, params, prepare=True).fetchone()
                 if taken is None:
                     status = conn.execute(_RUN_STATUS, params, prepare=True).fetchone()
-                    if status is None:
-                        raise WorkflowNotFound(f"no workflow run {run_id!r}")
-                    if status[0] != "cancelled":
-                        raise InvalidRunState(f"run {run_id} is {status[0]}; only unfinished runs can be cancelled")
+                    refuse(run_id, status and status[0], only="unfinished", action="cancelled", unless="cancelled")
                 else:
                     conn.execute(_CANCEL_PENDING_STEPS, params, prepare=True)
                     conn.execute(_CANCEL_WAITS, params, prepare=True)
@@ -619,9 +616,8 @@ class PgWorkflowStore(WorkflowStore):
                 taken = conn.execute(_TAKE_FOR_RESUME, params, prepare=True).fetchone()
                 if taken is None:
                     status = conn.execute(_RUN_STATUS, params, prepare=True).fetchone()
-                    if status is None:
-                        raise WorkflowNotFound(f"no workflow run {run_id!r}")
-                    raise InvalidRunState(f"run {run_id} is {status[0]}; only failed runs can be resumed")
+                    refuse(run_id, status and status[0], only="failed", action="resumed")
+                    raise AssertionError("refuse() raises for a run that is not failed")
                 rows = conn.execute(_RESUME_ROWS, params, prepare=True).fetchall()
                 conn.execute(_REOPEN_STEPS, params, prepare=True)
             return resume_point(taken[0], [tuple(r) for r in rows])

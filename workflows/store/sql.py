@@ -18,9 +18,9 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from pluginhost import StoreUnavailable
 
-from ..errors import InvalidRunState, RunNotFound, WorkflowNotFound
+from ..errors import RunNotFound, WorkflowNotFound
 from ..owner import local_owner, local_owner_alive
-from .base import Claim, ClaimAsk, Layout, WorkflowStore, resume_point, unreachable
+from .base import Claim, ClaimAsk, Layout, WorkflowStore, refuse, resume_point, unreachable
 from .outcome import Outcome
 from .records import CANCELLABLE_RUN_STATES, DONE, FINISHED_RUN_STATES, OPEN_RUN_STATES, StepRun, WorkflowRun
 from .schema import definitions, runs, signals, steps, waits
@@ -288,10 +288,7 @@ class SqlWorkflowStore(WorkflowStore):
             ).first()
             if taken is None:
                 status = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
-                if status is None:
-                    raise WorkflowNotFound(f"no workflow run {run_id!r}")
-                if status != "cancelled":
-                    raise InvalidRunState(f"run {run_id} is {status}; only unfinished runs can be cancelled")
+                refuse(run_id, status, only="unfinished", action="cancelled", unless="cancelled")
             else:
                 conn.execute(
                     update(steps)
@@ -346,9 +343,8 @@ class SqlWorkflowStore(WorkflowStore):
             ).first()
             if taken is None:
                 status = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
-                if status is None:
-                    raise WorkflowNotFound(f"no workflow run {run_id!r}")
-                raise InvalidRunState(f"run {run_id} is {status}; only failed runs can be resumed")
+                refuse(run_id, status, only="failed", action="resumed")
+                raise AssertionError("refuse() raises for a run that is not failed")
             rows = conn.execute(
                 select(steps.c.position, steps.c.stage, steps.c.status, steps.c.output)
                 .where(steps.c.run_id == run_id)
