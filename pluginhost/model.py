@@ -120,8 +120,29 @@ def check_json_object(value: object, *, owner: str, error: type[Exception] = Inv
     offending path otherwise. Values under secret-looking keys are never shown."""
     if not isinstance(value, dict):
         raise error(f"{owner}: expected a JSON object, got {type(value).__name__}")
-    _check_json(value, owner, "", error, 0, False)
+    if not _holdable(value, 0):  # the common case is one pass that builds no paths
+        _check_json(value, owner, "", error, 0, False)  # raises, naming the offending path
     return value
+
+
+def _holdable(value: object, depth: int) -> bool:
+    """Whether ``_check_json`` would accept ``value`` (the same rules, without the
+    paths and secret-key tracking its messages need: this runs on every dispatch)."""
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, str):
+        return "\x00" not in value and (value.isascii() or text_problem(value) is None)
+    if isinstance(value, int):
+        return INT_MIN <= value <= INT_MAX
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return depth < MAX_DEPTH and all(
+            isinstance(k, str) and _holdable(k, depth) and _holdable(v, depth + 1) for k, v in value.items()
+        )
+    if isinstance(value, (list, tuple)):
+        return depth < MAX_DEPTH and all(_holdable(v, depth + 1) for v in value)
+    return False
 
 
 def _check_json(value: object, owner: str, path: str, error: type[Exception], depth: int, secret: bool) -> None:

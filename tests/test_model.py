@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pluginhost import (
     CapabilityDisabled,
@@ -198,3 +200,35 @@ def test_labels_postgresql_cannot_store_are_invalid(label: str) -> None:
 def test_a_sort_outside_32_bits_is_invalid_plugin(sort: int) -> None:
     with pytest.raises(InvalidPlugin, match=r"field 'sort' must be a 32-bit integer \(-2147483648 to 2147483647\)"):
         Plugin.parse({"slug": "x", "sort": sort})
+
+
+_JSONISH = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(alphabet=st.characters(codec=None), max_size=8)
+    | st.sampled_from([b"x", object(), 1j]),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=4) | st.integers(0, 3), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(_JSONISH)
+@settings(max_examples=400, deadline=None)
+def test_the_fast_acceptance_pass_agrees_with_the_checking_pass(value: object) -> None:
+    """check_json_object first runs a pass that builds no error paths; it must
+    accept exactly what the pass that names the offending path accepts."""
+    from pluginhost.model import _check_json, _holdable  # the two passes, side by side
+
+    doc = {"v": value}
+    try:
+        _check_json(doc, "x", "", InvalidConfig, 0, False)
+        accepted = True
+    except InvalidConfig:
+        accepted = False
+    assert _holdable(doc, 0) == accepted
