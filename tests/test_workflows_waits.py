@@ -140,10 +140,14 @@ def wake_claimed_long_ago() -> Any:
     return datetime.now(timezone.utc) - timedelta(seconds=60)
 
 
+def _at_stage_1(workflow: str, version: int) -> int:
+    return 1  # LAYOUT's wait
+
+
 def test_signals_before_during_and_after_a_wait(stores: tuple[WorkflowStore, WaitStore]) -> None:
     store, waits = stores
     early = _new_run(store)
-    assert waits.deliver(early, 1, "ok", {"by": "mail"}, "ops", "signaller") is None  # kept for the wait
+    assert waits.deliver(early, _at_stage_1, "ok", {"by": "mail"}, "ops", "signaller") is None  # kept for the wait
     row = _reach(waits, early, kind="signal", signal="ok", seconds=None)  # the kept signal: due at once
     assert (row.outcome, store.get_run(early).status) == ("received", "waiting")  # type: ignore[union-attr]
     (wake,) = waits.claim_due("w", run_id=early, stage=1)
@@ -155,11 +159,11 @@ def test_signals_before_during_and_after_a_wait(stores: tuple[WorkflowStore, Wai
     during = _new_run(store)
     _reach(waits, during, kind="signal", signal="ok", seconds=None)  # no timeout: never due by time
     assert waits.claim_due("w") == []
-    wake = waits.deliver(during, 1, "ok", {"n": 1}, None, "signaller")  # claimed for the signaller at once
+    wake = waits.deliver(during, _at_stage_1, "ok", {"n": 1}, None, "signaller")  # claimed for the signaller at once
     assert wake is not None and (wake.run_id, wake.outcome, wake.payload) == (during, "received", {"n": 1})
     assert store.get_run(during).status == "running"  # type: ignore[union-attr]
     with pytest.raises(InvalidSignal, match="past its wait"):
-        waits.deliver(during, 1, "ok", {}, None, "signaller")  # a second one
+        waits.deliver(during, _at_stage_1, "ok", {}, None, "signaller")  # a second one
     assert waits.claim_due("w") == []  # the signaller's claim: nobody else sends it
 
     late = _new_run(store)
@@ -168,15 +172,15 @@ def test_signals_before_during_and_after_a_wait(stores: tuple[WorkflowStore, Wai
     (wake,) = waits.claim_due("w")
     assert wake.outcome == "timed_out"
     with pytest.raises(InvalidSignal, match="it timed out"):
-        waits.deliver(late, 1, "ok", {}, None, "signaller")
+        waits.deliver(late, _at_stage_1, "ok", {}, None, "signaller")
     waits.end_after(wake, error="WaitTimedOut: no signal")
     run = store.get_run(late)
     assert run is not None and (run.status, run.error) == ("failed", "WaitTimedOut: no signal")
     assert [s.status for s in run.steps] == ["succeeded", "cancelled"]
     with pytest.raises(InvalidSignal, match="is failed"):
-        waits.deliver(late, 1, "ok", {}, None, "signaller")
+        waits.deliver(late, _at_stage_1, "ok", {}, None, "signaller")
     with pytest.raises(RunNotFound):
-        waits.deliver("no-such-run", 1, "ok", {}, None, "signaller")
+        waits.deliver("no-such-run", _at_stage_1, "ok", {}, None, "signaller")
     assert waits.timeline(late)[1] == []  # refused signals are not stored
 
 
@@ -548,3 +552,55 @@ def test_a_run_asleep_across_a_ten_second_store_outage_wakes_once(
         assert "wake-ups not claimed" in w.log_text()
     finally:
         proxy.close()
+
+
+def _reach_all(url: str, run_ids: list[str], start: Any) -> None:
+    engine = create_engine(url)
+    waits = WaitStore(engine)
+    start.wait(30)
+    for run_id in run_ids:
+        _reach(waits, run_id, kind="signal", signal="ok", seconds=None)
+    engine.dispose()
+
+
+def _signal_all(url: str, run_ids: list[str], start: Any) -> None:
+    engine = create_engine(url)
+    waits = WaitStore(engine)
+    start.wait(30)
+    for run_id in run_ids:
+        wake = waits.deliver(run_id, _at_stage_1, "ok", {"n": 1}, None, "signaller")
+        if wake is not None:
+            waits.sent(wake)
+    engine.dispose()
+
+
+def test_a_signal_racing_the_run_to_its_wait_is_never_missed(empty_pg_url: str) -> None:
+    """One process brings 150 runs to their WaitFor while another signals them, at
+    the same moment: each run's wait ends up received, whichever came first."""
+    engine = create_engine(empty_pg_url)
+    store = open_workflow_store(engine)
+    store.migrate()
+    waits = WaitStore(engine)
+    run_ids = [_new_run(store) for _ in range(150)]
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    procs = [
+        ctx.Process(target=_reach_all, args=(empty_pg_url, run_ids, start)),
+        ctx.Process(target=_signal_all, args=(empty_pg_url, run_ids, start)),
+    ]
+    for p in procs:
+        p.start()
+    time.sleep(2)  # both connected and waiting
+    start.set()
+    try:
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    outcomes = [waits.timeline(r)[0][0].outcome for r in run_ids]
+    assert outcomes.count("received") == len(run_ids), f"{outcomes.count(None)} signals missed by their wait"
+    store.close()
+    engine.dispose()

@@ -241,19 +241,20 @@ class Workflows:
             {} if payload is None else payload, owner=f"signal {name!r} payload", error=InvalidSignal
         )
         self._ready()
-        head = self.waits.run_head(run_id)
-        if head is None:
-            raise RunNotFound(f"no workflow run {run_id!r}")
-        wf = self.runtime.definition(head[0], head[1])
-        found = wf.wait_for(name)
-        if found is None:
-            awaited = [w.signal for w in wf.waits().values() if isinstance(w, WaitFor)]
-            raise InvalidSignal(
-                f"workflow '{head[0]}' version {head[1]} waits for no signal {name!r}"
-                f" (it waits for: {', '.join(awaited) or 'none'})"
-            )
+
+        def stage_of(workflow: str, version: int) -> int:
+            wf = self.runtime.definition(workflow, version)
+            found = wf.wait_for(name)
+            if found is None:
+                awaited = [w.signal for w in wf.waits().values() if isinstance(w, WaitFor)]
+                raise InvalidSignal(
+                    f"workflow '{workflow}' version {version} waits for no signal {name!r}"
+                    f" (it waits for: {', '.join(awaited) or 'none'})"
+                )
+            return found[0]
+
         claimer = owner(None)
-        wake = self.waits.deliver(run_id, found[0], name, body, actor, claimer)
+        wake = self.waits.deliver(run_id, stage_of, name, body, actor, claimer)
         if wake is not None:  # the run waited for it: sent on now, not at a worker's next poll
             self.waiting.send_claimed([wake], claimer)
         result = self.run(run_id)

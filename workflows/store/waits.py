@@ -280,26 +280,25 @@ class WaitStore:
 
     # -- signals ---------------------------------------------------------------
 
-    def run_head(self, run_id: str) -> tuple[str, int, str] | None:
-        """(workflow name, version, status) of a run, or None (one indexed read)."""
-
-        def read(conn: Connection) -> tuple[str, int, str] | None:
-            row = conn.execute(select(runs.c.name, runs.c.version, runs.c.status).where(runs.c.id == run_id)).first()
-            return None if row is None else (str(row.name), int(row.version), str(row.status))
-
-        return self._read(read)
-
     def deliver(
-        self, run_id: str, stage: int, name: str, payload: dict[str, Any], actor: str | None, claimer: str
+        self,
+        run_id: str,
+        stage_of: Callable[[str, int], int],
+        name: str,
+        payload: dict[str, Any],
+        actor: str | None,
+        claimer: str,
     ) -> Wake | None:
-        """Store signal ``name`` for the run's wait at ``stage`` (one transaction).
-        A run waiting for it is claimed for ``claimer`` at once: the returned
-        ``Wake`` is the caller's to send on (``Waiting.send_on``). None: the run
-        has not reached the wait yet, and the signal is kept for it.
-        ``InvalidSignal`` when the run ended or passed the wait, or already has
-        a signal of that name; nothing is written then. The run's row is locked
-        first, as ``reach`` does: a signal and the run reaching its wait never
-        miss each other."""
+        """Store signal ``name`` for the run's wait (one transaction; ``stage_of``
+        gives the stage of that wait from the run's workflow name and version,
+        or raises). A run waiting for it is claimed for ``claimer`` at once: the
+        returned ``Wake`` is the caller's to send on (``Waiting.send_on``). None:
+        the run has not reached the wait yet, and the signal is kept for it.
+        ``RunNotFound`` for no such run; ``InvalidSignal`` when the run ended or
+        passed the wait, or already has a signal of that name; nothing is
+        written then. The run's row is locked first, as ``reach`` does: a signal
+        and the run reaching its wait never miss each other, and two signals of
+        one name are told apart without a savepoint."""
 
         def write(conn: Connection) -> Wake | None:
             now = _now()
@@ -308,19 +307,18 @@ class WaitStore:
             ).first()
             if run is None:
                 raise RunNotFound(f"no workflow run {run_id!r}")
+            stage = stage_of(str(run.name), int(run.version))
             if run.status not in CANCELLABLE_RUN_STATES:
                 raise InvalidSignal(f"run {run_id} is {run.status}: signal {name!r} cannot be delivered")
             row = _wait_row(conn, run_id, stage)
             if row is not None and (row.status != "waiting" or row.outcome is not None):
                 why = "it timed out" if row.outcome == TIMED_OUT else f"it is {row.outcome or row.status}"
                 raise InvalidSignal(f"run {run_id} is past its wait for signal {name!r} ({why})")
-            try:
-                with conn.begin_nested():
-                    conn.execute(
-                        insert(signals).values(run_id=run_id, name=name, payload=payload, received_at=now, actor=actor)
-                    )
-            except IntegrityError:
-                raise InvalidSignal(f"run {run_id} has a signal {name!r} already (one per wait)") from None
+            if conn.execute(select(signals.c.name).where(signals.c.run_id == run_id, signals.c.name == name)).first():
+                raise InvalidSignal(f"run {run_id} has a signal {name!r} already (one per wait)")
+            conn.execute(
+                insert(signals).values(run_id=run_id, name=name, payload=payload, received_at=now, actor=actor)
+            )
             if row is None:
                 return None
             taken = conn.execute(
@@ -348,7 +346,10 @@ class WaitStore:
                 run.version,
             )
 
-        return self._write(write)
+        try:
+            return self._write(write)
+        except IntegrityError:  # a signal of that name stored meanwhile (an engine without write locks)
+            raise InvalidSignal(f"run {run_id} has a signal {name!r} already (one per wait)") from None
 
     def runs_with_key(self, name: str, key: str) -> list[str]:
         """Ids of the unfinished runs of ``name`` whose key is ``key``, newest first."""
