@@ -604,3 +604,25 @@ def test_a_signal_racing_the_run_to_its_wait_is_never_missed(empty_pg_url: str) 
     assert outcomes.count("received") == len(run_ids), f"{outcomes.count(None)} signals missed by their wait"
     store.close()
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_a_workflow_capability_starting_with_a_wait_keeps_the_capability_tasks_check(
+    core: ModuleType, workers: Any
+) -> None:
+    """A first stage that is a wait has no step to take over the capability
+    task's check on the worker (G2): run_capability sends the capability task
+    itself, and a disable that lands while it is queued refuses the run."""
+    from pluginhost import CapabilityDisabled
+
+    _define(core, core.NAP_FIRST)
+    res = core.host.run_capability("run_nap", {"tag": "nap-gated"})  # queued, no worker yet
+    assert core.flows.run(res.id) is None  # nothing recorded before the capability task runs
+    core.host.disable("run_nap")
+    workers("tests.apps.core", pool="solo")
+    with pytest.raises(CapabilityDisabled, match="run_nap"):
+        res.get(timeout=30)
+    assert core.flows.run(res.id) is None and core.executions_of("step_c", "nap-gated") == 0
+    core.host.enable("run_nap")
+    ok = core.host.run_capability("run_nap", {"tag": "nap-ok"})
+    assert ok.get(timeout=30)["c"] == 3

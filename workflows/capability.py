@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from pluginhost import CapabilityContext, PluginHost
 
-from .service import Workflows
+from .service import NeedsCapabilityTask, Workflows
 
 if TYPE_CHECKING:
     from celery.result import AsyncResult
@@ -39,12 +39,17 @@ class WorkflowCapability:
         fail the run with ``CapabilityDisabled`` if ``plugin`` was disabled
         meanwhile. Only for ``on_disabled="fail"`` (the default): ``skip`` and
         ``defer`` keep the capability task, which applies them before any run
-        exists."""
+        exists; so does a workflow whose first stage is a wait (it has no step
+        there to take over the check)."""
         if on_disabled != "fail":
             return None
-        run_id, canvas = self.flows.prepare(
-            self.name, payload, run_id=options.pop("task_id", None), gate=(capability, plugin)
-        )
+        try:
+            run_id, canvas = self.flows.prepare(
+                self.name, payload, run_id=options.get("task_id"), gate=(capability, plugin)
+            )
+        except NeedsCapabilityTask:
+            return None  # nothing recorded: the capability task checks, then records the run
+        options.pop("task_id", None)
         return self.flows.send(canvas, run_id, **options)
 
     def __call__(self, payload: dict[str, Any], ctx: CapabilityContext) -> Any:

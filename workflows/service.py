@@ -36,6 +36,12 @@ class PlannedStep(BaseModel):
     reason: str | None = None  #: why it would not run, or why that cannot be told yet
 
 
+class NeedsCapabilityTask(Exception):  # noqa: N818 - a decision, not an error
+    """``prepare(gate=...)`` for a workflow whose first stage is a wait: no step of
+    it can take over the capability task's worker-side check, so the capability
+    task must run first (``WorkflowCapability.dispatch`` sends it instead)."""
+
+
 class DefinitionVersion(BaseModel):
     """One stored version of a definition (``Workflows.history``)."""
 
@@ -197,6 +203,9 @@ class Workflows:
             if known is None:
                 known = self._definition(name)
             version, stored_at, wf = known
+            if gate is not None and 0 in wf.waits():
+                # a first stage with no step to take over the capability's check
+                raise NeedsCapabilityTask(f"workflow '{wf.name}' starts with a wait")
             key = _key_of(wf, payload)
             # One statement: the run is inserted only if this is still the newest version.
             newest, inserted = self.store.create_newest_run(

@@ -220,3 +220,5 @@ VERIFY = Workflow(
 
 host.register_capability("run_flow", WorkflowCapability(host, "flow"))
 host.register_capability("run_fan", WorkflowCapability(host, "fan"))
+host.register_capability("run_nap", WorkflowCapability(host, "nap_first"))
+NAP_FIRST = Workflow("nap_first", steps=[Sleep(1), Step("step_c")])
