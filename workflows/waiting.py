@@ -38,6 +38,26 @@ WAKE_BATCH = 100
 
 _WAITING: weakref.WeakKeyDictionary[Celery, Waiting] = weakref.WeakKeyDictionary()
 
+#: Held by a waker while it claims and sends, and by ``os.fork``: a prefork pool
+#: forks children (``max_tasks_per_child``, a replaced child) while the waker
+#: thread runs, and a child forked while that thread held a lock (the engine's
+#: pool, a socket's) would inherit it held and hang. A fork waits for the
+#: waker's current round (bounded by the store's deadline); the waker waits for
+#: the fork.
+_FORK_GUARD = threading.Lock()
+
+
+def _renew_fork_guard() -> None:
+    global _FORK_GUARD
+    _FORK_GUARD = threading.Lock()  # the child's own, free (its parent's waker is not in it)
+
+
+os.register_at_fork(
+    before=lambda: _FORK_GUARD.acquire(),
+    after_in_parent=lambda: _FORK_GUARD.release(),
+    after_in_child=_renew_fork_guard,
+)
+
 
 class Waiting:
     """The wait task of one app, and how its runs are sent on."""
@@ -228,8 +248,10 @@ class Waker(threading.Thread):
     def run(self) -> None:
         while not self._stopped.wait(self.interval):
             try:
-                while self.waiting.wake_due(self.claimer) >= WAKE_BATCH and not self._stopped.is_set():
-                    pass
+                while not self._stopped.is_set():
+                    with _FORK_GUARD:
+                        if self.waiting.wake_due(self.claimer) < WAKE_BATCH:
+                            break
             except StoreUnavailable as exc:
                 log.warning("workflow wake-ups not claimed (tried again in %.1fs): %s", self.interval, exc)
             except Exception:  # noqa: BLE001 - keep claiming: a claimed row is claimed again after the lease
